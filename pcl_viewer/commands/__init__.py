@@ -1,0 +1,1 @@
+"""`pcl` subcommands, one module per area; imported lazily by :mod:`pcl_viewer.cli`."""

@@ -1,0 +1,1 @@
+"""Data: the phantom SCM, dataset loaders, scan reading, views and augmentation."""

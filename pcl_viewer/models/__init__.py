@@ -1,0 +1,1 @@
+"""Networks, the counterfactual model, classifiers and model bundles."""

@@ -1,0 +1,1 @@
+"""Training loops: counterfactual model, pre-training, fine-tuning, linear probe."""

@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 need_debs=()
 for pkg in xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 \
            libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-render-util0 \
-           libxcb-image0 libxcb-xfixes0 libxcb-xkb1 libdbus-1-3 libfontconfig1 ${EXTRA_DEBS:-}; do
+           libxcb-image0 libxcb-xfixes0 libxcb-xkb1 libdbus-1-3 libfontconfig1 chromium ${EXTRA_DEBS:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if [ ${#need_debs[@]} -gt 0 ]; then

@@ -1,0 +1,542 @@
+"""The viewer's pipeline: one scan in, counterfactuals, segmentations and CHRO-maps out.
+
+ARCHITECTURE.md, "Data flow in the viewer". The GUI, ``pcl-viewer --screenshot``
+and ``pcl review`` all call this module; it imports no Qt or napari.
+
+:meth:`Pipeline.run` is a generator (stardist-napari pattern): it yields
+``Step(stage, i, n, item)`` for a progress bar and partial results, and returns a
+:class:`PipelineResult`. The story, top-down::
+
+    model_image, geometry = to_model(scan.image, S)             # preprocess
+    parents = user parents or classifiers(model_image)          # parents
+    abduction = cf.abduct(model_image, parents)   (cached)      # abduct
+    residual_k = cf.residual(abduction, do_k)  for each do_k    # decode
+    view_k = scan.image + strength * upsample(residual_k)       #   (native size)
+    logits_k, features_k = unet(to_model(view_k))               # segment
+    labels_k = argmax(logits_k) -> native (nearest)
+    chromap = ChroMap.fit(features of all views)                # chromap
+    rows = Dice / lung-area change of each view vs factual      # consistency
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pcl_viewer.data.preprocess import Geometry, to_model
+from pcl_viewer.data.scan import Scan
+from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES, Parents, intervention_name
+
+DEFAULT_CF_BUNDLE = "cf-cpu"
+DEFAULT_SEG_BUNDLE = "seg-cpu"
+STAGES: tuple[str, ...] = ("preprocess", "parents", "abduct", "decode", "segment", "chromap",
+                           "consistency")
+MAX_STRENGTH = 1.5
+FACTUAL = "factual"
+_ABDUCTION_CACHE = 4
+
+
+class Step(NamedTuple):
+    """One progress report: ``i`` of ``n`` done in ``stage``; ``item`` a partial result or None."""
+
+    stage: str
+    i: int
+    n: int
+    item: Any = None
+
+
+class Cancelled(Exception):
+    """The caller's ``cancel()`` returned True between two stages."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    name: str
+    fingerprint: str
+    path: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "fingerprint": self.fingerprint, "path": self.path}
+
+
+@dataclass
+class View:
+    """One view of a scan: the factual image or a counterfactual, at native size.
+
+    Attributes:
+        image: ``(H, W)`` float32 in [0, 1].
+        residual: ``(S, S)`` float32 ``mu_cf - mu`` at strength 1 (None for the factual view).
+        labels: ``(H, W)`` uint8 (0 background, 1 right lung, 2 left lung) or None.
+        overlay: ``(H, W, 3)`` uint8 CHRO-map blended with the image, or None.
+    """
+
+    key: str
+    do: dict[str, str]
+    strength: float
+    parents: Parents | None
+    image: np.ndarray
+    residual: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    overlay: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return intervention_name(self.do, self.strength) if self.do else FACTUAL
+
+    @property
+    def extrapolated(self) -> bool:
+        return bool(self.do) and abs(self.strength - 1.0) > 1e-9
+
+
+class ConsistencyRow(NamedTuple):
+    """A counterfactual's segmentation against the factual one. Area changes are fractions."""
+
+    view: str
+    intervention: str
+    dice: float
+    dice_right: float
+    dice_left: float
+    area_right_change: float
+    area_left_change: float
+
+
+@dataclass
+class PipelineResult:
+    """Everything the pipeline made for one scan (see docs/CONTRACTS.md, "Pipeline")."""
+
+    scan: Scan
+    geometry: Geometry
+    model_image: np.ndarray
+    parents: Parents | None
+    probabilities: dict[str, float] | None
+    parents_source: str
+    views: dict[str, View]
+    bundles: dict[str, BundleInfo]
+    consistency: list[ConsistencyRow] = field(default_factory=list)
+    chromap: Any = None
+    reducer: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        return None if self.chromap is None else self.chromap.embedding
+
+    @property
+    def embedding_labels(self) -> np.ndarray | None:
+        """``(N,)`` view index of every embedding point (view-major, like the embedding)."""
+        if self.chromap is None:
+            return None
+        n = len(self.chromap.embedding) // self.chromap.n_views
+        return np.repeat(np.arange(self.chromap.n_views), n)
+
+    def metadata(self, key: str = FACTUAL) -> dict[str, Any]:
+        """JSON-able provenance of one view, for layer metadata and exports."""
+        view = self.views[key]
+        return {
+            "pcl_viewer": True,
+            "scan": self.scan.name,
+            "scan_path": self.scan.path,
+            "view": key,
+            "intervention": view.name,
+            "do": dict(view.do),
+            "strength": float(view.strength),
+            "extrapolated": view.extrapolated,
+            "parents": self.parents.to_dict() if self.parents else None,
+            "parents_source": self.parents_source,
+            "view_parents": view.parents.to_dict() if view.parents else None,
+            "probabilities": self.probabilities,
+            "bundles": {k: b.to_dict() for k, b in self.bundles.items()},
+            "reducer": self.reducer,
+        }
+
+
+# ------------------------------------------------------------- the pipeline --
+
+
+class Pipeline:
+    """Counterfactual model + segmentation U-Net on one device, with an abduction cache."""
+
+    def __init__(self, cf=None, seg=None, device: str = "cpu",
+                 bundles: dict[str, BundleInfo] | None = None) -> None:
+        self.cf = cf
+        self.seg = seg
+        self.device = device
+        self.bundles = dict(bundles or {})
+        self._abductions: OrderedDict[tuple, Any] = OrderedDict()
+
+    @classmethod
+    def from_bundles(cls, cf_bundle: str | Path | None = DEFAULT_CF_BUNDLE,
+                     seg_bundle: str | Path | None = DEFAULT_SEG_BUNDLE,
+                     device: str = "auto") -> Pipeline:
+        """Load and verify both bundles (either may be None: that part is skipped)."""
+        from pcl_viewer.device import choose_device, configure_threads
+        from pcl_viewer.models.bundle import ModelBundle, find_bundle
+
+        device = choose_device(device)
+        configure_threads()
+        bundles: dict[str, BundleInfo] = {}
+        cf = seg = None
+        if cf_bundle is not None:
+            path = find_bundle(cf_bundle)
+            info = ModelBundle.load(path, kind="counterfactual")
+            from pcl_viewer.models.counterfactual import CounterfactualModel
+
+            cf = CounterfactualModel.from_bundle(path, device)
+            bundles["cf"] = BundleInfo(info.name, info.fingerprint, str(path))
+        if seg_bundle is not None:
+            path = find_bundle(seg_bundle)
+            info = ModelBundle.load(path, kind="segmentation")
+            seg = info.build("unet", device=device)
+            bundles["seg"] = BundleInfo(info.name, info.fingerprint, str(path))
+        return cls(cf, seg, device, bundles)
+
+    @property
+    def cf_size(self) -> int:
+        return int(self.cf.image_size) if self.cf is not None else self.seg_size
+
+    @property
+    def seg_size(self) -> int:
+        return int(self.seg.cfg.image_size) if self.seg is not None else 128
+
+    # -------------------------------------------------------------- run ---
+
+    def run(self, scan: Scan, parents: Parents | None = None,
+            interventions: dict[str, dict[str, str]] | None = None, strength: float = 1.0,
+            segment: bool = True, chromap: bool = True, reducer: str = "pca",
+            cancel: Callable[[], bool] | None = None) -> Generator[Step, None, PipelineResult]:
+        """Generator over the stages of one scan; returns the :class:`PipelineResult`."""
+        check = _checker(cancel)
+        clock = _Clock()
+        _check_strength(strength)
+
+        yield Step("preprocess", 0, 1)
+        model_image, geometry = to_model(scan.image, self.cf_size)
+        clock.lap("preprocess")
+        yield Step("preprocess", 1, 1)
+        check()
+
+        probabilities, source = None, "user" if parents is not None else "inferred"
+        if self.cf is not None:
+            yield Step("parents", 0, 1)
+            probabilities = self.infer_parents(model_image[None])[0]
+            parents = parents or _parents_from_probs(probabilities)
+            clock.lap("parents")
+            yield Step("parents", 1, 1, parents)
+            check()
+        views = {FACTUAL: View(FACTUAL, {}, 1.0, parents, scan.image)}
+        result = PipelineResult(scan, geometry, model_image, parents, probabilities, source,
+                                views, dict(self.bundles), reducer=reducer)
+        yield Step("parents", 1, 1, views[FACTUAL])
+
+        if self.cf is not None and parents is not None:
+            from pcl_viewer.parents import standard_interventions
+
+            todo = interventions if interventions is not None else standard_interventions(parents)
+            yield Step("abduct", 0, 1)
+            abduction = self._abduction(model_image, parents)
+            clock.lap("abduct")
+            yield Step("abduct", 1, 1)
+            check()
+            for i, (key, do) in enumerate(todo.items()):
+                view = self._decode_view(result, abduction, key, do, strength)
+                views[key] = view
+                yield Step("decode", i + 1, len(todo), view)
+                check()
+            clock.lap("decode")
+
+        if segment and self.seg is not None:
+            yield from self._segment_stage(result, chromap, reducer, clock, check)
+        result.timings = clock.laps
+        return result
+
+    def run_sync(self, scan: Scan, **kwargs) -> PipelineResult:
+        """Run the generator to its end and return its result."""
+        gen = self.run(scan, **kwargs)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def decode(self, result: PipelineResult, key: str, do: dict[str, str],
+               strength: float = 1.0) -> View:
+        """Add or replace one counterfactual view from the cached abduction.
+
+        A view with the same ``do`` is only rescaled (``strength`` x its residual):
+        the model does not run at all.
+        """
+        _check_strength(strength)
+        if self.cf is None or result.parents is None:
+            raise RuntimeError("no counterfactual model loaded; cannot decode interventions")
+        old = result.views.get(key)
+        if old is not None and old.do == do and old.residual is not None:
+            view = View(key, dict(do), strength, old.parents,
+                        self._native_view(result, old.residual, strength), old.residual)
+        else:
+            view = self._decode_view(result, self._abduction(result.model_image, result.parents),
+                                     key, do, strength)
+        result.views[key] = view
+        return view
+
+    def refresh(self, result: PipelineResult, chromap: bool = True,
+                reducer: str | None = None) -> PipelineResult:
+        """Re-segment every view and refit the CHRO-map and the consistency table."""
+        reducer = reducer or result.reducer or "pca"
+        result.reducer = reducer
+        clock = _Clock()
+        for _ in self._segment_stage(result, chromap, reducer, clock, lambda: None):
+            pass
+        result.timings.update(clock.laps)
+        return result
+
+    # ------------------------------------------------------------- batch ---
+
+    def run_batch(self, scans: list[Scan], parents: list[Parents | None] | None = None,
+                  interventions: Iterable[str] | None = ("scanner", "effusion"),
+                  segment: bool = True, chromap: bool = False,
+                  batch_size: int = 16) -> list[PipelineResult]:
+        """Like :meth:`run` for many scans, with model work batched across scans.
+
+        ``interventions`` names keys of :func:`standard_interventions` (per-scan flips).
+        """
+        results: list[PipelineResult] = []
+        for start in range(0, len(scans), batch_size):
+            chunk = scans[start : start + batch_size]
+            given = (parents or [None] * len(scans))[start : start + batch_size]
+            results.extend(self._run_chunk(chunk, list(given), tuple(interventions or ()),
+                                           segment, chromap))
+        return results
+
+    def _run_chunk(self, scans, given, keys, segment, chromap) -> list[PipelineResult]:
+        from pcl_viewer.parents import standard_interventions
+
+        clock = _Clock()
+        prepared = [to_model(s.image, self.cf_size) for s in scans]
+        x = np.stack([p[0] for p in prepared])
+        clock.lap("preprocess")
+        probs: list[dict[str, float] | None] = [None] * len(scans)
+        if self.cf is not None:
+            probs = self.infer_parents(x)
+        pa = [g or (_parents_from_probs(p) if p else None) for g, p in zip(given, probs)]
+        clock.lap("parents")
+        results = []
+        for scan, (img, geo), p, prob, g in zip(scans, prepared, pa, probs, given):
+            views = {FACTUAL: View(FACTUAL, {}, 1.0, p, scan.image)}
+            results.append(PipelineResult(scan, geo, img, p, prob, "user" if g else "inferred",
+                                          views, dict(self.bundles), reducer="pca"))
+        if self.cf is not None and keys and all(p is not None for p in pa):
+            abduction = self._abduct_batch(x, pa)
+            clock.lap("abduct")
+            for key in keys:
+                dos = [standard_interventions(p)[key] for p in pa]
+                res = self._residuals(abduction, dos, x)
+                for r, do, resid in zip(results, dos, res):
+                    r.views[key] = View(key, do, 1.0, r.parents.intervene(do),
+                                        self._native_view(r, resid, 1.0), resid)
+            clock.lap("decode")
+        if segment and self.seg is not None:
+            self._segment_many(results, chromap, "pca")
+            clock.lap("segment")
+            for r in results:
+                r.consistency = consistency_rows(r.views)
+            clock.lap("consistency")
+        share = {k: v / max(len(scans), 1) for k, v in clock.laps.items()}
+        for r in results:
+            r.timings = dict(share)
+        return results
+
+    # ------------------------------------------------------------ stages ---
+
+    def infer_parents(self, x: np.ndarray) -> list[dict[str, float]]:
+        """``(B, S, S)`` model images -> per scan ``{parent: P(value index 1)}``."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.cf.infer_parents(self._tensor(x))
+        probs = {k: np.asarray(_numpy(v), dtype=np.float64).reshape(-1) for k, v in out.items()}
+        return [{k: float(probs[k][b]) for k in PARENT_NAMES if k in probs} for b in range(len(x))]
+
+    def _abduction(self, model_image: np.ndarray, parents: Parents):
+        key = (hashlib.blake2b(model_image.tobytes(), digest_size=16).hexdigest(),
+               tuple(parents.to_vector().tolist()))
+        if key in self._abductions:
+            self._abductions.move_to_end(key)
+            return self._abductions[key]
+        abduction = self._abduct_batch(model_image[None], [parents])
+        self._abductions[key] = abduction
+        while len(self._abductions) > _ABDUCTION_CACHE:
+            self._abductions.popitem(last=False)
+        return abduction
+
+    def _abduct_batch(self, x: np.ndarray, parents: list[Parents]):
+        import torch
+
+        pa = torch.as_tensor(np.stack([p.to_vector() for p in parents]), device=self.device)
+        with torch.inference_mode():
+            return self.cf.abduct(self._tensor(x), pa)
+
+    def _residuals(self, abduction, dos: list[dict[str, str]], x: np.ndarray) -> np.ndarray:
+        """``(B, S, S)`` residuals at strength 1, one intervention per scan."""
+        import torch
+
+        with torch.inference_mode():
+            if len({tuple(sorted(d.items())) for d in dos}) == 1:
+                out = self.cf.residual(abduction, dos[0], strength=1.0)
+            else:
+                out = self.cf.residual(abduction, dos, strength=1.0)
+        return np.asarray(_numpy(out), dtype=np.float32).reshape(len(x), *x.shape[-2:])
+
+    def _decode_view(self, result: PipelineResult, abduction, key: str, do: dict[str, str],
+                     strength: float) -> View:
+        resid = self._residuals(abduction, [do], result.model_image[None])[0]
+        return View(key, dict(do), strength, result.parents.intervene(do),
+                    self._native_view(result, resid, strength), resid)
+
+    @staticmethod
+    def _native_view(result: PipelineResult, residual: np.ndarray, strength: float) -> np.ndarray:
+        """High-resolution counterfactual: the native scan plus the upsampled residual."""
+        up = result.geometry.to_native(residual.astype(np.float32))
+        out = result.scan.image + np.float32(strength) * up
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def _segment_stage(self, result, chromap, reducer, clock, check):
+        views = list(result.views.values())
+        features = []
+        for i, view in enumerate(views):
+            features += self._segment_many([result], False, reducer, only=[view])
+            yield Step("segment", i + 1, len(views), view)
+            check()
+        clock.lap("segment")
+        if chromap:
+            self._fit_chromap(result, np.stack(features), reducer)
+            clock.lap("chromap")
+            for i, view in enumerate(views):
+                yield Step("chromap", i + 1, len(views), view)
+            check()
+        result.consistency = consistency_rows(result.views)
+        clock.lap("consistency")
+        yield Step("consistency", 1, 1, result.consistency)
+
+    def _segment_many(self, results: list[PipelineResult], chromap: bool, reducer: str,
+                      only: list[View] | None = None) -> list[np.ndarray]:
+        """Segment views (batched); set labels at native size; return (C, s, s) features."""
+        import torch
+
+        items = [(r, v) for r in results for v in (only or r.views.values())]
+        prepared = [to_model(v.image, self.seg_size) for _, v in items]
+        x = self._tensor(np.stack([p[0] for p in prepared]))
+        with torch.inference_mode():
+            feats = self.seg.features(x)
+            labels = self.seg.seg_head(feats).argmax(1).to(torch.uint8).cpu().numpy()
+            feats = feats.float().cpu().numpy()
+        for (_, v), (_, geo), lab in zip(items, prepared, labels):
+            v.labels = geo.to_native(lab, nearest=True)
+        if chromap:
+            for r in results:
+                idx = [i for i, (rr, _) in enumerate(items) if rr is r]
+                self._fit_chromap(r, feats[idx], reducer)
+        return list(feats)
+
+    def _fit_chromap(self, result: PipelineResult, feats: np.ndarray, reducer: str) -> None:
+        from pcl_viewer.chromap import ChroMap
+
+        geo = to_model(result.scan.image, self.seg_size)[1]
+        cmap = ChroMap.fit(feats, reducer=reducer, geometry=geo)
+        for v, view in enumerate(result.views.values()):
+            view.overlay = cmap.overlay(v, view.image)
+        result.chromap, result.reducer = cmap, reducer
+
+    def _tensor(self, x: np.ndarray):
+        import torch
+
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)[:, None],
+                               device=self.device)
+
+
+# --------------------------------------------------------------- consistency --
+
+
+def consistency_rows(views: dict[str, View]) -> list[ConsistencyRow]:
+    """Dice and lung-area change of every counterfactual's labels against the factual labels."""
+    factual = views.get(FACTUAL)
+    if factual is None or factual.labels is None:
+        return []
+    rows = []
+    for key, view in views.items():
+        if key == FACTUAL or view.labels is None:
+            continue
+        counts = np.bincount((factual.labels.astype(np.int64) * 3 + view.labels).ravel(),
+                             minlength=9).reshape(3, 3)
+        dice = [_dice(counts, c) for c in (1, 2)]
+        area = [_area_change(counts, c) for c in (1, 2)]
+        rows.append(ConsistencyRow(key, view.name, float(np.mean(dice)), dice[0], dice[1], *area))
+    return rows
+
+
+def rows_to_csv(rows: list[ConsistencyRow], path: str | Path, scan: str | None = None) -> Path:
+    """Write consistency rows (one per counterfactual) as CSV; returns the path."""
+    import csv
+
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow((["scan"] if scan is not None else []) + list(ConsistencyRow._fields))
+        for row in rows:
+            w.writerow(([scan] if scan is not None else []) +
+                       [f"{v:.6f}" if isinstance(v, float) else v for v in row])
+    return path
+
+
+def _dice(counts: np.ndarray, c: int) -> float:
+    inter, a, b = counts[c, c], counts[c].sum(), counts[:, c].sum()
+    return 1.0 if a + b == 0 else float(2.0 * inter / (a + b))
+
+
+def _area_change(counts: np.ndarray, c: int) -> float:
+    a, b = counts[c].sum(), counts[:, c].sum()
+    return float("nan") if a == 0 else float((b - a) / a)
+
+
+# ------------------------------------------------------------------ helpers --
+
+
+def _parents_from_probs(probs: dict[str, float]) -> Parents:
+    return Parents(**{n: PARENT_VALUES[n][int(probs.get(n, 0.0) >= 0.5)] for n in PARENT_NAMES})
+
+
+def _check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= MAX_STRENGTH:
+        raise ValueError(f"strength must be in [0, {MAX_STRENGTH}], got {strength}")
+
+
+def _checker(cancel: Callable[[], bool] | None) -> Callable[[], None]:
+    def check() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled by the user")
+
+    return check
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+class _Clock:
+    """Wall time per stage (seconds), accumulated across laps of the same stage."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self._t
+        self._t = now

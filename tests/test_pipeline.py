@@ -1,0 +1,151 @@
+"""The viewer pipeline as a specification (fake CF model, random smoke U-Net)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pcl_viewer.data.scan import Scan
+from pcl_viewer.parents import Parents
+from pcl_viewer.pipeline import (
+    FACTUAL,
+    STAGES,
+    Cancelled,
+    ConsistencyRow,
+    View,
+    consistency_rows,
+    rows_to_csv,
+)
+from tests.conftest import synthetic_chest
+
+
+def test_run_yields_progress_in_stage_order_and_returns_a_result(fake_pipeline, chest_scan):
+    gen = fake_pipeline.run(chest_scan)
+    stages = []
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        assert 0 <= step.i <= step.n
+        stages.append(step.stage)
+    seen = list(dict.fromkeys(stages))
+    assert seen == [s for s in STAGES if s in seen]
+    assert {"preprocess", "parents", "abduct", "decode", "segment", "chromap"} <= set(seen)
+    assert list(result.views) == [FACTUAL, "scanner", "effusion", "both"]
+    assert set(result.timings) >= {"preprocess", "parents", "abduct", "decode", "segment"}
+
+
+def test_views_labels_and_overlays_are_at_native_size(fake_pipeline, chest_scan):
+    result = fake_pipeline.run_sync(chest_scan)
+    h, w = chest_scan.shape
+    for view in result.views.values():
+        assert view.image.shape == (h, w) and view.image.dtype == np.float32
+        assert 0.0 <= view.image.min() and view.image.max() <= 1.0
+        assert view.labels.shape == (h, w) and view.labels.dtype == np.uint8
+        assert set(np.unique(view.labels)) <= {0, 1, 2}
+        assert view.overlay.shape == (h, w, 3) and view.overlay.dtype == np.uint8
+    assert result.embedding.shape[1] == 2
+    assert len(result.embedding_labels) == len(result.embedding)
+
+
+def test_inferred_parents_come_with_probabilities_and_flip_in_standard_views(
+        fake_pipeline, chest_scan):
+    result = fake_pipeline.run_sync(chest_scan, segment=False)
+    assert result.parents_source == "inferred"
+    assert set(result.probabilities) == {"scanner", "sex", "effusion"}
+    pa = result.parents
+    assert result.views["scanner"].parents.scanner == pa.flipped("scanner")
+    assert result.views["both"].parents.effusion == pa.flipped("effusion")
+
+
+def test_user_parents_override_the_classifiers(fake_pipeline, chest_scan):
+    user = Parents("philips", "male", "present")
+    result = fake_pipeline.run_sync(chest_scan, parents=user, segment=False)
+    assert result.parents == user and result.parents_source == "user"
+    assert result.views["effusion"].do == {"effusion": "absent"}
+
+
+def test_one_abduction_is_cached_per_scan_and_parents(fake_pipeline, chest_scan):
+    cf = fake_pipeline.cf
+    result = fake_pipeline.run_sync(chest_scan, segment=False)
+    fake_pipeline.run_sync(chest_scan, segment=False)
+    fake_pipeline.decode(result, "sex", {"sex": "male"})
+    assert cf.abductions == 1
+
+
+def test_strength_rescales_the_residual_without_running_the_model(fake_pipeline, chest_scan):
+    result = fake_pipeline.run_sync(chest_scan, segment=False)
+    decodes = fake_pipeline.cf.decodes
+    half = fake_pipeline.decode(result, "effusion", result.views["effusion"].do, strength=0.5)
+    assert fake_pipeline.cf.decodes == decodes
+    assert half.extrapolated and "extrapolated" in half.name
+    diff_full = np.abs(fake_pipeline.decode(result, "effusion", half.do, 1.0).image
+                       - chest_scan.image).mean()
+    diff_half = np.abs(half.image - chest_scan.image).mean()
+    assert diff_half == pytest.approx(diff_full / 2, rel=0.15)
+    with pytest.raises(ValueError, match="strength"):
+        fake_pipeline.decode(result, "effusion", half.do, 2.0)
+
+
+def test_cancel_between_stages_raises_cancelled(fake_pipeline, chest_scan):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        fake_pipeline.run_sync(chest_scan, cancel=cancel)
+
+
+def test_consistency_rows_measure_dice_and_area_change():
+    lab = np.zeros((10, 10), np.uint8)
+    lab[:, :4] = 1
+    lab[:, 6:] = 2
+    shrunk = lab.copy()
+    shrunk[:5][shrunk[:5] == 2] = 0  # left lung loses half its area
+    views = {FACTUAL: View(FACTUAL, {}, 1.0, None, np.zeros((10, 10), np.float32), labels=lab),
+             "x": View("x", {"scanner": "philips"}, 1.0, None, np.zeros((10, 10), np.float32),
+                       labels=shrunk)}
+    (row,) = consistency_rows(views)
+    assert row.dice_right == 1.0
+    assert row.dice_left == pytest.approx(2 * 20 / (40 + 20))
+    assert row.area_right_change == 0.0 and row.area_left_change == pytest.approx(-0.5)
+    assert row.dice == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+def test_rows_to_csv_writes_a_header_and_one_row_per_counterfactual(tmp_path):
+    rows = [ConsistencyRow("scanner", "do(scanner=philips)", 0.9, 0.9, 0.9, 0.01, math.nan)]
+    text = rows_to_csv(rows, tmp_path / "c.csv", scan="s1").read_text().splitlines()
+    assert text[0].startswith("scan,view,intervention,dice")
+    assert len(text) == 2 and text[1].startswith("s1,scanner")
+
+
+def test_metadata_names_bundles_parents_intervention_and_strength(fake_pipeline, chest_scan):
+    result = fake_pipeline.run_sync(chest_scan, segment=False)
+    meta = result.metadata("scanner")
+    assert meta["bundles"]["seg"]["fingerprint"] and meta["bundles"]["cf"]["name"] == "fake-cf"
+    assert meta["strength"] == 1.0 and meta["intervention"].startswith("do(scanner=")
+    assert meta["parents"] == result.parents.to_dict()
+
+
+def test_run_batch_matches_single_runs(fake_pipeline):
+    scans = [Scan(synthetic_chest(200, 180, seed=s), name=f"s{s}") for s in range(3)]
+    batch = fake_pipeline.run_batch(scans, batch_size=2)
+    single = fake_pipeline.run_sync(scans[1], interventions=None, chromap=False)
+    assert [list(r.views) for r in batch] == [[FACTUAL, "scanner", "effusion"]] * 3
+    assert batch[1].parents == single.parents
+    np.testing.assert_allclose(batch[1].views["scanner"].image, single.views["scanner"].image,
+                               atol=1e-6)
+    assert batch[1].consistency[0].dice == pytest.approx(single.consistency[0].dice, abs=1e-6)
+
+
+def test_pipeline_without_cf_model_segments_the_factual_view_only(fake_pipeline, chest_scan):
+    fake_pipeline.cf = None
+    result = fake_pipeline.run_sync(chest_scan)
+    assert list(result.views) == [FACTUAL] and result.views[FACTUAL].labels is not None
+    assert result.consistency == []

@@ -1,0 +1,281 @@
+"""Supervised fine-tuning of the whole U-Net with a new 3-class head (METHOD §4).
+
+Used three ways by the benchmark and the shipped model:
+
+- fine-tuning a pre-trained (or random) U-Net on the gold labels of a fold;
+- the "Segmentation (silver)" / "(gold)" pre-training rows: a U-Net trained
+  directly on the pool's silver or gold labels;
+- the shipped segmentation bundle.
+
+Recipe: AdamW lr 3e-3, linear warm-up from lr/100 then cosine to 1e-6,
+batch 8, gradient clip 1.0, cross-entropy (or Dice+CE), augmentations
+rotation +-15 deg, random resized crop scale (0.2, 1), brightness/contrast
+jitter, Gaussian blur. Geometric augmentations use one affine per sample,
+applied to the image (bilinear) and to the mask (nearest), so labels stay
+aligned with pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pcl_viewer.models.unet import DenseUNet, UNetConfig, build_unet
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of :func:`finetune`.
+
+    ``epochs`` passes over the labelled images; at least ``min_steps`` optimiser
+    steps are taken so tiny label budgets (8 images = 1 batch per epoch) still train.
+    """
+
+    epochs: int = 100
+    min_steps: int = 0
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    warmup_frac: float = 0.05
+    final_lr: float = 1e-6
+    loss: str = "ce"  # "ce" or "dicece"
+    grad_clip: float = 1.0
+    augment: bool = True
+    rotation_deg: float = 15.0
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    gamma: float = 0.0  # extra gamma jitter (log-uniform in [1/(1+g), 1+g]); 0 = off
+    jitter_p: float = 0.8
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def n_steps(self, n_images: int) -> int:
+        steps = max(self.min_steps, self.epochs * math.ceil(n_images / self.batch_size))
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+
+# --- augmentation ---------------------------------------------------------------------
+
+
+def _affines(b: int, cfg: FinetuneConfig, g: torch.Generator) -> torch.Tensor:
+    """``(B, 2, 3)`` affines (output -> input normalised coords): crop, aspect, rotation."""
+    u = torch.rand(b, 5, generator=g)
+    lo, hi = cfg.crop_scale
+    area = lo + (hi - lo) * u[:, 0]
+    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    ratio = torch.exp(log_r)
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # half-extent in normalised units (1 = full)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (1 - sx) * (2 * u[:, 2] - 1)
+    cy = (1 - sy) * (2 * u[:, 3] - 1)
+    ang = math.radians(cfg.rotation_deg) * (2 * u[:, 4] - 1)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = sx * cos, -sy * sin, cx
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sx * sin, sy * cos, cy
+    return theta
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each ``(1, H, W)`` image of ``x (B, 1, H, W)`` with its own ``sigma`` (pixels)."""
+    radius = int(math.ceil(3 * float(sigma.max())))
+    if radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (B, K)
+    b = x.shape[0]
+    xp = F.pad(x.transpose(0, 1), (radius, radius, radius, radius), mode="replicate")  # (1,B,..)
+    y = F.conv2d(xp, k[:, None, None, :], groups=b)
+    y = F.conv2d(y, k[:, None, :, None], groups=b)
+    return y.transpose(0, 1)
+
+
+def augment_batch(
+    x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment images ``x (B, 1, S, S)`` in [0, 1] and labels ``y (B, S, S)`` long, jointly.
+
+    Geometry (rotation, resized crop) is one affine per sample for both; the
+    intensity part (jitter, blur) touches the image only.
+    """
+    b = x.shape[0]
+    theta = _affines(b, cfg, g)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
+    onehot = F.grid_sample(onehot, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    # Outside the source image every channel is 0 -> argmax gives background (0).
+    y = onehot.argmax(1)
+
+    u = torch.rand(b, 5, generator=g)
+    jit = (u[:, 0] < cfg.jitter_p).float()[:, None, None, None]
+    bright = 1 + cfg.brightness * (2 * u[:, 1] - 1)
+    contr = 1 + cfg.contrast * (2 * u[:, 2] - 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    xj = (x * bright[:, None, None, None] - mean) * contr[:, None, None, None] + mean
+    if cfg.gamma > 0:
+        lg = math.log(1 + cfg.gamma) * (2 * u[:, 3] - 1)
+        xj = xj.clamp(0, 1) ** torch.exp(lg)[:, None, None, None]
+    x = (jit * xj + (1 - jit) * x).clamp(0, 1)
+    if cfg.blur_p > 0:
+        lo, hi = cfg.blur_sigma
+        sigma = lo + (hi - lo) * torch.rand(b, generator=g)
+        sigma = sigma * (x.shape[-1] / 128.0)  # the range is given for 128 px images
+        blur = (u[:, 4] < cfg.blur_p).float()[:, None, None, None]
+        x = blur * _gaussian_blur(x, sigma) + (1 - blur) * x
+    return x.contiguous(), y
+
+
+# --- model ----------------------------------------------------------------------------
+
+
+def init_unet(unet_cfg: UNetConfig, pretrained: str | os.PathLike | None = None) -> DenseUNet:
+    """A U-Net with a fresh 3-class head: random, or with the backbone of a bundle.
+
+    The bundle (any kind: "pretrained", "segmentation") must hold a ``unet``
+    component; only its ``backbone.*`` weights are copied, every head is new.
+    Its own U-Net config is used, so a bundle always rebuilds its network.
+    """
+    if pretrained is None:
+        return build_unet(unet_cfg, heads=("seg",))
+    from pcl_viewer.models.bundle import ModelBundle
+
+    bundle = ModelBundle.load(pretrained)
+    cfg = UNetConfig.from_dict(bundle.config("unet")["unet"])
+    model = build_unet(cfg, heads=("seg",))
+    state = {k: v for k, v in bundle.state_dict("unet").items() if k.startswith("backbone.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith("backbone.") for k in missing):
+        raise ValueError(f"{pretrained}: backbone weights do not fit: {missing[:3]} {unexpected[:3]}")
+    return model
+
+
+def make_scheduler(opt: torch.optim.Optimizer, total: int, cfg: FinetuneConfig):
+    """Linear warm-up from lr/100 over ``warmup_frac`` of the steps, then cosine to ``final_lr``.
+
+    Uses the schedule shared with pre-training (:mod:`pcl_viewer.train.schedule`).
+    """
+    warm = max(1, int(round(cfg.warmup_frac * total)))
+    try:
+        from pcl_viewer.train.schedule import warmup_cosine
+    except ImportError:  # the shared module is optional for this file's users
+        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+        return SequentialLR(
+            opt,
+            [LinearLR(opt, start_factor=0.01, total_iters=warm),
+             CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=cfg.final_lr)],
+            milestones=[warm],
+        )
+    return warmup_cosine(opt, warm, total, start_factor=0.01, min_lr=cfg.final_lr)
+
+
+def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "ce":
+        return F.cross_entropy
+    if name == "dicece":
+        from monai.losses import DiceCELoss
+
+        dc = DiceCELoss(to_onehot_y=True, softmax=True)
+        return lambda logits, y: dc(logits, y[:, None])
+    raise ValueError(f"unknown loss {name!r}; choose 'ce' or 'dicece'")
+
+
+def finetune(
+    images: np.ndarray,
+    masks: np.ndarray,
+    unet_cfg: UNetConfig,
+    cfg: FinetuneConfig,
+    pretrained: str | os.PathLike | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[DenseUNet, dict]:
+    """Train the whole U-Net with a new segmentation head.
+
+    Args:
+        images: ``(N, 1, S, S)`` float32 in [0, 1].
+        masks: ``(N, S, S)`` uint8 labels (0, 1 right lung, 2 left lung).
+        unet_cfg: network config (ignored when ``pretrained`` gives its own).
+        cfg: :class:`FinetuneConfig`.
+        pretrained: a bundle folder to initialise the backbone from, or None (random).
+        progress: called as ``progress(step, total)`` after every step.
+
+    Returns:
+        the model in eval mode and a log ``{"steps", "seconds", "final_loss"}``.
+    """
+    if images.ndim != 4 or images.shape[1] != 1 or masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"expected images (N,1,S,S) and masks (N,S,S), got {images.shape}, {masks.shape}")
+    torch.manual_seed(cfg.seed)
+    model = init_unet(unet_cfg, pretrained)
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = len(images)
+    total = cfg.n_steps(n)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, total, cfg)
+    loss_fn = _loss_fn(cfg.loss)
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    y_all = torch.from_numpy(np.ascontiguousarray(masks).astype(np.int64))
+    bs = min(cfg.batch_size, n)
+    order = torch.randperm(n, generator=g)
+    pos, loss_ema, t0 = 0, float("nan"), time.perf_counter()
+    for step in range(total):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        x, y = x_all[idx], y_all[idx]
+        if cfg.augment:
+            x, y = augment_batch(x, y, cfg, g)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        val = float(loss.detach())
+        loss_ema = val if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * val
+        if progress is not None:
+            progress(step + 1, total)
+    model.eval()
+    return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": loss_ema}
+
+
+@torch.no_grad()
+def predict(model: DenseUNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """``(N, 1, S, S)`` float32 -> labels ``(N, S, S)`` uint8 (argmax of the seg logits)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32))
+        out.append(model(x).argmax(1).to(torch.uint8).numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[2:]), np.uint8)
+
+
+def save_segmentation_bundle(
+    path: str | os.PathLike, model: DenseUNet, card: dict
+) -> Path:
+    """Write ``model`` as a "segmentation" bundle (component ``unet``, heads ``["seg"]``)."""
+    from pcl_viewer.models.bundle import save_bundle
+
+    full = {"kind": "segmentation", "input": {"size": model.cfg.image_size,
+                                              "intensity": "float32 [0, 1]"}}
+    full.update(card)
+    config = {"unet": model.cfg.to_dict(), "heads": ["seg"]}
+    save_bundle(path, full, {"unet": ("dense-unet", config, model)})
+    return Path(path)

@@ -170,33 +170,46 @@ class Pipeline:
         self.seg = seg
         self.device = device
         self.bundles = dict(bundles or {})
+        self.load_errors: list[str] = []
         self._abductions: OrderedDict[tuple, Any] = OrderedDict()
 
     @classmethod
     def from_bundles(cls, cf_bundle: str | Path | None = DEFAULT_CF_BUNDLE,
                      seg_bundle: str | Path | None = DEFAULT_SEG_BUNDLE,
-                     device: str = "auto") -> Pipeline:
-        """Load and verify both bundles (either may be None: that part is skipped)."""
+                     device: str = "auto", strict: bool = True) -> Pipeline:
+        """Load and verify both bundles (either may be None: that part is skipped).
+
+        ``strict=False``: a bundle that cannot be loaded is skipped and its readable
+        error kept in ``load_errors`` (the viewer still opens, with a notice).
+        """
         from pcl_viewer.device import choose_device, configure_threads
-        from pcl_viewer.models.bundle import ModelBundle, find_bundle
 
         device = choose_device(device)
         configure_threads()
-        bundles: dict[str, BundleInfo] = {}
-        cf = seg = None
-        if cf_bundle is not None:
-            path = find_bundle(cf_bundle)
-            info = ModelBundle.load(path, kind="counterfactual")
+        pipe = cls(None, None, device)
+        for part, bundle in (("cf", cf_bundle), ("seg", seg_bundle)):
+            if bundle is None:
+                continue
+            try:
+                pipe._load(part, bundle)
+            except Exception as exc:  # BundleError, ImportError of a missing module, ...
+                if strict:
+                    raise
+                pipe.load_errors.append(f"{part} bundle {str(bundle)!r}: {exc}")
+        return pipe
+
+    def _load(self, part: str, bundle: str | Path) -> None:
+        from pcl_viewer.models.bundle import ModelBundle, find_bundle
+
+        path = find_bundle(bundle)
+        info = ModelBundle.load(path, kind="counterfactual" if part == "cf" else "segmentation")
+        if part == "cf":
             from pcl_viewer.models.counterfactual import CounterfactualModel
 
-            cf = CounterfactualModel.from_bundle(path, device)
-            bundles["cf"] = BundleInfo(info.name, info.fingerprint, str(path))
-        if seg_bundle is not None:
-            path = find_bundle(seg_bundle)
-            info = ModelBundle.load(path, kind="segmentation")
-            seg = info.build("unet", device=device)
-            bundles["seg"] = BundleInfo(info.name, info.fingerprint, str(path))
-        return cls(cf, seg, device, bundles)
+            self.cf = CounterfactualModel.from_bundle(path, self.device)
+        else:
+            self.seg = info.build("unet", device=self.device)
+        self.bundles[part] = BundleInfo(info.name, info.fingerprint, str(path))
 
     @property
     def cf_size(self) -> int:
@@ -208,8 +221,9 @@ class Pipeline:
 
     # -------------------------------------------------------------- run ---
 
-    def run(self, scan: Scan, parents: Parents | None = None,
-            interventions: dict[str, dict[str, str]] | None = None, strength: float = 1.0,
+    def run(self, scan: Scan, parents: Parents | dict[str, str] | None = None,
+            interventions: dict[str, dict[str, str]] | Iterable[str] | None = None,
+            strength: float = 1.0,
             segment: bool = True, chromap: bool = True, reducer: str = "pca",
             cancel: Callable[[], bool] | None = None) -> Generator[Step, None, PipelineResult]:
         """Generator over the stages of one scan; returns the :class:`PipelineResult`."""
@@ -223,23 +237,26 @@ class Pipeline:
         yield Step("preprocess", 1, 1)
         check()
 
-        probabilities, source = None, "user" if parents is not None else "inferred"
+        # A full Parents overrides the classifiers; a dict overrides only the parents it names.
+        probabilities, source = None, "inferred" if not parents else "user"
         if self.cf is not None:
             yield Step("parents", 0, 1)
             probabilities = self.infer_parents(model_image[None])[0]
-            parents = parents or _parents_from_probs(probabilities)
+            if not isinstance(parents, Parents):
+                parents = _parents_from_probs(probabilities).intervene(dict(parents or {}))
             clock.lap("parents")
             yield Step("parents", 1, 1, parents)
             check()
+        elif parents is not None and not isinstance(parents, Parents):
+            parents = None
         views = {FACTUAL: View(FACTUAL, {}, 1.0, parents, scan.image)}
         result = PipelineResult(scan, geometry, model_image, parents, probabilities, source,
                                 views, dict(self.bundles), reducer=reducer)
+        yield Step("parents", 1, 1, result)
         yield Step("parents", 1, 1, views[FACTUAL])
 
         if self.cf is not None and parents is not None:
-            from pcl_viewer.parents import standard_interventions
-
-            todo = interventions if interventions is not None else standard_interventions(parents)
+            todo = resolve_interventions(interventions, parents)
             yield Step("abduct", 0, 1)
             abduction = self._abduction(model_image, parents)
             clock.lap("abduct")
@@ -316,8 +333,6 @@ class Pipeline:
         return results
 
     def _run_chunk(self, scans, given, keys, segment, chromap) -> list[PipelineResult]:
-        from pcl_viewer.parents import standard_interventions
-
         clock = _Clock()
         prepared = [to_model(s.image, self.cf_size) for s in scans]
         x = np.stack([p[0] for p in prepared])
@@ -336,7 +351,7 @@ class Pipeline:
             abduction = self._abduct_batch(x, pa)
             clock.lap("abduct")
             for key in keys:
-                dos = [standard_interventions(p)[key] for p in pa]
+                dos = [resolve_interventions([key], p)[key] for p in pa]
                 res = self._residuals(abduction, dos, x)
                 for r, do, resid in zip(results, dos, res):
                     r.views[key] = View(key, do, 1.0, r.parents.intervene(do),
@@ -459,6 +474,25 @@ class Pipeline:
 
         return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)[:, None],
                                device=self.device)
+
+
+def resolve_interventions(interventions: dict[str, dict[str, str]] | Iterable[str] | None,
+                          parents: Parents) -> dict[str, dict[str, str]]:
+    """``None`` -> the method's three views; names -> flips of ``parents``; a dict passes through.
+
+    Names: ``scanner``, ``effusion``, ``both`` (:func:`standard_interventions`) and ``sex``
+    (exploration only: the method does not intervene on sex).
+    """
+    from pcl_viewer.parents import standard_interventions
+
+    if isinstance(interventions, dict):
+        return {k: dict(v) for k, v in interventions.items()}
+    flips = standard_interventions(parents) | {"sex": {"sex": parents.flipped("sex")}}
+    keys = ("scanner", "effusion", "both") if interventions is None else tuple(interventions)
+    unknown = [k for k in keys if k not in flips]
+    if unknown:
+        raise ValueError(f"unknown interventions {unknown}; choose from {', '.join(flips)}")
+    return {k: flips[k] for k in keys}
 
 
 # --------------------------------------------------------------- consistency --

@@ -149,3 +149,10 @@ def test_pipeline_without_cf_model_segments_the_factual_view_only(fake_pipeline,
     result = fake_pipeline.run_sync(chest_scan)
     assert list(result.views) == [FACTUAL] and result.views[FACTUAL].labels is not None
     assert result.consistency == []
+
+
+def test_a_partial_parent_override_keeps_the_other_inferred_parents(fake_pipeline, chest_scan):
+    inferred = fake_pipeline.run_sync(chest_scan, segment=False).parents
+    result = fake_pipeline.run_sync(chest_scan, parents={"sex": "male"}, segment=False)
+    assert result.parents == inferred.intervene({"sex": "male"})
+    assert result.parents_source == "user"

@@ -1,0 +1,96 @@
+"""``pcl review``: batch robustness review of a folder or CSV of scans (see docs/review.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _bundle_arg(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("none", "") else value
+
+
+@click.command("review")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Report folder: report.csv, report.html, errors.csv and the resume journal.")
+@click.option("--bundle", "cf_bundle", default="cf-cpu", show_default=True,
+              help="Counterfactual bundle (name or path); 'none' reviews without counterfactuals.")
+@click.option("--seg-bundle", default="seg-cpu", show_default=True,
+              help="Segmentation bundle (name or path).")
+@click.option("--threshold", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="Flag a counterfactual whose lung Dice vs the factual is below this.")
+@click.option("--area-threshold", default=0.1, show_default=True, type=click.FloatRange(0),
+              help="Flag a lung-area change (fraction) beyond +/- this.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+              help="Scans per batch (inference and resume granularity).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
+              help="Threads reading files ahead of the model.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cuda", "mps", "cpu"]))
+@click.option("--restart", is_flag=True, help="Discard the journal in --out and start over.")
+@click.option("--merge", is_flag=True,
+              help="INPUTS are report folders (shards): merge their journals into --out.")
+def review(inputs: tuple[str, ...], out: str, cf_bundle: str, seg_bundle: str, threshold: float,
+           area_threshold: float, batch_size: int, workers: int, device: str, restart: bool,
+           merge: bool) -> None:
+    """Review INPUT (a folder, searched recursively, or a CSV with a 'path' column).
+
+    For each scan: inferred parents, counterfactuals by scanner and by effusion,
+    lung segmentation of every view, Dice and lung-area change of each
+    counterfactual's segmentation against the factual one. Re-running with the
+    same --out resumes: finished scans are skipped.
+
+    \b
+    pcl review scans/ --out report/
+    pcl review --merge report-node1/ report-node2/ --out report/
+    """
+    from pcl_viewer import review as rv
+
+    cfg = rv.ReviewConfig(threshold=threshold, area_threshold=area_threshold,
+                          batch_size=batch_size, read_workers=workers)
+    if merge:
+        files = rv.merge(inputs, out, cfg)
+        click.echo(f"merged {len(inputs)} reports into {files['html']}")
+        return
+    if len(inputs) != 1:
+        raise click.UsageError("give one INPUT (folder or CSV), or --merge REPORT1 REPORT2 ...")
+    out_path = Path(out)
+    if restart and (out_path / rv.JOURNAL).exists():
+        (out_path / rv.JOURNAL).unlink()
+    pipeline = _pipeline(cf_bundle, seg_bundle, device)
+    bundles = {k: f"{b.name}@{b.fingerprint}" for k, b in pipeline.bundles.items()}
+    from tqdm import tqdm
+
+    gen = rv.iter_review(inputs[0], out_path, pipeline, cfg, bundles=bundles)
+    try:
+        with tqdm(unit="scan", desc="review", dynamic_ncols=True) as bar:
+            while True:
+                try:
+                    step = next(gen)
+                except StopIteration as stop:
+                    summary = stop.value
+                    break
+                except ValueError as exc:  # e.g. a journal made with other models
+                    raise click.ClickException(str(exc)) from exc
+                bar.total = step.total
+                bar.update(step.done - bar.n)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"reviewed {summary.processed} scans in {summary.seconds:.1f} s: "
+        f"{summary.rate:.2f} scans/s ({summary.skipped} already done); "
+        f"{summary.flagged} flagged, {summary.errors} unreadable"
+    )
+    click.echo(f"report: {summary.files['html']}")
+
+
+def _pipeline(cf_bundle: str | None, seg_bundle: str | None, device: str):
+    from pcl_viewer.models.bundle import BundleError
+    from pcl_viewer.pipeline import Pipeline
+
+    try:
+        return Pipeline.from_bundles(_bundle_arg(cf_bundle), _bundle_arg(seg_bundle), device)
+    except (BundleError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc

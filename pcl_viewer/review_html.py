@@ -1,0 +1,211 @@
+"""The review report as one self-contained HTML file.
+
+Everything is inline: CSS, a few lines of JS (click a column header to sort),
+the summary plots as base64 PNGs drawn by matplotlib, and the thumbnails of the
+flagged scans. It opens from disk with no server and no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;
+background:#fafbfc}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.meta{color:#556;font-size:13px} .cards{display:flex;gap:12px;margin:14px 0}
+.card{background:#fff;border:1px solid #dde;border-radius:8px;padding:10px 16px;min-width:110px}
+.card b{display:block;font-size:22px} .card.bad b{color:#b3261e}
+table{border-collapse:collapse;background:#fff;font-size:13px}
+th,td{border:1px solid #dde;padding:4px 7px;text-align:left;vertical-align:middle}
+th{background:#eef1f6;cursor:pointer;user-select:none;position:sticky;top:0}
+th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums} td.low{color:#b3261e;font-weight:600}
+img.th{height:96px;image-rendering:auto;border-radius:3px} .plots img{max-width:100%}
+.path{max-width:360px;overflow-wrap:anywhere;font-family:ui-monospace,monospace;font-size:12px}
+.legend span{display:inline-block;width:11px;height:11px;margin:0 4px 0 10px;border-radius:2px}
+"""
+
+_JS = """
+document.querySelectorAll('table.sortable').forEach(function(t){
+ t.querySelectorAll('th').forEach(function(th,i){th.addEventListener('click',function(){
+  var asc=!th.classList.contains('asc');t.querySelectorAll('th').forEach(function(h){
+   h.classList.remove('asc','desc')});th.classList.add(asc?'asc':'desc');
+  var rows=Array.prototype.slice.call(t.tBodies[0].rows);rows.sort(function(a,b){
+   var x=a.cells[i].dataset.v!==undefined?a.cells[i].dataset.v:a.cells[i].textContent;
+   var y=b.cells[i].dataset.v!==undefined?b.cells[i].dataset.v:b.cells[i].textContent;
+   var nx=parseFloat(x),ny=parseFloat(y);var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:
+   String(x).localeCompare(String(y));return asc?c:-c});
+  rows.forEach(function(r){t.tBodies[0].appendChild(r)})})})});
+"""
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "" if x is None else html.escape(str(x))
+    if not math.isfinite(v):
+        return "n/a"
+    return f"{v:+.1%}" if pct else f"{v:.3f}"
+
+
+def _sortkey(x: Any) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return ""
+    return f"{v:.6g}" if math.isfinite(v) else "-1e9"
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def summary_plot(rows: Sequence[dict[str, Any]]) -> str:
+    """Box plots of Dice (CF vs factual) by factual scanner and by effusion, one box per
+    intervention and group; returns a base64 PNG ("" when there is nothing to plot)."""
+    if not rows:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    interventions = list(dict.fromkeys(r["intervention"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    for ax, parent in zip(axes, ("scanner", "effusion")):
+        groups = sorted({str(r[parent]) for r in rows})
+        width = 0.8 / max(1, len(interventions))
+        for k, key in enumerate(interventions):
+            data = []
+            for g in groups:
+                vals = [float(r["dice"]) for r in rows if r["intervention"] == key
+                        and str(r[parent]) == g and math.isfinite(float(r["dice"]))]
+                data.append(vals or [np.nan])
+            pos = np.arange(len(groups)) + (k - (len(interventions) - 1) / 2) * width
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True,
+                            showfliers=True, flierprops={"markersize": 3})
+            for box in bp["boxes"]:
+                box.set_facecolor(colours[k % len(colours)])
+                box.set_alpha(0.75)
+            ax.plot([], [], "s", color=colours[k % len(colours)], label=f"do({key})")
+        ax.set_xticks(np.arange(len(groups)), [f"{parent}={g}\n(n={_count(rows, parent, g)})"
+                                               for g in groups])
+        ax.set_title(f"Consistency by factual {parent}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("Dice: CF segmentation vs factual")
+    axes[1].legend(loc="lower right", fontsize=9)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _count(rows: Sequence[dict[str, Any]], parent: str, value: str) -> int:
+    return len({r["path"] for r in rows if str(r[parent]) == value})
+
+
+def _group_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Mean Dice and flag rate by parent value and intervention."""
+    body = []
+    for parent in ("scanner", "effusion", "sex"):
+        for g in sorted({str(r[parent]) for r in rows}):
+            for key in dict.fromkeys(r["intervention"] for r in rows):
+                sel = [r for r in rows if str(r[parent]) == g and r["intervention"] == key]
+                d = np.array([float(r["dice"]) for r in sel], float)
+                d = d[np.isfinite(d)]
+                body.append(
+                    f"<tr><td>{parent}={html.escape(g)}</td><td>do({html.escape(key)})</td>"
+                    f"<td class=num>{len(sel)}</td><td class=num>{_fmt(d.mean() if d.size else None)}"
+                    f"</td><td class=num>{_fmt(np.median(d) if d.size else None)}</td>"
+                    f"<td class=num>{_fmt(sum(int(r['flagged']) for r in sel) / max(1, len(sel)), True)}"
+                    "</td></tr>")
+    return ("<table class=sortable><thead><tr><th>group</th><th>intervention</th><th>scans</th>"
+            "<th>mean Dice</th><th>median Dice</th><th>flagged</th></tr></thead><tbody>"
+            + "".join(body) + "</tbody></table>")
+
+
+def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, str]]) -> str:
+    flagged = sorted((r for r in rows if int(r["flagged"])), key=lambda r: _sortkey(r["dice"]))
+    if not flagged:
+        return "<p>No scan is flagged.</p>"
+    body = []
+    for r in flagged:
+        t = thumbs.get(r["path"], {})
+        imgs = "".join(
+            f'<img class=th alt="{html.escape(k)}" title="{html.escape(k)}" '
+            f'src="data:image/png;base64,{t[k]}">' if t.get(k) else "<i>n/a</i>"
+            for k in ("factual", r["intervention"]))
+        cells = [f"<td class=path title=\"{html.escape(r['path'])}\">{html.escape(r['path'])}</td>"]
+        cells += [f"<td>{html.escape(str(r[k]))}</td>" for k in ("scanner", "sex", "effusion")]
+        cells.append(f"<td>{html.escape(str(r['do']))}</td>")
+        for k in ("dice", "dice_right", "dice_left"):
+            low = " low" if _sortkey(r[k]) and float(_sortkey(r[k])) < 0.9 else ""
+            cells.append(f"<td class='num{low}' data-v='{_sortkey(r[k])}'>{_fmt(r[k])}</td>")
+        for k in ("area_right_change", "area_left_change"):
+            cells.append(f"<td class=num data-v='{_sortkey(r[k])}'>{_fmt(r[k], True)}</td>")
+        cells.append(f"<td>{html.escape(r['flag_reason'])}</td><td>{imgs}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    head = ("path", "scanner", "sex", "effusion", "intervention", "Dice", "Dice R", "Dice L",
+            "area R", "area L", "why", "factual | counterfactual")
+    return ("<p class=legend>Thumbnails: <span style='background:#e63c3c'></span>right lung"
+            "<span style='background:#3c78e6'></span>left lung. Click a header to sort.</p>"
+            "<table class=sortable id=flagged><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
+def _errors_table(errors: Sequence[dict[str, Any]]) -> str:
+    if not errors:
+        return "<p>Every file was read.</p>"
+    body = "".join(
+        f"<tr><td class=path>{html.escape(str(e.get('path')))}</td>"
+        f"<td>{html.escape(str(e.get('stage', '')))}</td><td>{html.escape(str(e.get('error')))}</td></tr>"
+        for e in errors)
+    return ("<table class=sortable id=errors><thead><tr><th>file</th><th>stage</th><th>problem</th>"
+            "</tr></thead><tbody>" + body + "</tbody></table>")
+
+
+def render_report(records: Sequence[dict[str, Any]], cfg: Any, header: dict[str, Any]) -> str:
+    """The whole report page for the journal ``records`` under review settings ``cfg``."""
+    from pcl_viewer.review import report_rows
+
+    rows = report_rows(records, cfg)
+    errors = [r for r in records if r.get("status") == "error"]
+    ok = [r for r in records if r.get("status") == "ok"]
+    thumbs = {r["path"]: r.get("thumbs", {}) for r in ok}
+    n_flag = len({r["path"] for r in rows if int(r["flagged"])})
+    bundles = header.get("bundles") or {}
+    models = ", ".join(f"{k}: {html.escape(str(v))}" for k, v in bundles.items()) or "n/a"
+    plot = summary_plot(rows)
+    cards = (f"<div class=cards><div class=card>scans reviewed<b>{len(ok)}</b></div>"
+             f"<div class='card{' bad' if n_flag else ''}'>flagged<b>{n_flag}</b></div>"
+             f"<div class='card{' bad' if errors else ''}'>unreadable<b>{len(errors)}</b></div>"
+             f"<div class=card>interventions<b>{len({r['intervention'] for r in rows})}</b></div></div>")
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>pcl-viewer robustness review</title>
+<meta name=viewport content="width=device-width,initial-scale=1"><style>{_CSS}</style></head>
+<body><h1>Segmentation robustness review</h1>
+<p class=meta>A scan is flagged when the segmentation of a counterfactual differs from the
+factual one: mean lung Dice &lt; {cfg.threshold:g} or a lung-area change beyond
+&plusmn;{cfg.area_threshold:.0%}. Models: {models}. Data: <a href="report.csv">report.csv</a>,
+<a href="errors.csv">errors.csv</a>.</p>
+{cards}
+<h2>Consistency by scanner and by effusion</h2>
+<div class=plots>{f'<img alt="consistency box plots" src="data:image/png;base64,{plot}">' if plot else '<p>No results yet.</p>'}</div>
+{_group_table(rows) if rows else ''}
+<h2>Flagged scans ({n_flag})</h2>
+{_flagged_table(rows, thumbs)}
+<h2>Files that could not be read ({len(errors)})</h2>
+{_errors_table(errors)}
+<script>{_JS}</script></body></html>
+"""

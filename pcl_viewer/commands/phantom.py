@@ -1,0 +1,113 @@
+"""``pcl phantom ...``: priors, generate, silver, montage, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def phantom() -> None:
+    """The phantom chest X-ray structural causal model and its datasets."""
+
+
+@phantom.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: the shipped resources/priors).")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="torchxrayvision data folder (default: found in the installed package).")
+def priors(out: Path | None, source: Path | None) -> None:
+    """Rebuild the lung shape model and the PadChest probability tables."""
+    from pcl_viewer.data.phantom.build_priors import build_all
+
+    report = build_all(out, source)
+    click.echo(json.dumps(report, indent=1))
+
+
+@phantom.command()
+@click.option("--n", "n", type=int, default=200, show_default=True, help="Number of images.")
+@click.option("--size", type=int, default=128, show_default=True, help="Image size (pixels).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--counterfactuals/--no-counterfactuals", default=False,
+              help="Also write the three true counterfactuals of every image.")
+@click.option("--effusion-oversample", type=float, default=1.0, show_default=True,
+              help="Multiplies the odds of effusion (1 = calibrated to PadChest).")
+@click.option("--styles", default="philips,imagingdynamics", show_default=True,
+              help="Comma-separated acquisition styles (add 'portable' for OOD data).")
+@click.option("--severe", is_flag=True, help="Only moderate-to-large effusions.")
+@click.option("--studies-per-patient", type=int, default=2, show_default=True,
+              help="Maximum number of studies per patient.")
+@click.option("--workers", type=int, default=None, help="Processes (default: up to 2).")
+def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
+             effusion_oversample: float, styles: str, severe: bool, studies_per_patient: int,
+             workers: int | None) -> None:
+    """Write a phantom dataset in the PadChest/CheXmask-like layout."""
+    from tqdm import tqdm
+
+    from pcl_viewer.data.phantom.generate import default_workers
+    from pcl_viewer.data.phantom.generate import generate as run
+
+    style_t = tuple(s.strip() for s in styles.split(",") if s.strip())
+    bar = tqdm(total=n, desc="phantom", unit="img")
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    summary = run(out, n, size, seed, counterfactuals=counterfactuals,
+                  oversample=effusion_oversample, styles=style_t, severe=severe,
+                  studies_per_patient=studies_per_patient,
+                  workers=workers or default_workers(), progress=progress)
+    bar.close()
+    click.echo(f"wrote {n} images ({summary['n_patients']} patients, effusion "
+               f"{summary['effusion_rate']:.1%}) to {out}")
+    extra = " (4 views each)" if counterfactuals else ""
+    click.echo(f"speed: {summary['images_per_second']:.1f} images/s{extra} at {size} px "
+               f"with {summary['workers']} worker(s)")
+
+
+@phantom.command()
+@click.option("--data", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--n-train", type=int, default=20, show_default=True,
+              help="Gold normal images of one scanner used for training (<= 20).")
+@click.option("--scanner", default="philips", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: by size).")
+@click.option("--threshold", type=float, default=0.7, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def silver(data: Path, n_train: int, scanner: str, epochs: int | None, threshold: float,
+           seed: int) -> None:
+    """AI-generated silver masks with a quality score, as CheXmask."""
+    from pcl_viewer.data.phantom.silver import make_silver
+
+    report = make_silver(data, n_train=n_train, scanner=scanner, epochs=epochs,
+                         threshold=threshold, seed=seed, echo=click.echo)
+    click.echo(json.dumps(report["dice"], indent=1))
+
+
+@phantom.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("docs/figures/phantom.png"),
+              show_default=True)
+@click.option("--size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def montage(out: Path, size: int, seed: int) -> None:
+    """Figure: scanners x (normal, effusion), gold contour, true counterfactuals."""
+    from pcl_viewer.data.phantom.montage import make_montage
+
+    make_montage(out, size=size, seed=seed)
+    click.echo(f"wrote {out}")
+
+
+@phantom.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder (default: the shipped resources/samples).")
+@click.option("--size", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def samples(out: Path | None, size: int, seed: int) -> None:
+    """Write the shipped 512-px sample scans and samples.json."""
+    from pcl_viewer.data.phantom.montage import write_samples
+    from pcl_viewer.paths import samples_dir
+
+    info = write_samples(out or samples_dir(), size=size, seed=seed)
+    click.echo(f"wrote {len(info)} samples to {out or samples_dir()}")

@@ -1,0 +1,52 @@
+"""Pleural effusion geometry: fluid at the lung base with a meniscus rising laterally.
+
+The fluid of one side fills the lung below a concave upper border
+``y_top(x) = y_cp - h * (m0 + (1 - m0) * lat(x) ** k)``, where ``y_cp`` is the
+lateral costophrenic angle, ``lat`` the lateralness in [0, 1] across the lung
+and ``h`` grows with severity. A small effusion only blunts the costophrenic
+angle; a large one opacifies most of the hemithorax. The fluid's top fades
+over a short distance (thin fluid layer), and it replaces aerated lung: the
+gold mask loses the pixels where the fluid weight exceeds 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pcl_viewer.data.phantom.noise import EffusionNoise
+from pcl_viewer.data.phantom.shape import SEGMENTS
+
+
+def fluid_sides(noise: EffusionNoise) -> dict[str, float]:
+    """Severity per affected side (``right``/``left``); bilateral effusions are smaller."""
+    if noise.side == "bilateral":
+        return {"right": 0.75 * noise.severity, "left": 0.65 * noise.severity}
+    return {noise.side: noise.severity}
+
+
+def fluid_weight(lung: np.ndarray, side: str, severity: float, meniscus: float,
+                 xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Fluid fraction ``(S, S)`` float32 in [0, 1] on the grid ``xs`` (S,) x ``ys`` (S,).
+
+    Not yet restricted to the lung: the caller multiplies by the lung's raster.
+
+    Args:
+        lung: ``(N, 2)`` landmarks of the lung (body frame, normalised).
+        side: ``right`` (image left) or ``left`` (image right).
+        severity: [0, 1].
+        meniscus: standard normal; larger = sharper lateral rise.
+    """
+    cp = lung[SEGMENTS[0]]
+    medial_base = lung[SEGMENTS[0] + SEGMENTS[1]]
+    top, bottom = lung[:, 1].min(), lung[:, 1].max()
+    height = bottom - top
+    y_cp = max(cp[1], bottom - 0.01)
+    h = height * (0.10 + 0.75 * severity**1.1)
+    x_lat, x_med = cp[0], medial_base[0]
+    lat = np.clip((xs - x_med) / (x_lat - x_med), 0.0, 1.0)
+    k = 2.2 + 0.6 * np.tanh(meniscus)
+    m0 = 0.25 + 0.25 * severity
+    y_top = y_cp - h * (m0 + (1.0 - m0) * lat**k)
+    fade = 0.010 + 0.025 * severity
+    w = np.clip((ys[:, None] - y_top[None, :]) / fade + 0.3, 0.0, 1.0)
+    return w.astype(np.float32)

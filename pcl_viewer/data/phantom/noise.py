@@ -1,0 +1,162 @@
+"""Exogenous noise of the phantom SCM and the values of its parents.
+
+Everything random about one image lives in :class:`ExogenousNoise`: the
+patient's anatomy (shared by all studies of a patient), the study's
+acquisition, and the effusion's side and severity. The effusion noise is
+always sampled, so ``do(effusion=present)`` is defined for every image.
+Given the noise and :class:`StudyParents`, rendering is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+
+from pcl_viewer.parents import PHANTOM_STYLES, Parents
+
+EFFUSION_SIDES: tuple[str, ...] = ("right", "left", "bilateral")
+#: P(side) of an effusion: more often right, sometimes bilateral.
+EFFUSION_SIDE_P: tuple[float, ...] = (0.55, 0.33, 0.12)
+
+
+@dataclass
+class PatientNoise:
+    """Anatomy of one patient (standard normal unless noted)."""
+
+    shape: list[float]  # (K,) SSM coefficients in units of each mode's std, clipped to +-2.5
+    heart: float  # cardiothoracic ratio deviation
+    body_width: float
+    soft_tissue: float  # habitus: soft-tissue thickness
+    breast: float  # breast size (rendered for women only)
+    right_dome: float  # extra elevation of the right hemidiaphragm
+    rib_phase: float  # uniform [0, 1): vertical phase of the rib cage
+    rib_angle: float
+    gastric: float  # uniform [0, 1): gastric bubble size (small values: no bubble)
+    vessel_seed: int  # seeds the vessel tree and parenchymal texture
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, n_modes: int) -> PatientNoise:
+        n = rng.standard_normal
+        return cls(
+            shape=[round(float(v), 5) for v in np.clip(n(n_modes), -2.5, 2.5)],
+            heart=float(n()), body_width=float(n()), soft_tissue=float(n()),
+            breast=float(n()), right_dome=float(n()), rib_phase=float(rng.random()),
+            rib_angle=float(n()), gastric=float(rng.random()),
+            vessel_seed=int(rng.integers(0, 2**31 - 1)),
+        )
+
+
+@dataclass
+class StudyNoise:
+    """Acquisition of one study (standard normal unless noted)."""
+
+    rotation: float
+    shift_x: float
+    shift_y: float
+    scale: float
+    inspiration: float
+    exposure: float
+    acq_seed: int  # seeds quantum/detector noise and line placement
+    collimation: list[float]  # 4 x uniform [0, 1): top, bottom, left, right margins
+    marker: float  # uniform [0, 1): side-marker placement
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> StudyNoise:
+        n = rng.standard_normal
+        return cls(
+            rotation=float(n()), shift_x=float(n()), shift_y=float(n()), scale=float(n()),
+            inspiration=float(n()), exposure=float(n()),
+            acq_seed=int(rng.integers(0, 2**31 - 1)),
+            collimation=[float(v) for v in rng.random(4)], marker=float(rng.random()),
+        )
+
+
+@dataclass
+class EffusionNoise:
+    """Where and how much fluid there would be, were the effusion present."""
+
+    side: str  # one of EFFUSION_SIDES
+    severity: float  # [0, 1]: 0 = blunted angle only, 1 = most of the hemithorax
+    meniscus: float  # standard normal: curvature of the meniscus
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, severe: bool = False) -> EffusionNoise:
+        side = EFFUSION_SIDES[int(rng.choice(3, p=EFFUSION_SIDE_P))]
+        u = float(rng.random())
+        severity = 0.45 + 0.55 * u if severe else u**1.3
+        return cls(side=side, severity=severity, meniscus=float(rng.standard_normal()))
+
+
+@dataclass
+class ExogenousNoise:
+    """All exogenous noise of one image (JSON-serialisable)."""
+
+    patient: PatientNoise
+    study: StudyNoise
+    effusion: EffusionNoise
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExogenousNoise:
+        return cls(PatientNoise(**d["patient"]), StudyNoise(**d["study"]),
+                   EffusionNoise(**d["effusion"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, s: str) -> ExogenousNoise:
+        return cls.from_dict(json.loads(s))
+
+
+@dataclass(frozen=True)
+class StudyParents:
+    """Values of the parents the renderer uses.
+
+    ``style`` is the acquisition style (``philips``, ``imagingdynamics`` or the
+    held-out ``portable``); ``sex`` is ``female``/``male``; ``age`` in years;
+    ``care`` is ``outpatient``/``inpatient`` (it acts on the image only through
+    scanner and effusion).
+    """
+
+    style: str
+    sex: str
+    effusion: bool
+    age: float = 60.0
+    care: str = "outpatient"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.style not in PHANTOM_STYLES:
+            raise ValueError(f"unknown style {self.style!r}; expected one of {PHANTOM_STYLES}")
+        if self.sex not in ("female", "male"):
+            raise ValueError(f"sex must be 'female' or 'male', got {self.sex!r}")
+
+    def intervene(self, do: dict) -> StudyParents:
+        """Apply ``do`` with keys ``scanner``/``style``, ``effusion``, ``sex``, ``age``.
+
+        Effusion accepts bool or ``present``/``absent``; scanner/style any style name.
+        """
+        kw: dict = {}
+        for key, value in do.items():
+            if key in ("scanner", "style"):
+                kw["style"] = str(value)
+            elif key == "effusion":
+                kw["effusion"] = value if isinstance(value, bool) else value == "present"
+            elif key in ("sex", "age", "care"):
+                kw[key] = value
+            else:
+                raise ValueError(f"cannot intervene on {key!r}")
+        return replace(self, **kw)
+
+    def to_parents(self) -> Parents:
+        """The model's binary parents; raises ValueError for the ``portable`` style."""
+        return Parents(scanner=self.style, sex=self.sex,
+                       effusion="present" if self.effusion else "absent")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}

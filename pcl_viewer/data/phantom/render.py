@@ -1,0 +1,219 @@
+"""Rasterise the phantom's anatomy into attenuation layers at any size.
+
+Attenuation units: 1.0 is the soft-tissue path through the middle of the
+chest; air outside the body is 0. Lungs subtract their air, bone adds.
+``Layers`` keeps the parts separately so that counterfactuals reuse them:
+``attenuation(fluid) = base - lung * (1 - fluid) + fluid_extra``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+from pcl_viewer.data.phantom.anatomy import MIDLINE, Anatomy
+from pcl_viewer.data.phantom.effusion import fluid_sides, fluid_weight
+from pcl_viewer.data.phantom.noise import EffusionNoise
+
+SHIFT = 4  # sub-pixel bits for cv2 drawing
+LUNG_AIR = 0.62  # attenuation removed by a full-depth lung
+
+
+@dataclass
+class Layers:
+    """Size-``S`` rasters of one anatomy (body frame, before pose).
+
+    Attributes:
+        base: ``(S, S)`` float32 attenuation of everything but the aerated lung.
+        lung: ``(S, S)`` float32 attenuation the aerated lung removes (air minus vessels).
+        lung_depth: ``(S, S)`` float32 in [0, 1], relative lung thickness.
+        raw: ``(S, S)`` uint8 lung fields 0/1/2 before removing mediastinum and heart.
+        aerated: ``(S, S)`` uint8 gold mask without effusion (0/1/2).
+    """
+
+    base: np.ndarray
+    lung: np.ndarray
+    lung_depth: np.ndarray
+    raw: np.ndarray
+    aerated: np.ndarray
+    size: int
+
+
+@lru_cache(maxsize=8)
+def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``(S,)`` in [0, 1] (same for x and y) and a 2-D Y."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return c, np.repeat(c[:, None], size, axis=1)
+
+
+def _pts(poly: np.ndarray, size: int) -> np.ndarray:
+    return np.round(poly * size * (1 << SHIFT)).astype(np.int32)
+
+
+def _fill(poly: np.ndarray, size: int, value: float = 1.0, canvas=None, dtype=np.uint8):
+    canvas = np.zeros((size, size), dtype) if canvas is None else canvas
+    cv2.fillPoly(canvas, [_pts(poly, size)], value, cv2.LINE_8, SHIFT)
+    return canvas
+
+
+def _lines(canvas, polys: np.ndarray, size: int, value: float, thick: float) -> None:
+    """Draw a stack ``(R, P, 2)`` of polylines in one call."""
+    t = max(1, int(round(thick * size)))
+    cv2.polylines(canvas, list(_pts(polys, size)), False, float(value), t, cv2.LINE_AA, SHIFT)
+
+
+def _line(canvas, poly, size, value, thick):
+    t = max(1, int(round(thick * size)))
+    cv2.polylines(canvas, [_pts(poly, size)], False, float(value), t, cv2.LINE_AA, SHIFT)
+
+
+def _blur(a: np.ndarray, sigma_frac: float) -> np.ndarray:
+    s = sigma_frac * a.shape[0]
+    return a if s < 0.3 else cv2.GaussianBlur(a, (0, 0), s)
+
+
+def _smoothstep(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _body(an: Anatomy, size: int) -> np.ndarray:
+    xs, _ = grid(size)
+    shoulder = an.thorax_half_width + 0.05
+    hw = an.neck_half_width + (shoulder - an.neck_half_width) * _smoothstep(
+        xs, an.shoulder_y - 0.12, an.shoulder_y + 0.06) ** 0.7
+    hw = hw - 0.04 * _smoothstep(xs, an.shoulder_y + 0.03, an.shoulder_y + 0.2)
+    hw = hw * (1.0 - 0.05 * _smoothstep(xs, 0.75, 1.0))
+    r = (xs[None, :] - MIDLINE) / hw[:, None]
+    return (np.sqrt(np.clip(1.0 - r * r, 0.0, 1.0)) ** 0.7 * an.soft_tissue).astype(np.float32)
+
+
+def _bones(an: Anatomy, size: int) -> np.ndarray:
+    xs, ys = grid(size)
+    bone = np.zeros((size, size), np.float32)
+    d = an.bone_density
+    post = np.zeros_like(bone)
+    t_post = 0.022
+    _lines(post, an.ribs_posterior, size, 0.12 * d, t_post)
+    _lines(post, an.ribs_posterior, size, 0.065 * d, t_post * 0.45)  # medulla < cortex
+    ant = np.zeros_like(bone)
+    _lines(ant, an.ribs_anterior, size, 0.06 * d, t_post * 0.8)
+    fade = np.clip((np.abs(xs - MIDLINE) - 0.08) / 0.2, 0.1, 1.0)  # costal cartilage
+    low = np.mean(list(an.lung_bottom.values()))
+    below = 1.0 - 0.6 * _smoothstep(xs, low - 0.03, low + 0.08)  # ribs fade into the abdomen
+    bone += (post + ant * fade[None, :]) * below[:, None]
+    clav = np.zeros_like(bone)
+    for poly in an.clavicles:
+        _line(clav, poly, size, 0.24 * d, 0.03)
+        _line(clav, poly, size, 0.15 * d, 0.015)
+    bone += clav
+    scap = np.zeros_like(bone)
+    for poly in an.scapulae:
+        _fill(poly, size, 0.06, scap, np.float32)
+    bone += _blur(scap, 0.01)
+    # spine (separable in x and y): vertebral bodies with brighter end plates,
+    # pedicles and spinous processes
+    dx = np.abs(xs - MIDLINE)
+    col = 1.0 - _smoothstep(dx, an.spine_width * 0.42, an.spine_width * 0.55)
+    phase = (xs / an.vertebra_period + an.vertebra_phase) % 1.0
+    disc = _smoothstep(np.abs(phase - 0.5), 0.36, 0.46)
+    plate = np.exp(-(((np.abs(phase - 0.5) - 0.34) / 0.05) ** 2))
+    vbody = 0.08 * (1.0 - 0.6 * disc) + 0.03 * plate
+    ped = np.exp(-(((dx - 0.3 * an.spine_width) / (0.07 * an.spine_width)) ** 2))
+    ped_v = np.exp(-(((phase - 0.3) / 0.12) ** 2))
+    spin = np.exp(-((dx / 0.006) ** 2))
+    spin_v = np.exp(-(((phase - 0.75) / 0.15) ** 2))
+    top = _smoothstep(xs, 0.02, 0.08)
+    spine = (np.outer(vbody * top, col) + 0.05 * np.outer(ped_v * top, ped)
+             + 0.03 * np.outer(spin_v * top, spin))
+    return bone + (d * spine).astype(np.float32)
+
+
+def _vessels(an: Anatomy, size: int) -> np.ndarray:
+    """Vessel tree: one draw call per branching generation (same width)."""
+    canvas = np.zeros((size, size), np.float32)
+    v = an.vessels
+    for w in np.unique(v[:, 4]):
+        seg = v[v[:, 4] == w]
+        t = max(1, int(round(w * size)))
+        val = 0.12 * min(1.0, w * size / t) * (0.5 + 0.5 * min(1.0, w / 0.006))
+        _lines(canvas, seg[:, :4].reshape(-1, 2, 2), size, val, w)
+    return _blur(canvas, 0.003)
+
+
+def _texture(seed: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 7)
+    coarse = rng.standard_normal((24, 24)).astype(np.float32)
+    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
+    """All layers of ``an`` at ``size`` x ``size`` pixels."""
+    xs, ys = grid(size)
+    raw = np.zeros((size, size), np.uint8)
+    _fill(an.right_lung, size, 1, raw)
+    _fill(an.left_lung, size, 2, raw)
+    med = np.zeros((size, size), np.uint8)
+    _fill(an.heart, size, 1, med)
+    _fill(an.mediastinum, size, 1, med)
+    kx, ky, kr = an.knob
+    cv2.circle(med, (int(kx * size * 16), int(ky * size * 16)), int(kr * size * 16), 1, -1,
+               cv2.LINE_8, SHIFT)
+    aerated = np.where(med > 0, 0, raw).astype(np.uint8)
+    dist = cv2.distanceTransform((raw > 0).astype(np.uint8), cv2.DIST_L2, 3) / size
+    depth = 1.0 - np.exp(-dist / 0.022)
+    # lungs are thicker towards the bases (posterior recesses)
+    depth *= (0.85 + 0.25 * _smoothstep(ys, 0.2, 0.75))
+    med_soft = _blur(med.astype(np.float32), 0.004)
+    air = LUNG_AIR * depth * (1.0 - 0.75 * med_soft)
+    lung_in = (depth * (1.0 - med_soft)).astype(np.float32)
+    vessels = _vessels(an, size) * _blur(lung_in, 0.01)
+    texture = 0.018 * _texture(vessel_seed, size) * lung_in
+    lung = (air - vessels - texture).astype(np.float32)
+    body = _body(an, size)
+    base = body + _bones(an, size)
+    heart_extra = _blur(med.astype(np.float32), 0.006) * 0.05
+    base += heart_extra * body
+    trach = np.zeros_like(base)
+    _line(trach, an.trachea[0], size, 0.13, 0.03)
+    _line(trach, an.trachea[1], size, 0.10, 0.018)
+    _line(trach, an.trachea[2], size, 0.10, 0.018)
+    base -= _blur(trach, 0.004)
+    if an.gastric is not None:
+        gx, gy, rx, ry = an.gastric
+        r = ((xs[None, :] - gx) / rx) ** 2 + ((xs[:, None] - gy) / ry) ** 2
+        bubble = np.sqrt(np.clip(1 - r, 0, 1)) * (xs[:, None] < gy + 0.2 * ry)
+        base -= _blur((0.3 * bubble).astype(np.float32), 0.003)
+    for bx, by, rx, ry, amp in an.breasts:
+        r = ((xs[None, :] - bx) / rx) ** 2 + ((xs[:, None] - by) / ry) ** 2
+        t = np.sqrt(np.clip(1 - r, 0, 1)) * _smoothstep(xs, by - 0.9 * ry, by - 0.1 * ry)[:, None]
+        base += (amp * _blur(t.astype(np.float32), 0.004) * (body > 0.05)).astype(np.float32)
+    return Layers(base=base.astype(np.float32), lung=lung, lung_depth=depth.astype(np.float32),
+                  raw=raw, aerated=aerated, size=size)
+
+
+def fluid_map(an: Anatomy, layers: Layers, noise: EffusionNoise) -> np.ndarray:
+    """Fluid fraction ``(S, S)`` float32 in [0, 1] inside the affected lung(s)."""
+    xs, _ = grid(layers.size)
+    fluid = np.zeros((layers.size, layers.size), np.float32)
+    for side, sev in fluid_sides(noise).items():
+        lung = an.right_lung if side == "right" else an.left_lung
+        label = 1 if side == "right" else 2
+        w = fluid_weight(lung, side, sev, noise.meniscus, xs, xs)
+        fluid = np.maximum(fluid, w * (layers.raw == label))
+    return fluid
+
+
+def compose(an: Anatomy, layers: Layers, effusion: bool,
+            noise: EffusionNoise) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation ``(S, S)`` float32 and gold mask ``(S, S)`` uint8 (body frame)."""
+    if not effusion:
+        return layers.base - layers.lung, layers.aerated.copy()
+    fluid = fluid_map(an, layers, noise)
+    soft = _blur(fluid, 0.003)
+    atten = layers.base - layers.lung * (1.0 - soft) + 0.06 * soft * layers.lung_depth
+    mask = np.where(fluid > 0.5, 0, layers.aerated).astype(np.uint8)
+    return atten.astype(np.float32), mask

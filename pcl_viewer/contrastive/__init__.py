@@ -1,0 +1,1 @@
+"""Dense contrastive learning: pixel sampling with canonical coordinates and losses."""

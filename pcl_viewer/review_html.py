@@ -28,7 +28,7 @@ th,td{border:1px solid #dde;padding:4px 7px;text-align:left;vertical-align:middl
 th{background:#eef1f6;cursor:pointer;user-select:none;position:sticky;top:0}
 th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums} td.low{color:#b3261e;font-weight:600}
-img.th{height:96px;image-rendering:auto;border-radius:3px} .plots img{max-width:100%}
+img.th{height:88px;border-radius:3px;margin-right:3px} td.thumbs{white-space:nowrap} .plots img{max-width:100%}
 .path{max-width:360px;overflow-wrap:anywhere;font-family:ui-monospace,monospace;font-size:12px}
 .legend span{display:inline-block;width:11px;height:11px;margin:0 4px 0 10px;border-radius:2px}
 """
@@ -47,14 +47,16 @@ document.querySelectorAll('table.sortable').forEach(function(t){
 """
 
 
-def _fmt(x: Any, pct: bool = False) -> str:
+def _fmt(x: Any, pct: bool = False, sign: bool = True) -> str:
     try:
         v = float(x)
     except (TypeError, ValueError):
         return "" if x is None else html.escape(str(x))
     if not math.isfinite(v):
         return "n/a"
-    return f"{v:+.1%}" if pct else f"{v:.3f}"
+    if pct:
+        return f"{v:+.1%}" if sign else f"{v:.0%}"
+    return f"{v:.3f}"
 
 
 def _sortkey(x: Any) -> str:
@@ -128,7 +130,7 @@ def _group_table(rows: Sequence[dict[str, Any]]) -> str:
                     f"<tr><td>{parent}={html.escape(g)}</td><td>do({html.escape(key)})</td>"
                     f"<td class=num>{len(sel)}</td><td class=num>{_fmt(d.mean() if d.size else None)}"
                     f"</td><td class=num>{_fmt(np.median(d) if d.size else None)}</td>"
-                    f"<td class=num>{_fmt(sum(int(r['flagged']) for r in sel) / max(1, len(sel)), True)}"
+                    f"<td class=num>{_fmt(sum(int(r['flagged']) for r in sel) / max(1, len(sel)), True, False)}"
                     "</td></tr>")
     return ("<table class=sortable><thead><tr><th>group</th><th>intervention</th><th>scans</th>"
             "<th>mean Dice</th><th>median Dice</th><th>flagged</th></tr></thead><tbody>"
@@ -139,6 +141,7 @@ def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, s
     flagged = sorted((r for r in rows if int(r["flagged"])), key=lambda r: _sortkey(r["dice"]))
     if not flagged:
         return "<p>No scan is flagged.</p>"
+    root = _common_root([r["path"] for r in rows])
     body = []
     for r in flagged:
         t = thumbs.get(r["path"], {})
@@ -146,7 +149,8 @@ def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, s
             f'<img class=th alt="{html.escape(k)}" title="{html.escape(k)}" '
             f'src="data:image/png;base64,{t[k]}">' if t.get(k) else "<i>n/a</i>"
             for k in ("factual", r["intervention"]))
-        cells = [f"<td class=path title=\"{html.escape(r['path'])}\">{html.escape(r['path'])}</td>"]
+        shown = html.escape(r["path"][len(root):] if root else r["path"])
+        cells = [f"<td class=path title=\"{html.escape(r['path'])}\">{shown}</td>"]
         cells += [f"<td>{html.escape(str(r[k]))}</td>" for k in ("scanner", "sex", "effusion")]
         cells.append(f"<td>{html.escape(str(r['do']))}</td>")
         for k in ("dice", "dice_right", "dice_left"):
@@ -154,7 +158,7 @@ def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, s
             cells.append(f"<td class='num{low}' data-v='{_sortkey(r[k])}'>{_fmt(r[k])}</td>")
         for k in ("area_right_change", "area_left_change"):
             cells.append(f"<td class=num data-v='{_sortkey(r[k])}'>{_fmt(r[k], True)}</td>")
-        cells.append(f"<td>{html.escape(r['flag_reason'])}</td><td>{imgs}</td>")
+        cells.append(f"<td>{html.escape(r['flag_reason'])}</td><td class=thumbs>{imgs}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     head = ("path", "scanner", "sex", "effusion", "intervention", "Dice", "Dice R", "Dice L",
             "area R", "area L", "why", "factual | counterfactual")
@@ -162,6 +166,17 @@ def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, s
             "<span style='background:#3c78e6'></span>left lung. Click a header to sort.</p>"
             "<table class=sortable id=flagged><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
+def _common_root(paths: Sequence[str]) -> str:
+    """The folder all ``paths`` share (with its trailing separator), or ""."""
+    import os
+
+    try:
+        root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    except (ValueError, IndexError):
+        return ""
+    return root.rstrip(os.sep) + os.sep if root else ""
 
 
 def _errors_table(errors: Sequence[dict[str, Any]]) -> str:

@@ -214,3 +214,43 @@ def test_cancel_stops_between_batches_and_keeps_finished_work(tmp_path, fake_pip
                          ReviewConfig(batch_size=2), cancel=lambda: next(calls, True))
     assert summary.processed == 2
     assert len(load_journal(tmp_path / "out")[1]) == 2
+
+
+# ------------------------------------------------------------------- the GUI
+
+
+@pytest.mark.gui
+def test_review_widget_reviews_a_folder_in_a_worker_and_opens_flagged_scans(
+        make_napari_viewer, qtbot, fake_pipeline, tmp_path, monkeypatch):
+    pytest.importorskip("napari")
+    from pcl_viewer_napari import _review_widget
+    from pcl_viewer_napari._state import AppState
+
+    monkeypatch.delenv("PCL_VIEWER_SYNC", raising=False)
+    errors: list[str] = []
+    monkeypatch.setattr(_review_widget, "show_error", errors.append)
+    write_scans(tmp_path / "in", 5)
+    (tmp_path / "in" / "broken.png").write_text("not an image")
+    viewer = make_napari_viewer()
+    widget = _review_widget.ReviewWidget(viewer)
+    viewer.window.add_dock_widget(widget, area="right")
+    widget.cf_edit.setText("fake-cf")
+    widget.seg_edit.setText("seg-smoke")
+    AppState.set(fake_pipeline, "fake-cf", "seg-smoke", "auto")
+    try:
+        widget.folder_edit.setText(str(tmp_path / "in"))
+        widget.batch_spin.setValue(2)
+        widget.threshold_spin.setValue(1.0)  # with a random U-Net: flag everything not identical
+        with qtbot.waitSignal(widget.finished, timeout=120_000) as sig:
+            assert widget.run()
+        assert sig.args == ["ok"], (errors, widget.status.text())
+        assert widget.summary.processed == 6 and widget.summary.errors == 1
+        assert widget.progress.value() == widget.progress.maximum()
+        assert (tmp_path / "in_review" / "report.html").is_file()
+        assert widget.table.rowCount() == len(widget.flagged) > 0
+        before = len(viewer.layers)
+        layers = widget.open_row(0)
+        assert len(layers) == 1 and len(viewer.layers) == before + 1
+        assert layers[0].data.ndim == 2
+    finally:
+        AppState.pipeline = AppState.key = None

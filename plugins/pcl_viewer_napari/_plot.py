@@ -1,0 +1,77 @@
+"""The CHRO-map embedding panel: all views' pixels in the shared unit disc (matplotlib in Qt)."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import QVBoxLayout, QWidget
+
+from pcl_viewer.pipeline import PipelineResult
+
+MAX_POINTS = 4000
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _disc_background(n: int = 128) -> np.ndarray:
+    """``(n, n, 4)`` polar-HSV colour wheel of the unit disc (the CHRO-map colour frame)."""
+    from matplotlib.colors import hsv_to_rgb
+
+    yy, xx = np.mgrid[-1 : 1 : n * 1j, -1 : 1 : n * 1j]
+    hue = (np.arctan2(yy, xx) / (2 * np.pi)) % 1.0
+    rad = np.hypot(xx, yy)
+    rgb = hsv_to_rgb(np.stack([hue, np.clip(rad, 0, 1), np.ones_like(rad)], -1))
+    alpha = np.where(rad <= 1.0, 0.35, 0.0)[..., None]
+    return np.concatenate([rgb, alpha], -1)
+
+
+class EmbeddingPlot(QWidget):
+    """2-D embedding of every pixel of every view, one marker colour per view."""
+
+    def __init__(self, parent: QWidget | None = None, height: int = 220) -> None:
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3, 3), dpi=80, facecolor="#262930")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(height)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.canvas)
+        self.ax = self.figure.add_axes((0.02, 0.02, 0.96, 0.86))
+        self.clear()
+
+    def clear(self, message: str = "CHRO-map embedding: run Segment") -> None:
+        self.ax.clear()
+        self.ax.set_axis_off()
+        self.ax.text(0.5, 0.5, message, color="#aaaaaa", ha="center", va="center",
+                     transform=self.ax.transAxes, fontsize=9)
+        self.canvas.draw_idle()
+
+    def show_result(self, result: PipelineResult, seed: int = 0) -> None:
+        if result.chromap is None:
+            self.clear()
+            return
+        emb, lab = result.embedding, result.embedding_labels
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(emb), size=min(MAX_POINTS, len(emb)), replace=False)
+        ax = self.ax
+        ax.clear()
+        ax.imshow(_disc_background(), extent=(-1, 1, -1, 1), origin="lower", zorder=0)
+        t = np.linspace(0, 2 * np.pi, 200)
+        ax.plot(np.cos(t), np.sin(t), color="#cccccc", lw=0.8)
+        import matplotlib
+
+        colours = matplotlib.colormaps["tab10"].colors
+        for v, key in enumerate(result.views):
+            sel = idx[lab[idx] == v]
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=3, alpha=0.5, marker=MARKERS[v % len(MARKERS)],
+                       color=colours[v % 10], label=key, linewidths=0)
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        leg = ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.16), ncol=4, fontsize=7,
+                        frameon=False, markerscale=3, labelcolor="#dddddd", handletextpad=0.1)
+        leg.set_zorder(5)
+        ax.set_title(f"embedding ({result.reducer})", color="#dddddd", fontsize=8, pad=16)
+        self.canvas.draw_idle()

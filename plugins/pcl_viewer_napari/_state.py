@@ -1,0 +1,45 @@
+"""One loaded pipeline per process (micro-sam's singleton state pattern).
+
+Loading bundles costs a second or two; every widget and menu command of the
+process shares the pipeline for the same (cf bundle, seg bundle, device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from pcl_viewer.pipeline import Pipeline, Step
+
+
+class AppState:
+    pipeline: Pipeline | None = None
+    key: tuple[str, str, str] | None = None
+
+    @classmethod
+    def get(cls, cf_bundle: str, seg_bundle: str, device: str) -> Pipeline | None:
+        key = (cf_bundle, seg_bundle, device)
+        return cls.pipeline if cls.key == key else None
+
+    @classmethod
+    def load(cls, cf_bundle: str, seg_bundle: str,
+             device: str) -> Generator[Step, None, Pipeline]:
+        """Generator stage ``load``: the cached pipeline, or a freshly loaded one.
+
+        A bundle that fails to load is skipped (``pipeline.load_errors``); when
+        neither loads, a ValueError says why.
+        """
+        cached = cls.get(cf_bundle, seg_bundle, device)
+        if cached is not None:
+            return cached
+        yield Step("load", 0, 1)
+        pipe = Pipeline.from_bundles(cf_bundle or None, seg_bundle or None, device, strict=False)
+        if pipe.cf is None and pipe.seg is None:
+            raise ValueError("no model could be loaded: " + "; ".join(pipe.load_errors))
+        cls.pipeline, cls.key = pipe, (cf_bundle, seg_bundle, device)
+        yield Step("load", 1, 1, pipe)
+        return pipe
+
+    @classmethod
+    def set(cls, pipeline: Pipeline, cf_bundle: str, seg_bundle: str, device: str) -> None:
+        """Install a ready pipeline (tests, the benchmark)."""
+        cls.pipeline, cls.key = pipeline, (cf_bundle, seg_bundle, device)

@@ -1,0 +1,112 @@
+"""Speed and responsiveness of the viewer: ``python -m pcl_viewer_napari.bench``.
+
+Prints, on a 2048 x 2048 scan (parents, three counterfactuals, four
+segmentations, CHRO-maps with pca):
+- per-stage times of the pipeline called synchronously (no GUI);
+- the same run through the dock widget: synchronously (``PCL_VIEWER_SYNC=1``,
+  layers built inline) and in the napari worker, and their ratio;
+- the largest gap of a 10 ms QTimer heartbeat during the worker run.
+Needs a display (``xvfb-run -a`` on a server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def big_scan(size: int):
+    import cv2
+
+    from pcl_viewer.data.scan import Scan
+    from pcl_viewer_napari._sample_data import sample_scan
+
+    s = sample_scan("imagingdynamics-effusion")
+    img = cv2.resize(s.image, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    return Scan(img, spacing=(0.2, 0.2), name=f"scan{size}", metadata=dict(s.metadata))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pcl_viewer_napari.bench")
+    p.add_argument("--bundle", default=None, help="counterfactual bundle (default cf-cpu)")
+    p.add_argument("--seg-bundle", default=None, help="segmentation bundle (default seg-cpu)")
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-gui", action="store_true")
+    args = p.parse_args(argv)
+    import torch  # noqa: F401  (before Qt)
+
+    from pcl_viewer.pipeline import DEFAULT_CF_BUNDLE, DEFAULT_SEG_BUNDLE, Pipeline
+
+    cf, seg = args.bundle or DEFAULT_CF_BUNDLE, args.seg_bundle or DEFAULT_SEG_BUNDLE
+    pipe = Pipeline.from_bundles(cf, seg, "auto", strict=False)
+    for err in pipe.load_errors:
+        print(f"warning: {err}")
+    if pipe.cf is None and pipe.seg is None:
+        print("no bundle could be loaded; nothing to measure")
+        return 1
+    scan = big_scan(args.size)
+    print(f"scan {scan.shape[0]}x{scan.shape[1]}, device {pipe.device}, torch threads "
+          f"{torch.get_num_threads()}, bundles: "
+          + ", ".join(f"{k}={b.name}" for k, b in pipe.bundles.items()))
+    pipe.run_sync(scan)  # warm-up (allocators, first abduction)
+    runs = []
+    for _ in range(args.repeats):
+        pipe._abductions.clear()  # time the full run, abduction included
+        t0 = time.perf_counter()
+        res = pipe.run_sync(scan)
+        runs.append((time.perf_counter() - t0, res.timings))
+    runs.sort(key=lambda r: r[0])
+    sync_s, timings = runs[len(runs) // 2]
+    print(f"pipeline, synchronous, median of {args.repeats}: {sync_s:.3f} s")
+    for stage, sec in timings.items():
+        print(f"  {stage:<12s} {1000 * sec:8.1f} ms")
+    if args.no_gui:
+        return 0
+    return _gui(pipe, scan, cf, seg, sync_s, args.repeats)
+
+
+def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
+    import napari
+
+    from pcl_viewer_napari._reader import scan_layer_data
+    from pcl_viewer_napari._state import AppState
+    from pcl_viewer_napari._timing import run_and_measure
+    from pcl_viewer_napari._widget import PCLViewerWidget
+
+    viewer = napari.Viewer(title="pcl-viewer bench")
+    widget = PCLViewerWidget(viewer)
+    viewer.window.add_dock_widget(widget, area="right")
+    widget.cf_combo.setCurrentText(cf)
+    widget.seg_combo.setCurrentText(seg)
+    AppState.set(pipe, cf, seg, widget.device_combo.currentText())
+    data, kwargs, _ = scan_layer_data(scan)
+    widget.select_scan(viewer.add_image(data, **kwargs))
+
+    def measure(sync: bool):
+        os.environ["PCL_VIEWER_SYNC"] = "1" if sync else "0"
+        out = []
+        for _ in range(repeats):
+            pipe._abductions.clear()
+            out.append(run_and_measure(widget, "all"))
+        return sorted(out, key=lambda t: t.seconds)[len(out) // 2], max(t.max_gap_ms for t in out)
+
+    measure(False)  # warm-up: the first layers of each kind cost texture and shader set-up
+    widget_sync, _ = measure(True)
+    worker, worst_gap = measure(False)
+    os.environ.pop("PCL_VIEWER_SYNC", None)
+    print(f"widget, synchronous (PCL_VIEWER_SYNC=1): {widget_sync.seconds:.3f} s")
+    print(f"widget, napari worker:                   {worker.seconds:.3f} s "
+          f"({worker.status})")
+    print(f"worker / widget-synchronous: {worker.seconds / widget_sync.seconds:.2f}x; "
+          f"worker / pipeline-synchronous: {worker.seconds / sync_s:.2f}x")
+    print(f"heartbeat (10 ms QTimer) largest gap during worker runs: {worst_gap:.0f} ms "
+          f"(median run {worker.max_gap_ms:.0f} ms, {worker.beats} beats)")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""``pcl-viewer``: napari with the pcl-viewer widget docked, a scan (or a sample) loaded.
+
+    pcl-viewer [SCAN ...] [--bundle B] [--seg-bundle B] [--device D] [--screenshot PNG]
+    pcl-viewer --benchmark          (same as python -m pcl_viewer_napari.bench)
+
+``--screenshot`` runs the whole pipeline, arranges the views in a grid, saves a
+picture of the real window and exits (needs a display; use xvfb-run on a server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_SAMPLE = "imagingdynamics-effusion"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcl-viewer", description=__doc__.split("\n\n")[0])
+    p.add_argument("scans", nargs="*", help="scan files (DICOM, PNG/JPEG/TIFF, NIfTI)")
+    p.add_argument("--bundle", help="counterfactual bundle (folder or name; default cf-cpu)")
+    p.add_argument("--seg-bundle", help="segmentation bundle (folder or name; default seg-cpu)")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="torch device")
+    p.add_argument("--sample", default=DEFAULT_SAMPLE, help="sample shown when no scan is given")
+    p.add_argument("--screenshot", metavar="PNG", help="run everything, save the window, exit")
+    p.add_argument("--benchmark", action="store_true", help="print speed/responsiveness, exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch  # noqa: F401  (torch before any QApplication exists)
+
+    if args.benchmark:
+        from pcl_viewer_napari import bench
+
+        return bench.main([*(["--bundle", args.bundle] if args.bundle else []),
+                           *(["--seg-bundle", args.seg_bundle] if args.seg_bundle else [])])
+    import napari
+
+    from pcl_viewer_napari._widget import dock_widget
+
+    viewer = napari.Viewer(title="pcl-viewer")
+    widget = dock_widget(viewer)
+    if args.bundle:
+        widget.cf_combo.setCurrentText(args.bundle)
+    if args.seg_bundle:
+        widget.seg_combo.setCurrentText(args.seg_bundle)
+    if args.device:
+        widget.device_combo.setCurrentText(args.device)
+    opened = [ly for path in args.scans for ly in widget.open_scan(path)]
+    if not opened:
+        from pcl_viewer_napari._sample_data import sample_layers
+
+        for data, kwargs, _ in sample_layers(args.sample):
+            widget.select_scan(viewer.add_image(data, **kwargs))
+    notice = widget.notice.text()
+    if "No " in notice:
+        from napari.utils.notifications import show_warning
+
+        print(f"pcl-viewer: {notice}", file=sys.stderr)
+        show_warning(f"pcl-viewer: {notice}")
+    if args.screenshot:
+        return _screenshot(viewer, widget, args.screenshot)
+    napari.run()
+    return 0
+
+
+def _screenshot(viewer, widget, path: str) -> int:
+    from pcl_viewer_napari._timing import run_and_measure
+
+    timing = run_and_measure(widget, "all", timeout_s=600)
+    print(f"pcl-viewer: run {timing.status} in {timing.seconds:.2f} s, "
+          f"heartbeat gap {timing.max_gap_ms:.0f} ms")
+    layer = widget.scan_layer()
+    if timing.status == "ok" and layer is not None:
+        arrange_grid(viewer, widget, layer)
+    viewer.window._qt_window.resize(1600, 1000)
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(20):
+        QApplication.processEvents()
+    viewer.screenshot(path, canvas_only=False, flash=False)
+    print(f"pcl-viewer: screenshot saved to {path}")
+    viewer.close()
+    return 0 if timing.status == "ok" else 1
+
+
+def arrange_grid(viewer, widget, scan_layer) -> None:
+    """Grid of cells: each view with its lungs, then the CHRO-maps of factual and effusion views."""
+    b = widget.builder
+    views = list(widget.result_for(scan_layer).views)
+    order, shown = [], []
+    for key in views:
+        img = scan_layer if key == "factual" else b.get(scan_layer, key, "image")
+        order += [img, b.get(scan_layer, key, "labels")]
+    chromaps = [b.get(scan_layer, key, "chromap") for key in views]
+    order += chromaps
+    shown = [ly for ly in order[: 2 * len(views)] if ly is not None]
+    shown += [chromaps[0]] + ([chromaps[2]] if len(chromaps) > 2 else [])
+    order = [ly for ly in order if ly is not None]
+    for j, ly in enumerate(order):
+        viewer.layers.move(viewer.layers.index(ly), j)
+    for ly in viewer.layers:
+        ly.visible = any(ly is s for s in shown)
+    viewer.grid.stride = 2
+    viewer.grid.enabled = True
+    viewer.reset_view()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -258,3 +258,96 @@ def test_ellipse_outline_lies_on_the_boundary():
     centre, a = _rotated_ellipse((0.0, 1.0), (2.0, 0.5), 0.3)
     ell = Ellipse(centre, a)
     np.testing.assert_allclose(ell.mahalanobis(ell.outline(50)), 1.0, atol=1e-9)
+
+
+# ------------------------------------------------------------------- umap ---
+
+
+@pytest.mark.slow  # numba compiles UMAP on first use (~40-60 s); the features are tiny
+def test_umap_reducer_is_seeded_consistent_and_reusable():
+    f = _features(v=3, h=12, w=12)
+    f[2] = f[0]
+    a = ChroMap.fit(f, reducer="umap", seed=1, fit_pixels=200)
+    b = ChroMap.fit(f.copy(), reducer="umap", seed=1, fit_pixels=200)
+    np.testing.assert_array_equal(a.view_rgb, b.view_rgb)  # determinism with a seed
+    np.testing.assert_array_equal(a.view_rgb[0], a.view_rgb[2])  # identical features, colours
+    assert np.linalg.norm(a.embedding, axis=1).max() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(a.colours(f[1]) * 255, a.view_rgb[1], atol=0.51)  # frame reuse
+    assert a.colours(_features(v=1, h=12, w=12, seed=5)[0]).shape == (12, 12, 3)
+
+
+# ---------------------------------------------------------------- command ---
+
+
+def test_parse_views():
+    from pcl_viewer.commands.chromap import parse_views
+
+    assert parse_views("factual, effusion") == ["factual", "effusion"]
+    for bad in ("", "factual,factual", "sex", "factual,scaner"):
+        with pytest.raises(ValueError):
+            parse_views(bad)
+
+
+def test_figure_of_all_views_from_the_pipeline(fake_pipeline, chest_scan, tmp_path):
+    from PIL import Image
+
+    from pcl_viewer.chromap_figure import draw_chromap_figure
+    from pcl_viewer.commands.chromap import chromap_inputs
+
+    names, images, feats, classes, geo = chromap_inputs(
+        fake_pipeline, chest_scan, ["factual", "scanner", "effusion", "both"])
+    assert feats.shape == (4, 32, 64, 64) and classes.shape == (4, 64, 64)
+    assert [im.shape for im in images] == [chest_scan.shape] * 4
+    assert names[0] == "factual" and names[1].startswith("do(scanner=")
+    assert not np.array_equal(images[0], images[1])
+    cm = ChroMap.fit(feats, geometry=geo)
+    assert cm.overlay(3, images[3]).shape == chest_scan.shape + (3,)
+    out = draw_chromap_figure(cm, images, names, tmp_path / "fig.png", classes=classes)
+    with Image.open(out) as im:
+        assert im.size[0] > 4 * im.size[1] / 2 and im.mode in ("RGB", "RGBA")
+
+
+def test_labels_on_model_grid_follow_the_padding():
+    from pcl_viewer.chromap_figure import labels_on_model_grid
+
+    labels = np.zeros((40, 20), np.uint8)
+    labels[:, :10] = 1
+    labels[:, 10:] = 2
+    _, geo = to_model(labels.astype(np.float32), 8)  # padded left/right by 10 native px
+    grid = labels_on_model_grid(labels, geo)
+    np.testing.assert_array_equal(grid[0], [0, 0, 1, 1, 2, 2, 0, 0])
+
+
+def _run_cli(args):
+    from click.testing import CliRunner
+
+    from pcl_viewer.cli import main
+
+    return CliRunner().invoke(main, ["chromap", *args])
+
+
+def test_cli_draws_the_factual_figure_with_a_segmentation_bundle(seg_bundle_path, tmp_path):
+    from data_factory import synthetic_cxr, write_png
+
+    scan = write_png(tmp_path / "scan.png", (synthetic_cxr(90, 70) * 255).astype(np.uint8))
+    out = tmp_path / "figs" / "chromap.png"
+    res = _run_cli([str(scan), "--bundle", str(seg_bundle_path), "--views", "factual",
+                    "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "factual" in res.output
+
+
+def test_cli_missing_bundles_are_clear_errors(seg_bundle_path, tmp_path):
+    from data_factory import synthetic_cxr, write_png
+
+    scan = write_png(tmp_path / "scan.png", (synthetic_cxr(40, 40) * 255).astype(np.uint8))
+    res = _run_cli([str(scan), "--bundle", str(tmp_path / "nope"), "--views", "factual",
+                    "--out", str(tmp_path / "f.png")])
+    assert res.exit_code != 0 and "segmentation bundle" in res.output
+    res = _run_cli([str(scan), "--bundle", str(seg_bundle_path), "--cf-bundle",
+                    str(tmp_path / "no-cf"), "--out", str(tmp_path / "f.png")])
+    assert res.exit_code != 0 and "counterfactual bundle" in res.output and "--views factual" in res.output
+    res = _run_cli([str(tmp_path / "missing.png"), "--out", str(tmp_path / "f.png")])
+    assert res.exit_code != 0 and "no such file" in res.output
+    assert not (tmp_path / "f.png").exists()

@@ -21,6 +21,15 @@ from pcl_viewer.contrastive.losses import (
 
 TAU = 0.7
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine is shared: one intra-op thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 def _inputs(seed=0, b=3, v=3, n=6, d=5):
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,118 @@
+"""`pcl pretrain`: every method runs, resume equals an uninterrupted run, the bundle is usable."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcl_viewer.models.bundle import ModelBundle
+from pcl_viewer.train.checkpoint import load_checkpoint
+from pcl_viewer.train.pretrain import METHODS, PretrainConfig, PretrainData, pretrain
+
+TINY = {"epochs": 1, "batch_size": 4, "pixels": 32, "max_steps_per_epoch": 1,
+        "probe_train": 4, "probe_eval": 2, "probe_steps": 5}
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine is shared: one intra-op thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="module")
+def pool() -> PretrainData:
+    return PretrainData.synthetic(12, 64, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "dagger"),
+    [(m, False) for m in METHODS] + [(m, True) for m in ("dvd-cl", "mvd-cl", "s-dvd-cl", "s-mvd-cl")],
+)
+def test_every_method_pretrains_and_writes_a_pretrained_bundle(pool, tmp_path, method, dagger):
+    cfg = PretrainConfig.for_preset("smoke", method=method, dagger=dagger, **TINY)
+    summary = pretrain(cfg, pool, tmp_path / "run", progress=False, echo=lambda *_: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0]["images_per_s"] > 0
+    assert 0.0 <= summary["probe_dice"] <= 1.0
+    bundle = ModelBundle.load(tmp_path / "run" / "bundle", kind="pretrained")
+    assert bundle.card["method"] == method and bundle.card["dagger"] == dagger
+    assert bundle.card["training"]["seed"] == 0
+    net = bundle.build("unet")
+    assert net.features(torch.rand(1, 1, 64, 64)).shape == (1, 32, 64, 64)
+    assert json.loads((tmp_path / "run" / "probe.json").read_text())["best_epoch"] == 1
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(pool, tmp_path):
+    cfg = PretrainConfig.for_preset("smoke", method="dvd-cl", **{**TINY, "epochs": 2,
+                                                                  "max_steps_per_epoch": 2})
+    quiet = {"progress": False, "echo": lambda *_: None}
+    pretrain(cfg, pool, tmp_path / "full", **quiet)
+    pretrain(cfg, pool, tmp_path / "cut", stop_after_epoch=1, **quiet)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last")["epoch"] == 1
+    assert not (tmp_path / "cut" / "bundle").exists()
+    pretrain(cfg, pool, tmp_path / "cut", **quiet)  # resumes at epoch 2
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last")
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last")
+    assert [h["loss"] for h in full["history"]] == [h["loss"] for h in cut["history"]]
+    for key, value in full["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    assert full["scheduler"]["last_epoch"] == cut["scheduler"]["last_epoch"] == 4
+
+
+def test_resume_refuses_a_run_folder_of_another_configuration(pool, tmp_path):
+    quiet = {"progress": False, "echo": lambda *_: None}
+    pretrain(PretrainConfig.for_preset("smoke", method="vader", **TINY), pool, tmp_path, **quiet)
+    other = PretrainConfig.for_preset("smoke", method="ssdcl", **TINY)
+    with pytest.raises(ValueError, match="different configuration"):
+        pretrain(other, pool, tmp_path, **quiet)
+
+
+def test_dagger_views_are_the_real_image(pool):
+    from pcl_viewer.train.pretrain import stack_views
+
+    idx = torch.tensor([0, 3])
+    stacks = stack_views(pool, idx, METHODS["dvd-cl"], dagger=True)
+    assert stacks.shape == (2, 4, 1, 64, 64)
+    assert all(torch.equal(stacks[:, k], pool.images[idx]) for k in range(4))
+    normal = stack_views(pool, idx, METHODS["dvd-cl"], dagger=False)
+    assert torch.equal(normal[:, 1:], pool.counterfactuals[idx])
+    simclr = stack_views(pool, idx, METHODS["simclr"], dagger=False)
+    assert torch.equal(simclr[:, 1], pool.counterfactuals[idx, 1])  # the effusion CF
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory) -> Path:
+    from pcl_viewer.data.phantom.generate import generate
+
+    root = tmp_path_factory.mktemp("phantom") / "d"
+    generate(root, 12, size=64, counterfactuals=True)
+    shutil.copy(root / "gold_masks.csv", root / "silver_masks.csv")  # stand-in silver labels
+    return root
+
+
+@pytest.mark.parametrize("extra", [[], ["--dagger"]])
+def test_pretrain_command_writes_run_folder(phantom_dir, tmp_path, extra):
+    from click.testing import CliRunner
+
+    from pcl_viewer.cli import main
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--method", "s-mvd-cl", "--views", "true", "--data", str(phantom_dir),
+            "--preset", "smoke", "--out", str(out), "--epochs", "1", "--batch-size", "4",
+            "--pixels", "32", "--max-steps", "1", "--seed", "3", "--no-progress", *extra]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "images/s" in res.output and "probe Dice" in res.output
+    for name in ("config.json", "log.jsonl", "probe.json", "checkpoints/last", "checkpoints/best"):
+        assert (out / name).exists(), name
+    card = ModelBundle.load(out / "bundle", kind="pretrained").card
+    assert card["training"]["seed"] == 3 and "pcl pretrain" in card["training"]["command"]
+    assert card["components"]["unet"]["config"]["heads"] == ["proj"]

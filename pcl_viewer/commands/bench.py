@@ -1,0 +1,156 @@
+"""``pcl bench``, ``pcl segment`` and ``pcl evaluate``: the fine-tuning benchmark and
+the shipped segmentation model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+DEFAULT_SEG = "seg-cpu"
+
+
+def segment_image(image: np.ndarray, model, size: int) -> np.ndarray:
+    """``(H, W)`` float32 [0, 1] scan of any size -> ``(H, W)`` uint8 labels at native size."""
+    import torch
+
+    from pcl_viewer.data.preprocess import to_model
+
+    small, geometry = to_model(image, size)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(small)[None, None]).argmax(1)[0].to(torch.uint8).numpy()
+    return geometry.to_native(labels, nearest=True)
+
+
+def load_segmenter(bundle: str | None):
+    """(model, image size, bundle) of a "segmentation" bundle (default: the shipped one)."""
+    from pcl_viewer.models.bundle import ModelBundle, find_bundle
+
+    info = ModelBundle.load(find_bundle(bundle or DEFAULT_SEG), kind="segmentation")
+    model = info.build("unet")
+    return model, int(info.card.get("input", {}).get("size", model.cfg.image_size)), info
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        from pcl_viewer.data.readers import read_scan
+    except ImportError:  # minimal fallback: 8/16-bit grey images through PIL
+        from PIL import Image
+
+        a = np.asarray(Image.open(path)).astype(np.float32)
+        a = a.mean(-1) if a.ndim == 3 else a
+        return (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+    return read_scan(path).image
+
+
+@click.command()
+@click.argument("scan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--bundle", default=None, help="Segmentation bundle folder or name (default seg-cpu).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Label image to write (.png or .nii.gz): 0 background, 1 right, 2 left lung.")
+def segment(scan: Path, bundle: str | None, out: Path) -> None:
+    """Segment the lungs of SCAN (any size); labels are written at the scan's native size."""
+    from pcl_viewer.data.readers import write_labels
+
+    model, size, info = load_segmenter(bundle)
+    image = _read(scan)
+    labels = segment_image(image, model, size)
+    write_labels(out, labels)
+    area = {k: float((labels == v).mean()) for k, v in (("right", 1), ("left", 2))}
+    click.echo(f"{scan.name}: {image.shape[1]}x{image.shape[0]} px, bundle {info.name} "
+               f"({info.fingerprint}); lung area right {100 * area['right']:.1f} % "
+               f"left {100 * area['left']:.1f} % -> {out}")
+
+
+@click.command()
+@click.option("--bundle", default=None, help="Segmentation bundle folder or name (default seg-cpu).")
+@click.option("--phantom-n", "n", default=120, show_default=True, help="Images per style.")
+@click.option("--seed", default=7, show_default=True, help="Phantom seed (use one never trained on).")
+@click.option("--style", "styles", multiple=True,
+              help="Scanner style(s): imagingdynamics, philips, portable. Default: the two "
+                   "training scanners together, then portable.")
+@click.option("--effusion-oversample", default=8.0, show_default=True,
+              help="Oversampling of effusion so the pe subgroup is large enough.")
+@click.option("--severe", is_flag=True, help="Severe effusion only.")
+def evaluate(bundle: str | None, n: int, seed: int, styles: tuple[str, ...],
+             effusion_oversample: float, severe: bool) -> None:
+    """Generate fresh phantom images and print Dice (%) overall / nf / pe, and HD95, ASD."""
+    import tempfile
+
+    from pcl_viewer.evaluate.benchmark_inputs import generate_phantom, load_arrays
+    from pcl_viewer.evaluate.metrics import segmentation_scores
+    from pcl_viewer.train.finetune import predict
+
+    model, size, info = load_segmenter(bundle)
+    groups = [list(styles)] if styles else [["imagingdynamics", "philips"], ["portable"]]
+    click.echo(f"bundle {info.path} ({info.fingerprint}), {size} px, seed {seed}, n {n} per group")
+    with tempfile.TemporaryDirectory(prefix="pcl-eval-") as tmp:
+        for k, group in enumerate(groups):
+            root = Path(tmp) / f"set{k}"
+            generate_phantom(root, n=n, seed=seed + 1000 * k, size=size, styles=group,
+                             effusion_oversample=effusion_oversample, severe=severe)
+            arr = load_arrays(root, size)
+            s = segmentation_scores(predict(model, arr["image"]), arr["gold"])
+            eff = arr["effusion"].astype(bool)
+            parts = []
+            for name, mask in (("overall", None), ("nf", ~eff), ("pe", eff)):
+                m = s.mean(mask)
+                cnt = len(eff) if mask is None else int(mask.sum())
+                parts.append(f"{name} {100 * m['dice']:.2f} (n={cnt})")
+            m = s.mean()
+            click.echo(f"{'+'.join(group):28s} Dice % " + "  ".join(parts)
+                       + f"  HD95 {m['hd95']:.2f} px  ASD {m['asd']:.2f} px")
+
+
+@click.command()
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
+              show_default=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("docs/results"), show_default=True, help="Results folder.")
+@click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Figures folder (default: docs/figures beside the results folder).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache"),
+              show_default=True, help="Data sets, pre-training runs and cell results.")
+@click.option("--rows", default=None, help="Comma-separated row slugs (default: all rows).")
+@click.option("--cf-bundle", default=None, help="Counterfactual bundle for the model views.")
+@click.option("--report-only", is_flag=True, help="Only aggregate the finished cells.")
+@click.option("--max-cells", default=None, type=int, help="Stop after this many new cells.")
+@click.option("--threads", default=1, show_default=True,
+              help="torch threads. 1 by default: on a shared 2-core machine more threads spin "
+                   "and run up to 10x slower (measured, docs/benchmark.md).")
+def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
+          cf_bundle: str | None, report_only: bool, max_cells: int | None, threads: int) -> None:
+    """Fine-tuning benchmark: every row x fold x label budget that is not done yet.
+
+    Resumable: finished cells (CACHE/runs/PRESET/cells/ROW/foldK-BUDGET.json) are never
+    recomputed; pre-training runs are cached under CACHE/runs/PRESET/ROW/.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, ROWS, bench_preset, load_cells, run_grid
+    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets, git_commit
+    from pcl_viewer.evaluate.benchmark_report import write_report
+
+    cfg = bench_preset(preset)
+    chosen = ROWS if not rows else tuple(ROW_BY_SLUG[s.strip()] for s in rows.split(","))
+    runs = cache / "runs" / preset
+    cells_dir = runs / "cells"
+    command = "pcl " + " ".join(sys.argv[1:]) if sys.argv and "pcl" in sys.argv[0] else \
+        f"pcl bench --preset {preset} --out {out}"
+    commit = git_commit()
+    if not report_only:
+        sets = bench_sets(cfg, cache / "data" / preset)
+        init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)
+        res = run_grid(cfg, sets, cells_dir, init, rows=chosen, max_cells=max_cells,
+                       extra={"command": command, "commit": commit})
+        click.echo(f"cells: {res['done']} already done, {res['ran']} computed now, "
+                   f"{res['left']} left")
+    cells = load_cells(cells_dir)
+    header = (f"# Fine-tuning benchmark, preset `{preset}`\n\nProduced by `{command}` at commit "
+              f"`{commit}` from {len(cells)} finished cells (row x fold x budget).")
+    info = write_report(cells, out, figures or out.parent / "figures", header)
+    click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, benchmark.md "
+               f"({info['methods']} methods, {info['cells']} cells)")

@@ -1,0 +1,263 @@
+"""The fine-tuning benchmark grid: rows x folds x label budgets (issue 5, METHOD §4).
+
+Each cell fine-tunes one row's initialisation on the labelled training images
+of one fold under one label budget, and scores the model on the fold's test
+images (overall, no-finding, effusion) and on the out-of-distribution sets
+(``portable`` scanner style, severe effusion), which never train anything.
+
+Resumable: a cell's result is one JSON file written atomically
+(``CELLS/<row>/fold<k>-<budget>.json``); a cell whose file exists is never
+recomputed, so the grid can be killed and restarted, across sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from pcl_viewer.evaluate.folds import BUDGETS, label_budget, patient_folds
+from pcl_viewer.evaluate.metrics import segmentation_scores
+from pcl_viewer.models.unet import UNetConfig
+from pcl_viewer.train.finetune import FinetuneConfig, finetune, predict
+
+SUBSETS: tuple[str, ...] = ("overall", "nf", "pe", "portable", "severe")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One initialisation of the benchmark table.
+
+    kind: ``"none"`` (random init), ``"pretrain"`` (the contrastive library),
+    ``"segmentation"`` (a U-Net trained on the pool's ``labels``).
+    views: counterfactual views for pre-training: ``"model"``, ``"true"`` (oracle) or None.
+    """
+
+    name: str
+    slug: str
+    kind: str
+    method: str | None = None
+    views: str | None = None
+    augment: bool = True
+    labels: str | None = None
+    paper: dict | None = None
+
+
+def _p(dsc: float, nf: float | None = None, pe: float | None = None,
+       hd95: float | None = None, asd: float | None = None) -> dict:
+    return {"dsc": dsc, "dsc_nf": nf, "dsc_pe": pe, "hd95": hd95, "asd": asd}
+
+
+ROWS: tuple[Row, ...] = (
+    Row("None", "none", "none", paper=_p(87.05, 93.59, 84.76, 21.9, 5.39)),
+    Row("SimCLR", "simclr", "pretrain", "simclr", "model", paper=_p(90.90, 96.71, 88.61, 11.9, 3.64)),
+    Row("VADeR", "vader", "pretrain", "vader", None, paper=_p(92.26, 97.22, 90.33, 10.4, 2.79)),
+    Row("Segmentation (silver)", "seg-silver", "segmentation", labels="silver",
+        paper=_p(93.65, 97.81, 92.02, 7.3, 2.46)),
+    Row("SSDCL", "ssdcl", "pretrain", "ssdcl", None, paper=_p(92.91, 97.58, 91.10, 15.3, 3.31)),
+    Row("DVD-CL", "dvd-cl", "pretrain", "dvd", "model", paper=_p(92.76, 97.36, 91.08, 10.5, 2.86)),
+    Row("MVD-CL", "mvd-cl", "pretrain", "mvd", "model", paper=_p(92.27, 97.18, 90.36, 9.1, 2.61)),
+    Row("S-DVD-CL", "s-dvd-cl", "pretrain", "s-dvd", "model", paper=_p(93.15, 97.62, 91.43, 8.0, 2.96)),
+    Row("S-MVD-CL", "s-mvd-cl", "pretrain", "s-mvd", "model", paper=_p(93.93, 97.75, 92.43, 7.3, 2.05)),
+    Row("DVD-CL†", "dvd-cl-dagger", "pretrain", "dvd", None, augment=False, paper=_p(85.80)),
+    Row("MVD-CL†", "mvd-cl-dagger", "pretrain", "mvd", None, augment=False, paper=_p(87.34)),
+    Row("S-DVD-CL†", "s-dvd-cl-dagger", "pretrain", "s-dvd", None, augment=False, paper=_p(92.14)),
+    Row("S-MVD-CL†", "s-mvd-cl-dagger", "pretrain", "s-mvd", None, augment=False, paper=_p(91.96)),
+    Row("S-MVD-CL (oracle CF)", "s-mvd-cl-oracle", "pretrain", "s-mvd", "true"),
+    Row("Segmentation (gold)", "seg-gold", "segmentation", labels="gold"),
+)
+ROW_BY_SLUG: dict[str, Row] = {r.slug: r for r in ROWS}
+# Each counterfactual method and its dagger row (no counterfactuals, no augmentations).
+DAGGER_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dvd-cl", "dvd-cl-dagger"), ("mvd-cl", "mvd-cl-dagger"),
+    ("s-dvd-cl", "s-dvd-cl-dagger"), ("s-mvd-cl", "s-mvd-cl-dagger"),
+)
+
+
+@dataclass
+class BenchPreset:
+    """Sizes and schedules of one benchmark preset."""
+
+    name: str
+    image_size: int
+    n_folds: int = 5
+    budgets: tuple[str, ...] = BUDGETS
+    fold_seed: int = 0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seg_pretrain: FinetuneConfig = field(default_factory=FinetuneConfig)
+    gold_n: int = 240
+    ood_n: int = 100
+    pool_n: int = 2000
+    pretrain_options: dict = field(default_factory=dict)
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig.for_preset(self.name)
+
+
+def bench_preset(name: str) -> BenchPreset:
+    """The benchmark presets. cpu epochs are sized so the whole grid fits ~8 h on 2 cores
+    (see docs/benchmark.md for the measured step time and the projection)."""
+    if name == "smoke":
+        ft = FinetuneConfig(epochs=1, min_steps=2, max_steps=3, batch_size=4)
+        return BenchPreset("smoke", 64, n_folds=2, finetune=ft,
+                           seg_pretrain=replace(ft, max_steps=3), gold_n=16, ood_n=4, pool_n=16,
+                           pretrain_options={"steps": 2, "batch_size": 2})
+    if name == "cpu":
+        ft = FinetuneConfig(epochs=12, min_steps=60)
+        return BenchPreset("cpu", 128, finetune=ft, seg_pretrain=FinetuneConfig(epochs=4),
+                           gold_n=240, ood_n=100, pool_n=2000)
+    if name == "paper":
+        return BenchPreset("paper", 224, finetune=FinetuneConfig(epochs=100),
+                           seg_pretrain=FinetuneConfig(epochs=20), gold_n=240, ood_n=200,
+                           pool_n=20000)
+    raise ValueError(f"unknown benchmark preset {name!r}")
+
+
+@dataclass
+class BenchSets:
+    """The arrays of one benchmark, all at the preset's image size.
+
+    gold_*: the gold evaluation set (folds are drawn from it); ood: name ->
+    (images ``(M,1,S,S)``, masks ``(M,S,S)``), never trained on.
+    """
+
+    gold_images: np.ndarray
+    gold_masks: np.ndarray
+    effusion: np.ndarray
+    patients: np.ndarray
+    ood: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def cell_path(cells: Path, row: str, fold: int, budget: str) -> Path:
+    return Path(cells) / row / f"fold{fold}-{budget}.json"
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to a temp file in the same folder and rename: a kill leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def score_subsets(model, sets: BenchSets, test_idx: np.ndarray) -> dict[str, dict]:
+    """Mean Dice (%), HD95 and ASD (pixels of the model grid) per subset, with image counts."""
+    out: dict[str, dict] = {}
+    pred = predict(model, sets.gold_images[test_idx])
+    s = segmentation_scores(pred, sets.gold_masks[test_idx])
+    eff = sets.effusion[test_idx].astype(bool)
+    for name, mask in (("overall", None), ("nf", ~eff), ("pe", eff)):
+        m = s.mean(mask)
+        n = int(len(test_idx) if mask is None else mask.sum())
+        out[name] = {"dice": 100 * m["dice"], "hd95": m["hd95"], "asd": m["asd"], "n": n}
+    for name, (imgs, masks) in sets.ood.items():
+        m = segmentation_scores(predict(model, imgs), masks).mean()
+        out[name] = {"dice": 100 * m["dice"], "hd95": m["hd95"], "asd": m["asd"], "n": len(imgs)}
+    return out
+
+
+@dataclass
+class Cell:
+    row: Row
+    fold: int
+    budget: str
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+def plan_cells(preset: BenchPreset, sets: BenchSets, rows: Iterable[Row]) -> list[Cell]:
+    """All cells in run order: fold-major, the full budget first, then rows, so an
+    interrupted grid has whole folds of the main table before the few-label settings."""
+    folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
+    order = sorted(preset.budgets, key=lambda b: (b != "all", b))
+    rows = list(rows)
+    cells = []
+    for k, (tr, te) in enumerate(folds):
+        for b in order:
+            lab = label_budget(tr, sets.effusion, b, seed=preset.fold_seed, fold=k)
+            cells.extend(Cell(r, k, b, lab, te) for r in rows)
+    return cells
+
+
+def run_grid(
+    preset: BenchPreset,
+    sets: BenchSets,
+    cells_dir: str | os.PathLike,
+    init_for: Callable[[Row], Path | None],
+    rows: Iterable[Row] = ROWS,
+    show_progress: bool = True,
+    extra: dict | None = None,
+    max_cells: int | None = None,
+) -> dict[str, int]:
+    """Run every cell whose result file is missing.
+
+    Args:
+        init_for: row -> pre-trained bundle to start from (None = random init);
+            called lazily, once per row, only when a cell of that row must run.
+        extra: fields stored in every new result (command, git commit ...).
+        max_cells: stop after this many new cells (None: run them all).
+
+    Returns:
+        ``{"done": cells already present, "ran": computed now, "left": still missing}``.
+    """
+    from tqdm import tqdm
+
+    cells_dir = Path(cells_dir)
+    cells = plan_cells(preset, sets, rows)
+    missing = [c for c in cells if not cell_path(cells_dir, c.row.slug, c.fold, c.budget).is_file()]
+    todo = missing if max_cells is None else missing[:max_cells]
+    cfg = preset.finetune
+    # The bar counts optimiser steps of the remaining cells, so its ETA weighs the
+    # full-budget cells (many steps) and the 8-image cells (few) correctly.
+    total = sum(cfg.n_steps(len(c.train_idx)) for c in todo)
+    bar = tqdm(total=total, unit="step", desc=f"bench {preset.name}", disable=not show_progress,
+               dynamic_ncols=True)
+    inits: dict[str, Path | None] = {}
+    for i, c in enumerate(todo):
+        if c.row.slug not in inits:
+            bar.set_postfix_str(f"pre-training {c.row.name}")
+            inits[c.row.slug] = init_for(c.row)
+        bar.set_postfix_str(f"{i + 1}/{len(todo)} {c.row.name} fold {c.fold} budget {c.budget}")
+        t0 = time.perf_counter()
+        ft = replace(cfg, seed=cfg.seed + 1000 * c.fold)
+        model, log = finetune(sets.gold_images[c.train_idx], sets.gold_masks[c.train_idx],
+                              preset.unet_config(), ft, pretrained=inits[c.row.slug],
+                              progress=lambda s, n: bar.update(1))
+        scores = score_subsets(model, sets, c.test_idx)
+        write_json_atomic(cell_path(cells_dir, c.row.slug, c.fold, c.budget), {
+            "method": c.row.name, "row": c.row.slug, "fold": c.fold, "budget": c.budget,
+            "n_train": int(len(c.train_idx)), "n_test": int(len(c.test_idx)),
+            "scores": scores, "finetune": ft.to_dict(), "train_log": log,
+            "init": None if inits[c.row.slug] is None else str(inits[c.row.slug]),
+            "seconds": time.perf_counter() - t0, "preset": preset.name, **(extra or {}),
+        })
+    bar.close()
+    return {"done": len(cells) - len(missing), "ran": len(todo), "left": len(missing) - len(todo)}
+
+
+def load_cells(cells_dir: str | os.PathLike) -> list[dict]:
+    """Every finished cell result under ``cells_dir``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*/fold*.json"))]
+
+
+def projected_seconds(preset: BenchPreset, n_rows: int, step_s: float, n_train_all: int,
+                      pretrain_s: float = 0.0) -> float:
+    """Projected wall time of a whole grid from one measured optimiser step time."""
+    steps = 0
+    for b in preset.budgets:
+        n = n_train_all if b == "all" else min(int(b), n_train_all)
+        steps += preset.finetune.n_steps(n)
+    return n_rows * preset.n_folds * steps * step_s + pretrain_s

@@ -1,0 +1,160 @@
+"""What the benchmark grid consumes: its phantom data sets and each row's initialisation.
+
+Data sets (generated once per preset under ``CACHE/data/<preset>/``, each with
+its own seed, so no gold or OOD image is ever seen in pre-training):
+
+- ``gold``: the evaluation set the folds are drawn from; one study per patient,
+  effusion oversampled to about a third, both training scanners (seed 101);
+- ``portable``: the held-out scanner style (seed 102);
+- ``severe``: severe effusion, training scanners (seed 103);
+- ``pool``: the pre-training pool with silver and gold labels (seed 100).
+
+Rows are initialised by :class:`RowInitialiser`: random, a U-Net trained on the
+pool's silver or gold labels, or a bundle of the contrastive pre-training
+library; every result is cached under ``CACHE/runs/<preset>/<row>/bundle`` and
+reused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pcl_viewer.evaluate.benchmark import BenchPreset, BenchSets, Row
+
+SEEDS = {"pool": 100, "gold": 101, "portable": 102, "severe": 103}
+TRAINING_STYLES = ("imagingdynamics", "philips")
+
+
+def git_commit() -> str:
+    """Short commit of the working tree (with ``-dirty`` when it has local changes)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "pcl_viewer"], capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def generate_phantom(root: Path, n: int, seed: int, size: int,
+                     styles: list[str] | tuple[str, ...] = TRAINING_STYLES,
+                     effusion_oversample: float = 1.0, severe: bool = False,
+                     studies_per_patient: int = 1, true_cf: bool = False) -> Path:
+    """Generate a phantom data set at ``root`` (skipped when it is already complete)."""
+    root = Path(root)
+    if (root / ".complete").is_file():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    cmd = [sys.executable, "-m", "pcl_viewer.cli", "phantom", "generate", "--n", str(n),
+           "--size", str(size), "--seed", str(seed), "--out", str(root),
+           "--studies-per-patient", str(studies_per_patient),
+           "--effusion-oversample", str(effusion_oversample)]
+    for s in styles:
+        cmd += ["--style", s]
+    if severe:
+        cmd.append("--severe")
+    if not true_cf:
+        cmd.append("--no-true-cf")
+    subprocess.run(cmd, check=True)
+    (root / ".complete").write_text("ok\n")
+    return root
+
+
+def load_arrays(root: Path, size: int) -> dict[str, np.ndarray]:
+    """image ``(N,1,S,S)``, gold ``(N,S,S)``, silver (if any), effusion ``(N,)``, patients."""
+    from pcl_viewer.data.dataset import load_dataset
+
+    ds = load_dataset(root)
+    arr = dict(ds.arrays(size))
+    arr["effusion"] = np.array([r.effusion for r in ds.records], bool)
+    arr["patients"] = np.array([str(r.patient_id) for r in ds.records])
+    return arr
+
+
+def bench_sets(preset: BenchPreset, data_root: Path) -> BenchSets:
+    """Generate (once) and load the gold and OOD sets of ``preset``."""
+    s = preset.image_size
+    gold = generate_phantom(data_root / "gold", preset.gold_n, SEEDS["gold"], s,
+                            effusion_oversample=12.0)
+    port = generate_phantom(data_root / "portable", preset.ood_n, SEEDS["portable"], s,
+                            styles=("portable",), effusion_oversample=6.0)
+    sev = generate_phantom(data_root / "severe", preset.ood_n, SEEDS["severe"], s,
+                           effusion_oversample=1000.0, severe=True)
+    g = load_arrays(gold, s)
+    ood = {}
+    for name, root in (("portable", port), ("severe", sev)):
+        a = load_arrays(root, s)
+        ood[name] = (a["image"], a["gold"])
+    return BenchSets(g["image"], g["gold"], g["effusion"], g["patients"], ood)
+
+
+class RowInitialiser:
+    """Callable ``row -> bundle path | None``: the starting weights of a row, cached."""
+
+    def __init__(self, preset: BenchPreset, data_root: Path, runs: Path,
+                 cf_bundle: str | None = None) -> None:
+        self.preset, self.data_root, self.runs, self.cf_bundle = preset, data_root, runs, cf_bundle
+
+    def pool(self) -> Path:
+        return generate_phantom(self.data_root / "pool", self.preset.pool_n, SEEDS["pool"],
+                                self.preset.image_size, effusion_oversample=4.0,
+                                studies_per_patient=2, true_cf=True)
+
+    def __call__(self, row: Row) -> Path | None:
+        if row.kind == "none":
+            return None
+        out = self.runs / row.slug / "bundle"
+        if (out / "card.json").is_file():
+            return out
+        if row.kind == "segmentation":
+            return self._segmentation(row, out)
+        return self._pretrain(row, out)
+
+    def _segmentation(self, row: Row, out: Path) -> Path:
+        """The "Segmentation (silver/gold)" rows: a U-Net trained on the pool's labels."""
+        from pcl_viewer.train.finetune import finetune, save_segmentation_bundle
+
+        arr = load_arrays(self.pool(), self.preset.image_size)
+        masks = arr.get(row.labels)
+        if masks is None:
+            raise RuntimeError(f"the pool has no {row.labels} labels for row {row.name!r}")
+        keep = np.ones(len(masks), bool)
+        if "silver_ok" in arr:  # CheXmask-style quality filter, when the loader provides it
+            keep = arr["silver_ok"].astype(bool) if row.labels == "silver" else keep
+        model, log = finetune(arr["image"][keep], masks[keep], self.preset.unet_config(),
+                              self.preset.seg_pretrain)
+        save_segmentation_bundle(out, model, {
+            "name": f"bench-{self.preset.name}-{row.slug}", "version": "0",
+            "kind": "pretrained",
+            "training": {"command": f"pcl bench --preset {self.preset.name} (row {row.slug})",
+                         "seed": self.preset.seg_pretrain.seed, "data": str(self.pool()),
+                         "labels": row.labels, "log": log},
+        })
+        return out
+
+    def _pretrain(self, row: Row, out: Path) -> Path:
+        """Contrastive rows: the pre-training library's command, cached by its run folder."""
+        run = out.parent
+        cmd = [sys.executable, "-m", "pcl_viewer.cli", "pretrain", "--preset", self.preset.name,
+               "--method", row.method, "--data", str(self.pool()), "--out", str(run)]
+        if row.views:
+            cmd += ["--views", row.views]
+            if row.views == "model" and self.cf_bundle:
+                cmd += ["--cf-bundle", self.cf_bundle]
+        else:
+            cmd += ["--views", "none"]
+        if not row.augment:
+            cmd.append("--no-augment")
+        for k, v in self.preset.pretrain_options.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        subprocess.run(cmd, check=True)
+        if not (out / "card.json").is_file():
+            raise RuntimeError(f"pre-training of {row.name!r} wrote no bundle at {out}")
+        return out

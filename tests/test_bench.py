@@ -1,0 +1,106 @@
+"""The benchmark grid: every cell once, resumable, and the report's CSV schema."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pcl_viewer.evaluate.benchmark import (
+    ROW_BY_SLUG,
+    ROWS,
+    BenchSets,
+    bench_preset,
+    cell_path,
+    load_cells,
+    run_grid,
+)
+from pcl_viewer.evaluate.benchmark_report import (
+    EFFICIENCY_COLUMNS,
+    MAIN_COLUMNS,
+    paired_difference,
+    write_report,
+)
+from pcl_viewer.models.unet import build_unet
+from pcl_viewer.train.finetune import save_segmentation_bundle
+
+
+def _toy_sets(n: int = 16, size: int = 64, seed: int = 0) -> BenchSets:
+    """Bright rectangles on noise: lung-like labels a tiny U-Net can start to learn."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.random((n, 1, size, size)).astype(np.float32) * 0.3
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        t, b = rng.integers(6, 14), rng.integers(44, 58)
+        masks[i, t:b, 6:28], masks[i, t:b, 36:58] = 1, 2
+    imgs[:, 0][masks > 0] += 0.5
+    eff = np.arange(n) % 3 == 0
+    patients = np.array([f"p{i // 2}" for i in range(n)])
+    ood = {"portable": (imgs[:4] * 0.8, masks[:4]), "severe": (imgs[4:8], masks[4:8])}
+    return BenchSets(imgs, masks, eff, patients, ood)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    # One thread: on a shared 2-core machine more threads only spin (10x slower when loaded).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("bench")
+    preset = bench_preset("smoke")
+    sets = _toy_sets()
+    pre = tmp / "pretrained"
+    save_segmentation_bundle(pre, build_unet("smoke"), {"name": "toy", "kind": "pretrained"})
+    calls = []
+
+    def init(row):
+        calls.append(row.slug)
+        return pre if row.kind != "none" else None
+
+    rows = [ROW_BY_SLUG[s] for s in ("none", "dvd-cl", "dvd-cl-dagger", "vader")]
+    first = run_grid(preset, sets, tmp / "cells", init, rows=rows, show_progress=False)
+    second = run_grid(preset, sets, tmp / "cells", init, rows=rows, show_progress=False)
+    torch.set_num_threads(threads)
+    return tmp, preset, rows, first, second, calls
+
+
+def test_grid_runs_every_cell_once_then_resumes_without_recomputing(grid):
+    tmp, preset, rows, first, second, calls = grid
+    n_cells = len(rows) * preset.n_folds * len(preset.budgets)
+    assert first == {"done": 0, "ran": n_cells, "left": 0}
+    assert second == {"done": n_cells, "ran": 0, "left": 0}
+    assert sorted(calls) == sorted(r.slug for r in rows)  # each row initialised once
+    cell = json.loads(cell_path(tmp / "cells", "dvd-cl", 1, "8").read_text())
+    assert cell["n_train"] == 8 and set(cell["scores"]) >= {"overall", "nf", "pe", "portable", "severe"}
+    assert 0 <= cell["scores"]["overall"]["dice"] <= 100
+
+
+def test_report_writes_the_csv_schema_markdown_and_figures(grid):
+    tmp, preset, rows, *_ = grid
+    cells = load_cells(tmp / "cells")
+    info = write_report(cells, tmp / "results", tmp / "figures", "# test")
+    assert info == {"methods": len(rows), "cells": len(cells)}
+    with open(tmp / "results" / "benchmark.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert tuple(table[0]) == MAIN_COLUMNS
+    assert [r["method"] for r in table] == [r.name for r in ROWS if r in rows]
+    assert all(0 <= float(r["dsc"]) <= 100 and r["n_folds"] == "2" for r in table)
+    with open(tmp / "results" / "label_efficiency.csv") as fh:
+        eff = list(csv.DictReader(fh))
+    assert tuple(eff[0]) == EFFICIENCY_COLUMNS
+    assert {r["budget"] for r in eff} == {"8", "32", "all"}
+    md = (tmp / "results" / "benchmark.md").read_text()
+    assert "DVD-CL beats VADeR" in md and "92.76" in md  # our row beside the paper's
+    assert (tmp / "figures" / "benchmark.png").stat().st_size > 1000
+    assert (tmp / "figures" / "label_efficiency.png").stat().st_size > 1000
+
+
+def test_paired_difference_verdicts():
+    def cell(row, fold, dsc):
+        return {"row": row, "fold": fold, "budget": "all", "scores": {"overall": {"dice": dsc}}}
+
+    cells = [cell("a", k, 90 + k) for k in range(5)] + [cell("b", k, 88 + k) for k in range(5)]
+    d = paired_difference(cells, "a", "b")
+    assert d["mean"] == pytest.approx(2.0) and d["verdict"].startswith("holds")
+    assert paired_difference(cells, "b", "a")["verdict"].startswith("does not hold")
+    assert paired_difference(cells, "a", "missing") is None

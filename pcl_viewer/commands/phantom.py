@@ -73,15 +73,15 @@ def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
 @click.option("--n-train", type=int, default=20, show_default=True,
               help="Gold normal images of one scanner used for training (<= 20).")
 @click.option("--scanner", default="philips", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training epochs (default: by size).")
+@click.option("--steps", type=int, default=150, show_default=True, help="Training steps.")
 @click.option("--threshold", type=float, default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def silver(data: Path, n_train: int, scanner: str, epochs: int | None, threshold: float,
+def silver(data: Path, n_train: int, scanner: str, steps: int, threshold: float,
            seed: int) -> None:
     """AI-generated silver masks with a quality score, as CheXmask."""
     from pcl_viewer.data.phantom.silver import make_silver
 
-    report = make_silver(data, n_train=n_train, scanner=scanner, epochs=epochs,
+    report = make_silver(data, n_train=n_train, scanner=scanner, steps=steps,
                          threshold=threshold, seed=seed, echo=click.echo)
     click.echo(json.dumps(report["dice"], indent=1))
 

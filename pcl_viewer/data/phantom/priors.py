@@ -20,6 +20,7 @@ torchxrayvision package, PA views, sex M/F, known age.
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 
@@ -116,6 +117,7 @@ class Priors:
     def __init__(self, tables: dict) -> None:
         self.tables = tables
         self.edges = np.asarray(tables["age_edges"])
+        self._edges = [float(e) for e in tables["age_edges"]]
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Priors:
@@ -135,7 +137,8 @@ class Priors:
         return sex, b, age
 
     def age_bin(self, age: float) -> int:
-        return int(np.clip(np.searchsorted(self.edges, age, side="right") - 1, 0, len(self.edges) - 2))
+        b = bisect.bisect_right(self._edges, float(age)) - 1
+        return min(max(b, 0), len(self._edges) - 2)
 
     def p_inpatient(self, sex: str, age: float) -> float:
         return float(self.tables["p_inpatient_given_age_sex"][sex][self.age_bin(age)])
@@ -148,3 +151,36 @@ class Priors:
         p = float(self.tables["p_effusion_given_age_sex_care"][care][sex][self.age_bin(age)])
         odds = oversample * p / (1.0 - p)
         return odds / (1.0 + odds)
+
+
+def model_marginals(tables: dict, oversample: float = 1.0) -> dict:
+    """Exact marginals implied by the tables (what an infinite sample would give)."""
+    pr = Priors(tables)
+    edges = tables["age_edges"]
+    tot = {"philips": 0.0, "eff": 0.0, "eff_philips": 0.0, "eff_id": 0.0}
+    by_sex = {"M": [0.0, 0.0], "F": [0.0, 0.0]}
+    by_age = np.zeros((len(edges) - 1, 2))
+    for sex in SEXES:
+        ps = tables["p_sex"][sex]
+        for b, pb in enumerate(tables["p_age_bin_given_sex"][sex]):
+            age = 0.5 * (edges[b] + edges[b + 1])
+            pi = pr.p_inpatient(sex, age)
+            for care, pc in (("inpatient", pi), ("outpatient", 1 - pi)):
+                w = ps * pb * pc
+                ph, pe = pr.p_philips(care), pr.p_effusion(sex, age, care, oversample)
+                tot["philips"] += w * ph
+                tot["eff"] += w * pe
+                tot["eff_philips"] += w * ph * pe
+                tot["eff_id"] += w * (1 - ph) * pe
+                by_sex[sex][0] += w * pe
+                by_sex[sex][1] += w
+                by_age[b] += (w * pe, w)
+    return {
+        "p_philips": tot["philips"],
+        "p_effusion": tot["eff"],
+        "p_effusion_philips": tot["eff_philips"] / tot["philips"],
+        "p_effusion_imagingdynamics": tot["eff_id"] / (1 - tot["philips"]),
+        "p_effusion_male": by_sex["M"][0] / by_sex["M"][1],
+        "p_effusion_female": by_sex["F"][0] / by_sex["F"][1],
+        "p_effusion_by_age_bin": (by_age[:, 0] / by_age[:, 1]).tolist(),
+    }

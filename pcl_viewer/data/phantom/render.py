@@ -150,6 +150,16 @@ def _texture(seed: int, size: int) -> np.ndarray:
     return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+def largest_parts(labels: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component of each lung label (drops raster slivers)."""
+    out = np.zeros_like(labels)
+    for lab in (1, 2):
+        n, comp, stats, _ = cv2.connectedComponentsWithStats((labels == lab).astype(np.uint8), 4)
+        if n > 1:
+            out[comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))] = lab
+    return out
+
+
 def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     """All layers of ``an`` at ``size`` x ``size`` pixels."""
     xs, ys = grid(size)
@@ -162,7 +172,7 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     kx, ky, kr = an.knob
     cv2.circle(med, (int(kx * size * 16), int(ky * size * 16)), int(kr * size * 16), 1, -1,
                cv2.LINE_8, SHIFT)
-    aerated = np.where(med > 0, 0, raw).astype(np.uint8)
+    aerated = largest_parts(np.where(med > 0, 0, raw).astype(np.uint8))
     dist = cv2.distanceTransform((raw > 0).astype(np.uint8), cv2.DIST_L2, 3) / size
     depth = 1.0 - np.exp(-dist / 0.022)
     # lungs are thicker towards the bases (posterior recesses)
@@ -215,5 +225,5 @@ def compose(an: Anatomy, layers: Layers, effusion: bool,
     fluid = fluid_map(an, layers, noise)
     soft = _blur(fluid, 0.003)
     atten = layers.base - layers.lung * (1.0 - soft) + 0.06 * soft * layers.lung_depth
-    mask = np.where(fluid > 0.5, 0, layers.aerated).astype(np.uint8)
+    mask = largest_parts(np.where(fluid > 0.5, 0, layers.aerated).astype(np.uint8))
     return atten.astype(np.float32), mask

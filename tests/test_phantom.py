@@ -1,0 +1,129 @@
+"""The phantom SCM: determinism, intervention semantics, calibration, sizes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pcl_viewer.data.phantom.noise import ExogenousNoise, StudyParents
+from pcl_viewer.data.phantom.priors import Priors, model_marginals
+from pcl_viewer.data.phantom.scm import counterfactual, render, sample_studies
+
+
+@pytest.fixture(scope="module")
+def studies():
+    return sample_studies(12, seed=5, oversample=1.0)
+
+
+def test_noise_record_roundtrip_and_determinism(studies):
+    st = studies[0]
+    text = json.dumps(st.noise.to_dict())
+    noise2 = ExogenousNoise.from_dict(json.loads(text))
+    a_img, a_mask = render(st.noise, st.parents, 64)
+    b_img, b_mask = render(noise2, st.parents, 64)
+    assert a_img.dtype == np.float32 and a_img.shape == (64, 64)
+    assert 0.0 <= a_img.min() and a_img.max() <= 1.0
+    np.testing.assert_array_equal(a_img, b_img)
+    np.testing.assert_array_equal(a_mask, b_mask)
+    assert set(np.unique(a_mask)) == {0, 1, 2}
+
+
+def test_sizes_and_anatomy_sides(studies):
+    st = studies[1]
+    parents = replace(st.parents, effusion=False, style="philips")
+    for size in (128, 224, 512):
+        img, mask = render(st.noise, parents, size)
+        assert img.shape == mask.shape == (size, size)
+        cols = np.nonzero(mask)[1]
+        right_x = np.nonzero(mask == 1)[1].mean()
+        left_x = np.nonzero(mask == 2)[1].mean()
+        assert right_x < size / 2 < left_x, "right lung must be on the image left (PA)"
+        assert 0.15 < (cols.max() - cols.min()) / size < 0.95
+        # lungs dark, mediastinum/abdomen brighter
+        assert img[mask > 0].mean() < img[mask == 0].mean()
+
+
+def test_scanner_counterfactual_keeps_mask(studies):
+    for st in studies[:4]:
+        p = replace(st.parents, style="imagingdynamics")
+        img, mask = render(st.noise, p, 96)
+        cf_img, cf_mask = counterfactual(st.noise, p, {"scanner": "philips"}, 96)
+        np.testing.assert_array_equal(mask, cf_mask)
+        assert np.abs(cf_img - img).mean() > 0.02
+
+
+def test_effusion_counterfactual_changes_base_of_chosen_side(studies):
+    changed_any = False
+    for st in studies:
+        noise = ExogenousNoise.from_dict(st.noise.to_dict())
+        noise.effusion.severity = max(noise.effusion.severity, 0.3)
+        p = replace(st.parents, effusion=False, style="philips")
+        img, mask = render(noise, p, 128)
+        cf_img, cf_mask = counterfactual(noise, p, {"effusion": "present"}, 128)
+        diff = mask != cf_mask
+        assert np.all(cf_mask[diff] == 0), "fluid only removes aerated lung"
+        sides = {"right": [1], "left": [2], "bilateral": [1, 2]}[noise.effusion.side]
+        assert set(np.unique(mask[diff])) <= set(sides)
+        for lab in sides:
+            lung = mask == lab
+            changed = diff & lung
+            if not changed.any():
+                continue
+            changed_any = True
+            rows = np.nonzero(lung)[0]
+            assert np.nonzero(changed)[0].mean() > rows.mean(), "fluid sits at the base"
+            # fluid fills each column from the bottom up: no aerated lung below it
+            col_has = changed.any(0)
+            first = np.argmax(changed, axis=0)
+            bad = sum(int((lung[first[c]:, c] & ~changed[first[c]:, c]).sum())
+                      for c in np.nonzero(col_has)[0])
+            assert bad <= 0.03 * changed.sum() + 2
+        assert np.abs(cf_img - img).max() > 0.05
+        # and back: do(effusion=absent) of the effusion image gives the normal mask
+        _, back = counterfactual(noise, replace(p, effusion=True), {"effusion": False}, 128)
+        np.testing.assert_array_equal(back, mask)
+    assert changed_any
+
+
+def test_tables_reproduce_padchest_marginals():
+    tables = Priors.load().tables
+    model, obs = model_marginals(tables), tables["observed"]
+    for key in ("p_philips", "p_effusion", "p_effusion_philips", "p_effusion_imagingdynamics",
+                "p_effusion_male", "p_effusion_female"):
+        assert model[key] == pytest.approx(obs[key], abs=0.002), key
+    np.testing.assert_allclose(model["p_effusion_by_age_bin"], obs["p_effusion_by_age_bin"],
+                               atol=0.003)
+    assert 0.38 < obs["p_philips"] < 0.42 and 0.033 < obs["p_effusion"] < 0.039
+
+
+def test_sampled_marginals_match_priors():
+    obs = Priors.load().tables["observed"]
+    st = sample_studies(4000, seed=11, studies_per_patient=1)
+    style = np.array([s.parents.style for s in st])
+    eff = np.array([s.parents.effusion for s in st])
+    age = np.array([s.parents.age for s in st])
+    # tolerances ~3 standard errors at n = 4000
+    assert abs((style == "philips").mean() - obs["p_philips"]) < 0.025
+    assert abs(eff.mean() - obs["p_effusion"]) < 0.009
+    assert abs(eff[style == "philips"].mean() - obs["p_effusion_philips"]) < 0.018
+    assert abs(eff[style == "imagingdynamics"].mean() - obs["p_effusion_imagingdynamics"]) < 0.01
+    assert eff[style == "philips"].mean() > 1.5 * eff[style == "imagingdynamics"].mean()
+    assert eff[age >= 80].mean() > 2.5 * eff[age < 50].mean()
+
+
+def test_oversampling_raises_effusion():
+    st = sample_studies(1000, seed=3, oversample=8.0, studies_per_patient=1)
+    assert np.mean([s.parents.effusion for s in st]) > 0.15
+
+
+def test_portable_and_parents():
+    st = sample_studies(1, seed=0)[0]
+    p = StudyParents(style="portable", sex="female", effusion=False)
+    with pytest.raises(ValueError):
+        p.to_parents()
+    img, mask = render(st.noise, p, 64)
+    assert img.shape == (64, 64)
+    assert StudyParents("philips", "male", True).to_parents().to_vector().tolist() == [1, 1, 1]

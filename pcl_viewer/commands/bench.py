@@ -148,6 +148,8 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
                        extra={"command": command, "commit": commit})
         click.echo(f"cells: {res['done']} already done, {res['ran']} computed now, "
                    f"{res['left']} left")
+        for slug, why in res["skipped_rows"].items():
+            click.echo(f"skipped row {slug}: {why}")
     cells = load_cells(cells_dir)
     header = (f"# Fine-tuning benchmark, preset `{preset}`\n\nProduced by `{command}` at commit "
               f"`{commit}` from {len(cells)} finished cells (row x fold x budget).")

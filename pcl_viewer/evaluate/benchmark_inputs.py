@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from pcl_viewer.evaluate.benchmark import BenchPreset, BenchSets, Row
+from pcl_viewer.evaluate.benchmark import BenchPreset, BenchSets, Row, RowUnavailable
 
 SEEDS = {"pool": 100, "gold": 101, "portable": 102, "severe": 103}
 TRAINING_STYLES = ("imagingdynamics", "philips")
@@ -45,24 +44,26 @@ def git_commit() -> str:
 def generate_phantom(root: Path, n: int, seed: int, size: int,
                      styles: list[str] | tuple[str, ...] = TRAINING_STYLES,
                      effusion_oversample: float = 1.0, severe: bool = False,
-                     studies_per_patient: int = 1, true_cf: bool = False) -> Path:
-    """Generate a phantom data set at ``root`` (skipped when it is already complete)."""
+                     studies_per_patient: int = 1, true_cf: bool = False,
+                     silver: bool = False) -> Path:
+    """Generate a phantom data set at ``root`` once (a ``.complete`` marker makes it reusable).
+
+    ``silver``: also label it with the CheXmask-like silver segmenter (``pcl phantom silver``).
+    """
+    from pcl_viewer.data.phantom.generate import default_workers, generate
+
     root = Path(root)
     if (root / ".complete").is_file():
         return root
     if root.exists():
         shutil.rmtree(root)
-    cmd = [sys.executable, "-m", "pcl_viewer.cli", "phantom", "generate", "--n", str(n),
-           "--size", str(size), "--seed", str(seed), "--out", str(root),
-           "--studies-per-patient", str(studies_per_patient),
-           "--effusion-oversample", str(effusion_oversample)]
-    for s in styles:
-        cmd += ["--style", s]
-    if severe:
-        cmd.append("--severe")
-    if not true_cf:
-        cmd.append("--no-true-cf")
-    subprocess.run(cmd, check=True)
+    generate(root, n, size, seed, counterfactuals=true_cf, oversample=effusion_oversample,
+             styles=tuple(styles), severe=severe, studies_per_patient=studies_per_patient,
+             workers=default_workers())
+    if silver:
+        from pcl_viewer.data.phantom.silver import make_silver
+
+        make_silver(root, seed=seed, echo=lambda *a, **k: None)
     (root / ".complete").write_text("ok\n")
     return root
 
@@ -96,16 +97,21 @@ def bench_sets(preset: BenchPreset, data_root: Path) -> BenchSets:
 
 
 class RowInitialiser:
-    """Callable ``row -> bundle path | None``: the starting weights of a row, cached."""
+    """Callable ``row -> bundle path | None``: the starting weights of a row, cached.
+
+    Raises :class:`RowUnavailable` when a row cannot be initialised here (no
+    counterfactual model for model views): the grid skips that row and says so.
+    """
 
     def __init__(self, preset: BenchPreset, data_root: Path, runs: Path,
                  cf_bundle: str | None = None) -> None:
         self.preset, self.data_root, self.runs, self.cf_bundle = preset, data_root, runs, cf_bundle
+        self._data: dict = {}
 
     def pool(self) -> Path:
         return generate_phantom(self.data_root / "pool", self.preset.pool_n, SEEDS["pool"],
                                 self.preset.image_size, effusion_oversample=4.0,
-                                studies_per_patient=2, true_cf=True)
+                                studies_per_patient=2, true_cf=True, silver=True)
 
     def __call__(self, row: Row) -> Path | None:
         if row.kind == "none":
@@ -126,8 +132,12 @@ class RowInitialiser:
         if masks is None:
             raise RuntimeError(f"the pool has no {row.labels} labels for row {row.name!r}")
         keep = np.ones(len(masks), bool)
-        if "silver_ok" in arr:  # CheXmask-style quality filter, when the loader provides it
-            keep = arr["silver_ok"].astype(bool) if row.labels == "silver" else keep
+        if row.labels == "silver" and "has_silver" in arr:
+            # The CheXmask-style quality filter, as the pre-training library applies it.
+            keep = arr["has_silver"].astype(bool)
+            q = arr.get("silver_quality")
+            if q is not None:
+                keep &= ~(q <= 0.7)
         model, log = finetune(arr["image"][keep], masks[keep], self.preset.unet_config(),
                               self.preset.seg_pretrain)
         save_segmentation_bundle(out, model, {
@@ -140,21 +150,34 @@ class RowInitialiser:
         return out
 
     def _pretrain(self, row: Row, out: Path) -> Path:
-        """Contrastive rows: the pre-training library's command, cached by its run folder."""
-        run = out.parent
-        cmd = [sys.executable, "-m", "pcl_viewer.cli", "pretrain", "--preset", self.preset.name,
-               "--method", row.method, "--data", str(self.pool()), "--out", str(run)]
-        if row.views:
-            cmd += ["--views", row.views]
-            if row.views == "model" and self.cf_bundle:
-                cmd += ["--cf-bundle", self.cf_bundle]
-        else:
-            cmd += ["--views", "none"]
-        if not row.augment:
-            cmd.append("--no-augment")
-        for k, v in self.preset.pretrain_options.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-        subprocess.run(cmd, check=True)
+        """Contrastive rows: the pre-training library, in this process; resumes its run."""
+        from pcl_viewer.train.pretrain import METHODS, PretrainConfig, PretrainData, pretrain
+
+        views = row.views or "true"
+        need_cf = METHODS[row.method].views != "real" and row.augment
+        if need_cf and views == "model" and not self._has_cf_model():
+            raise RowUnavailable(f"{row.name}: no counterfactual model bundle for model views")
+        cfg = PretrainConfig.for_preset(self.preset.name, method=row.method, dagger=not row.augment,
+                                        views=views, **self.preset.pretrain_options)
+        key = (views, need_cf)
+        if key not in self._data:
+            self._data[key] = PretrainData.from_dataset(
+                self.pool(), self.preset.image_size, views=views, bundle=self.cf_bundle,
+                need_counterfactuals=need_cf)
+        command = (f"pcl pretrain --method {row.method}{'' if row.augment else ' --dagger'} "
+                   f"--views {views} --data {self.pool()} --preset {self.preset.name} "
+                   f"--out {out.parent}  # via pcl bench, options {self.preset.pretrain_options}")
+        pretrain(cfg, self._data[key], out.parent, command=command, progress=False,
+                 echo=lambda *a, **k: None)
         if not (out / "card.json").is_file():
             raise RuntimeError(f"pre-training of {row.name!r} wrote no bundle at {out}")
         return out
+
+    def _has_cf_model(self) -> bool:
+        from pcl_viewer.models.bundle import BundleError, find_bundle
+
+        try:
+            find_bundle(self.cf_bundle or "cf-cpu")
+        except BundleError:
+            return False
+        return True

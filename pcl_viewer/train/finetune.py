@@ -57,6 +57,7 @@ class FinetuneConfig:
     contrast: float = 0.4
     gamma: float = 0.0  # extra gamma jitter (log-uniform in [1/(1+g), 1+g]); 0 = off
     jitter_p: float = 0.8
+    noise: float = 0.0  # extra additive Gaussian noise, std uniform in [0, noise]; 0 = off
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     seed: int = 0
@@ -133,6 +134,9 @@ def augment_batch(
         lg = math.log(1 + cfg.gamma) * (2 * u[:, 3] - 1)
         xj = xj.clamp(0, 1) ** torch.exp(lg)[:, None, None, None]
     x = (jit * xj + (1 - jit) * x).clamp(0, 1)
+    if cfg.noise > 0:
+        std = cfg.noise * torch.rand(b, 1, 1, 1, generator=g)
+        x = (x + std * torch.randn(x.shape, generator=g)).clamp(0, 1)
     if cfg.blur_p > 0:
         lo, hi = cfg.blur_sigma
         sigma = lo + (hi - lo) * torch.rand(b, generator=g)

@@ -241,7 +241,11 @@ class Pipeline:
         probabilities, source = None, "inferred" if not parents else "user"
         if self.cf is not None:
             yield Step("parents", 0, 1)
-            probabilities = self.infer_parents(model_image[None])[0]
+            try:
+                probabilities = self.infer_parents(model_image[None])[0]
+            except ValueError as exc:  # a bundle without classifiers: parents must be given
+                if not isinstance(parents, Parents):
+                    raise ValueError(f"{exc}; set scanner, sex and effusion by hand") from exc
             if not isinstance(parents, Parents):
                 parents = _parents_from_probs(probabilities).intervene(dict(parents or {}))
             clock.lap("parents")
@@ -352,7 +356,7 @@ class Pipeline:
             clock.lap("abduct")
             for key in keys:
                 dos = [resolve_interventions([key], p)[key] for p in pa]
-                res = self._residuals(abduction, dos, x)
+                res = self._residuals(abduction, dos, pa, x.shape[-1])
                 for r, do, resid in zip(results, dos, res):
                     r.views[key] = View(key, do, 1.0, r.parents.intervene(do),
                                         self._native_view(r, resid, 1.0), resid)
@@ -394,24 +398,31 @@ class Pipeline:
     def _abduct_batch(self, x: np.ndarray, parents: list[Parents]):
         import torch
 
-        pa = torch.as_tensor(np.stack([p.to_vector() for p in parents]), device=self.device)
+        pa = np.stack([p.to_vector() for p in parents])
         with torch.inference_mode():
             return self.cf.abduct(self._tensor(x), pa)
 
-    def _residuals(self, abduction, dos: list[dict[str, str]], x: np.ndarray) -> np.ndarray:
-        """``(B, S, S)`` residuals at strength 1, one intervention per scan."""
+    def _residuals(self, abduction, dos: list[dict[str, str]], parents: list[Parents],
+                   size: int) -> np.ndarray:
+        """``(B, S, S)`` residuals at strength 1, one intervention per scan.
+
+        One ``do`` for the whole batch goes as a dict; different ones as the target
+        parents ``(B, 3)`` (the CF model accepts both).
+        """
         import torch
 
+        if len({tuple(sorted(d.items())) for d in dos}) == 1:
+            do = dos[0]
+        else:
+            do = torch.as_tensor(np.stack([p.intervene(d).to_vector()
+                                           for p, d in zip(parents, dos)]), device=self.device)
         with torch.inference_mode():
-            if len({tuple(sorted(d.items())) for d in dos}) == 1:
-                out = self.cf.residual(abduction, dos[0], strength=1.0)
-            else:
-                out = self.cf.residual(abduction, dos, strength=1.0)
-        return np.asarray(_numpy(out), dtype=np.float32).reshape(len(x), *x.shape[-2:])
+            out = self.cf.residual(abduction, do, strength=1.0)
+        return np.asarray(_numpy(out), dtype=np.float32).reshape(len(dos), size, size)
 
     def _decode_view(self, result: PipelineResult, abduction, key: str, do: dict[str, str],
                      strength: float) -> View:
-        resid = self._residuals(abduction, [do], result.model_image[None])[0]
+        resid = self._residuals(abduction, [do], [result.parents], result.model_image.shape[-1])[0]
         return View(key, dict(do), strength, result.parents.intervene(do),
                     self._native_view(result, resid, strength), resid)
 

@@ -11,6 +11,7 @@ import pytest
 import torch  # noqa: F401  (import order matters, see above)
 
 from pcl_viewer.data.scan import Scan
+from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES
 
 
 def synthetic_chest(h: int = 256, w: int = 224, seed: int = 0) -> np.ndarray:
@@ -45,12 +46,16 @@ class FakeCounterfactualModel:
 
     def abduct(self, x: torch.Tensor, parents: torch.Tensor) -> dict:
         self.abductions += 1
-        return {"x": x, "pa": parents}
+        return {"x": x, "pa": torch.as_tensor(parents)}
 
     def residual(self, abduction: dict, do, strength: float = 1.0) -> torch.Tensor:
         self.decodes += 1
         x = abduction["x"]
-        dos = do if isinstance(do, list) else [do] * len(x)
+        if isinstance(do, torch.Tensor):  # target parents (B, 3), like CounterfactualModel
+            dos = [{n: PARENT_VALUES[n][int(t[i])] for i, n in enumerate(PARENT_NAMES)
+                    if int(t[i]) != int(p[i])} for t, p in zip(do, abduction["pa"])]
+        else:
+            dos = [do] * len(x)
         out = torch.zeros_like(x)
         s = x.shape[-1]
         for b, d in enumerate(dos):
@@ -97,3 +102,19 @@ def fake_pipeline(seg_bundle_path):
 @pytest.fixture
 def chest_scan() -> Scan:
     return Scan(synthetic_chest(), spacing=(0.5, 0.4), name="chest", metadata={"source": "test"})
+
+
+@pytest.fixture(scope="session")
+def cf_bundle_path(tmp_path_factory):
+    """A randomly initialised smoke-size counterfactual bundle (HVAE + classifiers)."""
+    from pcl_viewer.models.bundle import save_bundle
+    from pcl_viewer.models.classifiers import build_classifiers
+    from pcl_viewer.models.hvae import build_hvae
+
+    torch.manual_seed(0)
+    hvae, clf = build_hvae("smoke"), build_classifiers("smoke")
+    path = tmp_path_factory.mktemp("bundles") / "cf-smoke"
+    save_bundle(path, {"name": "cf-smoke", "version": "0", "kind": "counterfactual"},
+                {"hvae": ("hvae", {"hvae": hvae.cfg.to_dict()}, hvae),
+                 "classifier": ("attribute-classifier", {"classifier": clf.cfg.to_dict()}, clf)})
+    return path

@@ -156,3 +156,32 @@ def test_a_partial_parent_override_keeps_the_other_inferred_parents(fake_pipelin
     result = fake_pipeline.run_sync(chest_scan, parents={"sex": "male"}, segment=False)
     assert result.parents == inferred.intervene({"sex": "male"})
     assert result.parents_source == "user"
+
+
+def test_real_bundles_load_and_run_with_the_counterfactual_model(cf_bundle_path, seg_bundle_path,
+                                                                 chest_scan):
+    from pcl_viewer.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundles(cf_bundle_path, seg_bundle_path, "cpu")
+    assert set(pipe.bundles) == {"cf", "seg"} and pipe.cf.image_size == 64
+    result = pipe.run_sync(chest_scan)
+    assert list(result.views) == [FACTUAL, "scanner", "effusion", "both"]
+    assert all(0.0 <= p <= 1.0 for p in result.probabilities.values())
+    assert len(result.consistency) == 3
+    scans = [chest_scan, Scan(synthetic_chest(180, 200, seed=3), name="b")]
+    batch = pipe.run_batch(scans, parents=[Parents("philips", "male", "absent"), None])
+    np.testing.assert_allclose(batch[0].views["effusion"].residual,
+                               pipe.run_sync(scans[0], parents=batch[0].parents,
+                                             segment=False).views["effusion"].residual,
+                               atol=1e-4)
+
+
+def test_a_missing_bundle_is_skipped_with_a_message_when_not_strict(seg_bundle_path):
+    from pcl_viewer.models.bundle import BundleError
+    from pcl_viewer.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundles("/nonexistent/cf", seg_bundle_path, "cpu", strict=False)
+    assert pipe.cf is None and pipe.seg is not None
+    assert "/nonexistent/cf" in pipe.load_errors[0]
+    with pytest.raises(BundleError):
+        Pipeline.from_bundles("/nonexistent/cf", seg_bundle_path, "cpu")

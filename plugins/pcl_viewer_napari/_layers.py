@@ -17,7 +17,9 @@ from pcl_viewer.data.scan import Scan
 from pcl_viewer.pipeline import FACTUAL, PipelineResult, View
 
 KINDS = ("image", "difference", "labels", "chromap")
-LUNG_COLOURS = {0: "transparent", 1: "#1f9bff", 2: "#ffb000", None: "transparent"}
+# index = label value: background, right lung, left lung. A cyclic map keeps uint8 labels
+# a plain texture lookup (a direct map costs a numba compile on first use: seconds).
+LUNG_COLOURS = ["transparent", "#1f9bff", "#ffb000"]
 DIFF_LIMIT = 0.25
 
 
@@ -106,11 +108,10 @@ class LayerBuilder:
         common = {"name": name, "metadata": meta, "scale": tuple(scan_layer.scale),
                   "translate": tuple(scan_layer.translate)}
         if kind == "labels":
-            from napari.utils.colormaps import DirectLabelColormap
+            from napari.utils.colormaps import CyclicLabelColormap
 
-            layer = self.viewer.add_labels(
-                data, opacity=0.45, colormap=DirectLabelColormap(color_dict=LUNG_COLOURS),
-                **common)
+            cmap = CyclicLabelColormap(colors=LUNG_COLOURS, background_value=0)
+            layer = self.viewer.add_labels(data, opacity=0.45, colormap=cmap, **common)
         elif kind == "chromap":
             layer = self.viewer.add_image(data, rgb=True, blending="translucent",
                                           visible=True if visible is None else visible, **common)

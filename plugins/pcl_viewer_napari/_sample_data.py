@@ -72,18 +72,19 @@ def _entries(root: Path) -> list[dict]:
 
 def _matches(entry: dict, style: str, effusion: bool) -> bool:
     parents = entry.get("parents") if isinstance(entry.get("parents"), dict) else {}
-    e_style = entry.get("style") or parents.get("scanner") or entry.get("scanner")
+    e_style = (entry.get("style") or parents.get("style") or parents.get("scanner")
+               or entry.get("scanner"))
     e_eff = entry.get("effusion", parents.get("effusion"))
     e_eff = e_eff in (True, 1, "present", "true", "yes") if e_eff is not None else False
     return e_style == style and (style == "portable" or e_eff == effusion)
 
 
-def _from_resources(key: str) -> Scan | None:
+def _from_resources(key: str, root: Path | None = None) -> Scan | None:
     from pcl_viewer.data.readers import read_scan
     from pcl_viewer.data.scan import ScanReadError
     from pcl_viewer.paths import samples_dir
 
-    root = samples_dir()
+    root = root or samples_dir()
     style, effusion = SAMPLES[key]
     for entry in _entries(root):
         if not _matches(entry, style, effusion):
@@ -98,24 +99,25 @@ def _from_resources(key: str) -> Scan | None:
         scan.name = key
         scan.metadata["true_parents"] = entry.get("parents") or {
             k: entry[k] for k in ("style", "sex", "effusion") if k in entry}
-        scan.metadata["sample_source"] = "resources/samples"
+        scan.metadata["sample_source"] = str(root)
         return scan
     return None
 
 
 def _rendered(key: str) -> Scan | None:
-    """A phantom scan rendered now (needs the phantom priors); None if that is not possible."""
-    try:
-        from pcl_viewer.data.phantom import render_sample  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    style, effusion = SAMPLES[key]
-    try:
-        image, meta = render_sample(style=style, effusion=effusion, seed=0)
-    except Exception:  # missing priors etc.: fall back to the synthetic chest
-        return None
-    return Scan(np.asarray(image, np.float32), name=key,
-                metadata={"true_parents": meta, "sample_source": "phantom (rendered)"})
+    """The phantom samples rendered once into the cache (``pcl phantom samples``); None if
+    the phantom cannot render here (no priors)."""
+    from pcl_viewer.paths import cache_dir
+
+    root = cache_dir() / "samples"
+    if not (root / "samples.json").is_file():
+        try:
+            from pcl_viewer.data.phantom.montage import write_samples
+
+            write_samples(root)
+        except Exception:  # missing priors or modules: the synthetic chest will do
+            return None
+    return _from_resources(key, root)
 
 
 def _synthetic(key: str, h: int = 1024, w: int = 896) -> Scan:

@@ -28,6 +28,31 @@ def big_scan(size: int):
     return Scan(img, spacing=(0.2, 0.2), name=f"scan{size}", metadata=dict(s.metadata))
 
 
+def make_random_bundles(folder: str, preset: str = "cpu") -> tuple[str, str]:
+    """Random-weight CF (HVAE + classifiers) and segmentation bundles of ``preset``."""
+    from pathlib import Path
+
+    import torch
+
+    from pcl_viewer.models.bundle import save_bundle
+    from pcl_viewer.models.classifiers import build_classifiers
+    from pcl_viewer.models.hvae import build_hvae
+    from pcl_viewer.models.unet import UNetConfig, build_unet
+
+    torch.manual_seed(0)
+    root = Path(folder)
+    hvae, clf, unet = build_hvae(preset), build_classifiers(preset), build_unet(preset)
+    save_bundle(root / f"cf-random-{preset}", {"name": f"cf-random-{preset}", "version": "0",
+                                               "kind": "counterfactual"},
+                {"hvae": ("hvae", {"hvae": hvae.cfg.to_dict()}, hvae),
+                 "classifier": ("attribute-classifier", {"classifier": clf.cfg.to_dict()}, clf)})
+    save_bundle(root / f"seg-random-{preset}", {"name": f"seg-random-{preset}", "version": "0",
+                                                "kind": "segmentation"},
+                {"unet": ("dense-unet", {"unet": UNetConfig.for_preset(preset).to_dict(),
+                                         "heads": ["seg"]}, unet)})
+    return str(root / f"cf-random-{preset}"), str(root / f"seg-random-{preset}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pcl_viewer_napari.bench")
     p.add_argument("--bundle", default=None, help="counterfactual bundle (default cf-cpu)")
@@ -35,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-gui", action="store_true")
+    p.add_argument("--random-bundles", metavar="DIR",
+                   help="time randomly initialised 'cpu'-preset bundles written to DIR "
+                        "(same networks as the shipped ones, before they exist)")
     args = p.parse_args(argv)
     import torch  # noqa: F401  (before Qt)
+
+    if args.random_bundles:
+        args.bundle, args.seg_bundle = make_random_bundles(args.random_bundles)
 
     from pcl_viewer.pipeline import DEFAULT_CF_BUNDLE, DEFAULT_SEG_BUNDLE, Pipeline
 

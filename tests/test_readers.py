@@ -250,3 +250,11 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         write_rgb(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_lzw_tiff_written_by_pillow(tmp_path):
+    from PIL import Image
+
+    img = (synthetic_cxr(40, 30) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "l.tif", compression="tiff_lzw")
+    np.testing.assert_allclose(read_scan(tmp_path / "l.tif").image, img / 255.0, atol=1e-6)

@@ -231,7 +231,10 @@ def _read_tiff(path: Path, notices: list[str]):
                                       "only 2-D scans are supported")
         dims = dict(zip(axes, shape))
         _check_shape(path, (dims.get("Y", 1), dims.get("X", 1)))
-        arr = series.asarray()
+        try:
+            arr = series.asarray()
+        except Exception:  # e.g. LZW/JPEG compression without imagecodecs: Pillow decodes it
+            return _read_pil(path, notices)
     keep = [axes.index(a) for a in "YXS" if a in axes]
     arr = np.transpose(arr, keep + [i for i in range(arr.ndim) if i not in keep])
     arr = arr.reshape(arr.shape[: len(keep)])  # (Y, X) or (Y, X, S)

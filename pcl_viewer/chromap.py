@@ -32,7 +32,11 @@ from pcl_viewer.data.preprocess import Geometry
 REDUCERS: tuple[str, ...] = ("pca", "umap")
 MODES: tuple[str, ...] = ("blend", "aggregated")
 # UMAP is fitted on at most this many pixels (seeded subsample), then applied to all.
-UMAP_FIT_PIXELS = 4096
+# Below 4096 points umap-learn finds neighbours exactly and never compiles pynndescent.
+UMAP_FIT_PIXELS = 4000
+# umap-learn's own default for more than 10,000 points (the reference's case); it
+# would use 500 for our subsample.
+UMAP_EPOCHS = 200
 _EPS = 1e-12
 
 
@@ -224,7 +228,7 @@ class UMAPReducer:
             rng = np.random.default_rng(seed)
             pick = np.sort(rng.choice(len(z), size=min(fit_pixels, len(z)), replace=False))
             model = umap.UMAP(n_components=2, n_neighbors=min(15, len(pick) - 1), min_dist=0.1,
-                              random_state=seed)
+                              n_epochs=UMAP_EPOCHS, random_state=seed)
             model.fit(z[pick])
         return cls(model, np.ascontiguousarray(z[pick], dtype=np.float32))
 

@@ -215,9 +215,18 @@ def run_benchmark(seg_bundle: str | None, native: int = 2048, seed: int = 0,
         def ref():
             return reference_chromap(feats, seed, geo)
 
+        t0 = time.perf_counter()
+        reference_chromap(feats[:, :, :48, :48], seed)  # > 4096 points: JIT of pynndescent
+        click.echo(f"reference warm-up {time.perf_counter() - t0:6.1f} s (pynndescent JIT, not counted)")
+
         times["reference"], _ = _time_path(ref, images)
         click.echo(f"reference    {times['reference']:8.3f} s   (UMAP on all {v * s * s} pixels, "
                    "warm)")
         click.echo(f"ratio reference / umap {times['reference'] / times['umap']:6.1f}x, "
                    f"reference / pca {times['reference'] / times['pca']:8.0f}x")
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    click.echo(f"{os.cpu_count()} CPUs, 1-min load average {load:.1f} at the end (shared machines: "
+               "compare ratios from one run)")
     return times

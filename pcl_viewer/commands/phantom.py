@@ -73,7 +73,7 @@ def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
 @click.option("--n-train", type=int, default=20, show_default=True,
               help="Gold normal images of one scanner used for training (<= 20).")
 @click.option("--scanner", default="philips", show_default=True)
-@click.option("--steps", type=int, default=150, show_default=True, help="Training steps.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Training steps.")
 @click.option("--threshold", type=float, default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def silver(data: Path, n_train: int, scanner: str, steps: int, threshold: float,

@@ -44,7 +44,7 @@ STYLES: dict[str, Style] = {
                      edge_radius=0.03, collimation=(0.0, 0.035), collimation_value=0.02,
                      rotation_deg=1.2, magnification=1.0, grid_lines=0.0),
     "imagingdynamics": Style(window=(-0.10, 1.45), contrast=3.6, centre=0.46, gamma=0.78,
-                             noise=0.015, noise_corr=0.004, blur=0.0035, edge_amount=1.1,
+                             noise=0.011, noise_corr=0.003, blur=0.0035, edge_amount=1.1,
                              edge_radius=0.008, collimation=(0.02, 0.075),
                              collimation_value=0.80, rotation_deg=1.2, magnification=1.0,
                              grid_lines=0.012),

@@ -58,6 +58,7 @@ class Anatomy:
     gastric: tuple[float, float, float, float] | None
     breasts: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     lung_bottom: dict[str, float] = field(default_factory=dict)
+    hila: list[tuple[float, float]] = field(default_factory=list)
 
 
 def lateral_x(lung: np.ndarray, y: float | np.ndarray) -> np.ndarray:
@@ -89,6 +90,14 @@ def _lungs(noise: ExogenousNoise, parents: StudyParents, ssm: ShapeModel):
     return right, left
 
 
+def chaikin(poly: np.ndarray, iterations: int) -> np.ndarray:
+    """Corner-cutting smoothing of a closed polygon ``(P, 2)``."""
+    for _ in range(iterations):
+        nxt = np.roll(poly, -1, axis=0)
+        poly = np.stack([0.75 * poly + 0.25 * nxt, 0.25 * poly + 0.75 * nxt], 1).reshape(-1, 2)
+    return poly
+
+
 def _heart(right, left, noise, parents):
     ctr = 0.44 + 0.03 * np.tanh(noise.patient.heart / 1.5) + 0.0006 * (parents.age - 55)
     if parents.style == "portable":
@@ -96,13 +105,15 @@ def _heart(right, left, noise, parents):
     thorax = float(left[:, 0].max() - right[:, 0].min())
     wh = ctr * thorax
     base = float(0.5 * (right[SEGMENTS[0] + SEGMENTS[1], 1] + left[SEGMENTS[0] + SEGMENTS[1], 1]))
-    cx, cy = MIDLINE + 0.15 * wh, base - 0.24 * wh
-    a, b, ang = 0.55 * wh, 0.37 * wh, np.deg2rad(22.0)
-    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    ex, ey = a * np.cos(t), b * np.sin(t)
-    heart = np.stack([cx + ex * np.cos(ang) - ey * np.sin(ang),
-                      cy + ex * np.sin(ang) + ey * np.cos(ang)], axis=1)
-    top = float(heart[:, 1].min())
+    hh = 0.78 * wh
+    # control polygon (clockwise from the top of the right border), smoothed by Chaikin
+    ctrl = np.array([
+        [-0.045, -hh], [-0.055, -0.62 * hh], [-0.24 * wh, -0.42 * hh], [-0.33 * wh, -0.2 * hh],
+        [-0.30 * wh, 0.05], [0.62 * wh, 0.05], [0.70 * wh, -0.04 * hh],
+        [0.66 * wh, -0.36 * hh], [0.44 * wh, -0.70 * hh], [0.20 * wh, -0.88 * hh],
+        [0.05, -hh]]) + np.array([MIDLINE, base])
+    heart = chaikin(ctrl, 3)
+    top = float(base - hh)
     return heart, wh, top, base
 
 
@@ -133,7 +144,7 @@ def _ribs(right, left, noise, parents, insp):
         half = np.abs(lateral_x(lung, ylat) - MIDLINE) + 0.035
         x = MIDLINE + sgn * (0.028 + t * (half[:, None] - 0.028))
         y = (y0[:, None] - (0.05 - tilt) * np.sin(np.pi * 0.75 * t)
-             + (0.09 + 0.004 * k[:, None]) * t**3)
+             + (0.07 + 0.004 * k[:, None]) * t**4)
         posterior.append(np.stack([x, y], -1))
         xa0, ya0 = x[:, -1:], y[:, -1:]
         xa1 = MIDLINE + sgn * (0.09 + 0.008 * k[:, None])
@@ -148,8 +159,8 @@ def _clavicles(right, left):
     top = min(right[:, 1].min(), left[:, 1].min())
     for sgn in (-1.0, 1.0):
         t = np.linspace(0, 1, 16)
-        x = MIDLINE + sgn * (0.035 + 0.31 * t)
-        y = top + 0.05 - 0.085 * t + 0.018 * np.sin(2 * np.pi * t)
+        x = MIDLINE + sgn * (0.045 + 0.30 * t)
+        y = top + 0.06 - 0.07 * t + 0.012 * np.sin(2 * np.pi * t)
         out.append(np.stack([x, y], 1))
     return out
 
@@ -164,8 +175,9 @@ def _scapulae(right, left, half_width):
     return out
 
 
-def _vessel_tree(lung: np.ndarray, sgn: float, rng: np.random.Generator) -> np.ndarray:
-    """Branching vessel segments ``(V, 5)`` from the hilum of one lung, tapering outwards."""
+def _vessel_tree(lung: np.ndarray, sgn: float, rng: np.random.Generator):
+    """Branching vessel segments ``(V, 5)`` from the hilum of one lung, tapering outwards,
+    and the hilum centre ``(x, y)``."""
     top, bot = lung[:, 1].min(), lung[:, 1].max()
     hy = top + (0.43 if sgn > 0 else 0.47) * (bot - top)
     medial = lung[SEGMENTS[0] + SEGMENTS[1]:]
@@ -175,8 +187,8 @@ def _vessel_tree(lung: np.ndarray, sgn: float, rng: np.random.Generator) -> np.n
     x = np.full(n0, hx)
     y = np.full(n0, hy) + rng.normal(0, 0.01, n0)
     a = np.deg2rad(np.linspace(-70, 80, n0) + rng.normal(0, 6, n0))
-    length = 0.08 * rng.uniform(0.8, 1.15, n0)
-    w = np.full(n0, 0.011)
+    length = 0.07 * rng.uniform(0.8, 1.15, n0)
+    w = np.full(n0, 0.014)
     segs = []
     for _depth in range(5):
         x1 = x + sgn * np.cos(a) * length
@@ -186,9 +198,9 @@ def _vessel_tree(lung: np.ndarray, sgn: float, rng: np.random.Generator) -> np.n
         x, y = np.repeat(x1, 2), np.repeat(y1, 2)
         side = np.tile([-1.0, 1.0], len(x1))
         a = np.repeat(a, 2) + side * np.deg2rad(rng.uniform(14, 32, m)) + rng.normal(0, 0.08, m)
-        length = np.repeat(length, 2) * rng.uniform(0.62, 0.8, m)
-        w = np.repeat(w, 2) * 0.68
-    return np.concatenate(segs)
+        length = np.repeat(length, 2) * rng.uniform(0.6, 0.78, m)
+        w = np.repeat(w, 2) * 0.62
+    return np.concatenate(segs), (hx - sgn * 0.015, hy)
 
 
 def build_anatomy(noise: ExogenousNoise, parents: StudyParents,
@@ -207,7 +219,8 @@ def build_anatomy(noise: ExogenousNoise, parents: StudyParents,
     half_width = lung_half + 0.045 + 0.02 * np.tanh(p.body_width) + (0.01 if male else 0.0)
     top = min(right[:, 1].min(), left[:, 1].min())
     tree_rng = np.random.default_rng(p.vessel_seed)
-    vessels = np.concatenate([_vessel_tree(right, -1.0, tree_rng), _vessel_tree(left, 1.0, tree_rng)])
+    (vr, hr), (vl, hl) = _vessel_tree(right, -1.0, tree_rng), _vessel_tree(left, 1.0, tree_rng)
+    vessels = np.concatenate([vr, vl])
     trachea_bottom = heart_top - 0.02
     carina = np.array([MIDLINE + 0.003, trachea_bottom])
     trachea = [np.array([[MIDLINE, 0.0], carina]),
@@ -236,4 +249,5 @@ def build_anatomy(noise: ExogenousNoise, parents: StudyParents,
         vertebra_phase=float(p.rib_phase), bone_density=float(1.0 - 0.004 * max(parents.age - 50, 0)),
         gastric=gastric, breasts=breasts,
         lung_bottom={"right": float(right[:, 1].max()), "left": float(left[:, 1].max())},
+        hila=[hr, hl],
     )

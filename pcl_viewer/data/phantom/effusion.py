@@ -44,9 +44,10 @@ def fluid_weight(lung: np.ndarray, side: str, severity: float, meniscus: float,
     h = height * (0.10 + 0.75 * severity**1.1)
     x_lat, x_med = cp[0], medial_base[0]
     lat = np.clip((xs - x_med) / (x_lat - x_med), 0.0, 1.0)
-    k = 3.2 + 0.8 * np.tanh(meniscus)
-    m0 = 0.45 + 0.2 * severity
-    y_top = y_cp - h * (m0 + (1.0 - m0) * lat**k)
-    fade = 0.02 + 0.03 * severity
+    k = 2.4 + 0.6 * np.tanh(meniscus)
+    m0 = 0.25 + 0.2 * severity
+    # concave meniscus, plus a thin layer climbing the lateral chest wall
+    y_top = y_cp - h * (m0 + (1.0 - m0) * lat**k) - 0.35 * h * np.exp(-(1.0 - lat) / 0.05)
+    fade = 0.02 + 0.025 * severity
     w = np.clip((ys[:, None] - y_top[None, :]) / fade + 0.3, 0.0, 1.0)
     return w.astype(np.float32)

@@ -85,7 +85,7 @@ class EffusionNoise:
     def sample(cls, rng: np.random.Generator, severe: bool = False) -> EffusionNoise:
         side = EFFUSION_SIDES[int(rng.choice(3, p=EFFUSION_SIDE_P))]
         u = float(rng.random())
-        severity = 0.45 + 0.55 * u if severe else u**1.3
+        severity = 0.45 + 0.55 * u if severe else u
         return cls(side=side, severity=severity, meniscus=float(rng.standard_normal()))
 
 

@@ -19,7 +19,7 @@ from pcl_viewer.data.phantom.effusion import fluid_sides, fluid_weight
 from pcl_viewer.data.phantom.noise import EffusionNoise
 
 SHIFT = 4  # sub-pixel bits for cv2 drawing
-LUNG_AIR = 0.62  # attenuation removed by a full-depth lung
+LUNG_AIR = 0.68  # attenuation removed by a full-depth lung
 
 
 @dataclass
@@ -96,20 +96,20 @@ def _bones(an: Anatomy, size: int) -> np.ndarray:
     bone = np.zeros((size, size), np.float32)
     d = an.bone_density
     post = np.zeros_like(bone)
-    t_post = 0.022
-    _lines(post, an.ribs_posterior, size, 0.12 * d, t_post)
-    _lines(post, an.ribs_posterior, size, 0.065 * d, t_post * 0.45)  # medulla < cortex
+    t_post = 0.024
+    _lines(post, an.ribs_posterior, size, 0.085 * d, t_post)
+    _lines(post, an.ribs_posterior, size, 0.06 * d, t_post * 0.5)  # medulla < cortex
     ant = np.zeros_like(bone)
-    _lines(ant, an.ribs_anterior, size, 0.06 * d, t_post * 0.8)
+    _lines(ant, an.ribs_anterior, size, 0.05 * d, t_post * 0.85)
     fade = np.clip((np.abs(xs - MIDLINE) - 0.08) / 0.2, 0.1, 1.0)  # costal cartilage
     low = np.mean(list(an.lung_bottom.values()))
     below = 1.0 - 0.6 * _smoothstep(xs, low - 0.03, low + 0.08)  # ribs fade into the abdomen
-    bone += (post + ant * fade[None, :]) * below[:, None]
+    bone += _blur((post + ant * fade[None, :]) * below[:, None], 0.0025)
     clav = np.zeros_like(bone)
     for poly in an.clavicles:
-        _line(clav, poly, size, 0.24 * d, 0.03)
-        _line(clav, poly, size, 0.15 * d, 0.015)
-    bone += clav
+        _line(clav, poly, size, 0.16 * d, 0.036)
+        _line(clav, poly, size, 0.11 * d, 0.02)
+    bone += _blur(clav, 0.002)
     scap = np.zeros_like(bone)
     for poly in an.scapulae:
         _fill(poly, size, 0.06, scap, np.float32)
@@ -133,15 +133,20 @@ def _bones(an: Anatomy, size: int) -> np.ndarray:
 
 
 def _vessels(an: Anatomy, size: int) -> np.ndarray:
-    """Vessel tree: one draw call per branching generation (same width)."""
+    """Vessel tree (one draw call per branching generation) plus hilar shadows."""
     canvas = np.zeros((size, size), np.float32)
     v = an.vessels
     for w in np.unique(v[:, 4]):
         seg = v[v[:, 4] == w]
         t = max(1, int(round(w * size)))
-        val = 0.12 * min(1.0, w * size / t) * (0.5 + 0.5 * min(1.0, w / 0.006))
+        val = 0.11 * min(1.0, w * size / t) * (0.45 + 0.55 * min(1.0, w / 0.008))
         _lines(canvas, seg[:, :4].reshape(-1, 2, 2), size, val, w)
-    return _blur(canvas, 0.003)
+    canvas = _blur(canvas, 0.0035)
+    xs, _ = grid(size)
+    for hx, hy in an.hila:
+        canvas += 0.07 * np.outer(np.exp(-(((xs - hy) / 0.05) ** 2)),
+                                  np.exp(-(((xs - hx) / 0.022) ** 2)))
+    return canvas
 
 
 def _texture(seed: int, size: int) -> np.ndarray:
@@ -178,14 +183,14 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     # lungs are thicker towards the bases (posterior recesses)
     depth *= (0.85 + 0.25 * _smoothstep(ys, 0.2, 0.75))
     med_soft = _blur(med.astype(np.float32), 0.004)
-    air = LUNG_AIR * depth * (1.0 - 0.75 * med_soft)
+    air = LUNG_AIR * depth * (1.0 - 0.85 * med_soft)
     lung_in = (depth * (1.0 - med_soft)).astype(np.float32)
     vessels = _vessels(an, size) * _blur(lung_in, 0.01)
     texture = 0.018 * _texture(vessel_seed, size) * lung_in
     lung = (air - vessels - texture).astype(np.float32)
     body = _body(an, size)
     base = body + _bones(an, size)
-    heart_extra = _blur(med.astype(np.float32), 0.006) * 0.05
+    heart_extra = _blur(med.astype(np.float32), 0.02) * 0.05
     base += heart_extra * body
     trach = np.zeros_like(base)
     _line(trach, an.trachea[0], size, 0.13, 0.03)

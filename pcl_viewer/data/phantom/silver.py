@@ -34,7 +34,7 @@ def lung_dice(a: np.ndarray, b: np.ndarray) -> float:
 def _build_net():
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(16, 32, 64, 128),
+    return UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(8, 16, 32, 64),
                 strides=(2, 2, 2), num_res_units=1)
 
 
@@ -72,7 +72,7 @@ def _augment(imgs: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
 
 
 def train_segmenter(imgs: np.ndarray, masks: np.ndarray, steps: int, seed: int,
-                    echo=print, budget_s: float = 240.0, batch: int = 8):
+                    echo=print, budget_s: float | None = None, batch: int = 8):
     """Train the U-Net on ``imgs (N,S,S) float32`` / ``masks (N,S,S) uint8`` for ``steps``
     AdamW steps of ``batch`` augmented images (stops early at ``budget_s`` seconds)."""
     import torch
@@ -102,7 +102,7 @@ def train_segmenter(imgs: np.ndarray, masks: np.ndarray, steps: int, seed: int,
         sched.step()
         if step % 25 == 0 or step == steps - 1:
             echo(f"  step {step + 1}/{steps} loss {loss.item():.3f}")
-        if time.perf_counter() - t0 > budget_s:
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
             echo(f"  time budget reached after {step + 1} steps")
             break
     net.eval()
@@ -138,6 +138,51 @@ def predict(net, imgs: np.ndarray, n_tta: int = 2, seed: int = 0,
     return labels, quality
 
 
+class ShapePrior:
+    """Landmark shape model of the training masks; predictions are projected onto it,
+    as landmark-based segmenters (CheXmask's HybridGNet) constrain their outputs."""
+
+    def __init__(self, masks: np.ndarray, var_kept: float = 0.9, limit: float = 2.0) -> None:
+        shapes = [s for s in (self.landmarks(m) for m in masks) if s is not None]
+        flat = np.stack(shapes).reshape(len(shapes), -1)
+        self.mean = flat.mean(0)
+        _, sv, vt = np.linalg.svd(flat - self.mean, full_matrices=False)
+        var = sv**2 / max(len(flat) - 1, 1)
+        k = int(np.searchsorted(np.cumsum(var) / var.sum(), var_kept) + 1)
+        self.modes, self.std, self.limit = vt[:k], np.sqrt(var[:k]), limit
+
+    @staticmethod
+    def landmarks(mask: np.ndarray) -> np.ndarray | None:
+        """``(2 * N_PER_LUNG, 2)`` landmarks in units of the mask size, or None."""
+        from pcl_viewer.data.phantom.shape import lung_landmarks
+
+        out = []
+        for label, sign in ((1, -1.0), (2, 1.0)):
+            cs, _ = cv2.findContours((mask == label).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                     cv2.CHAIN_APPROX_NONE)
+            if not cs:
+                return None
+            lm = lung_landmarks(max(cs, key=cv2.contourArea)[:, 0, :], sign)
+            if lm is None:
+                return None
+            out.append(lm / mask.shape[0])
+        return np.concatenate(out)
+
+    def project(self, mask: np.ndarray) -> np.ndarray:
+        """The closest plausible shape (coefficients clipped at ``limit`` sd), rasterised."""
+        lm = self.landmarks(mask)
+        if lm is None:
+            return mask
+        b = self.modes @ (lm.reshape(-1) - self.mean)
+        b = np.clip(b, -self.limit * self.std, self.limit * self.std)
+        fit = (self.mean + b @ self.modes).reshape(-1, 2) * mask.shape[0]
+        out = np.zeros_like(mask)
+        n = len(fit) // 2
+        for label, poly in ((1, fit[:n]), (2, fit[n:])):
+            cv2.fillPoly(out, [np.round(poly * 16).astype(np.int32)], label, cv2.LINE_8, 4)
+        return out
+
+
 def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     if a.shape[0] == size:
         return a
@@ -145,7 +190,7 @@ def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     return cv2.resize(a, (size, size), interpolation=flag)
 
 
-def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: int = 150,
+def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: int = 200,
                 threshold: float = 0.7, seed: int = 0, echo=print) -> dict:
     """Train, label the pool, write ``silver_masks.csv`` and ``silver_report.json``."""
     import torch
@@ -153,7 +198,7 @@ def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: 
     from pcl_viewer.data import rle
     from pcl_viewer.data.dataset import load_dataset
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # oversubscribed shared cores: 2 threads spin-wait
     data = Path(data)
     n_train = min(int(n_train), 20)
     ds = load_dataset(data)
@@ -164,18 +209,21 @@ def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: 
         raise ValueError(f"need gold normal {scanner} training images; found {len(cand)}")
     train_idx = sorted(rng.choice(cand, size=min(n_train, len(cand)), replace=False).tolist())
     native = ds.image(0).shape[0]
-    imgs = np.stack([_resize(ds.image(i), WORK_SIZE, False) for i in range(len(ds))])
-    tr_m = np.stack([_resize(ds.gold_mask(i), WORK_SIZE, True) for i in train_idx])
+    work = min(native, WORK_SIZE)
+    imgs = np.stack([_resize(ds.image(i), work, False) for i in range(len(ds))])
+    tr_m = np.stack([_resize(ds.gold_mask(i), work, True) for i in train_idx])
     echo(f"training on {len(train_idx)} gold normal {scanner} images, {steps} steps")
     t0 = time.perf_counter()
     net = train_segmenter(imgs[train_idx], tr_m, steps, seed, echo)
     t_train = time.perf_counter() - t0
     labels, quality = predict(net, imgs, seed=seed)
+    prior = ShapePrior(tr_m)
+    labels = np.stack([prior.project(m) for m in labels])
     rows, groups = [], {}
     train_set = set(train_idx)
     for i, rec in enumerate(ds.records):
         lab = labels[i]
-        if native != WORK_SIZE:
+        if native != work:
             lab = _resize(lab, native, True)
         r_rle, l_rle = rle.encode_lungs(lab)
         rows.append([rec.image_id, round(float(quality[i]), 4), r_rle, l_rle, native, native])

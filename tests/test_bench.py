@@ -104,3 +104,42 @@ def test_paired_difference_verdicts():
     assert d["mean"] == pytest.approx(2.0) and d["verdict"].startswith("holds")
     assert paired_difference(cells, "b", "a")["verdict"].startswith("does not hold")
     assert paired_difference(cells, "a", "missing") is None
+
+
+def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
+    """`pcl bench --preset smoke`: phantom sets, silver labels, pre-training, fine-tuning,
+    MONAI scores, report; a second run computes nothing."""
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    threads = torch.get_num_threads()
+    args = ["--preset", "smoke", "--out", str(tmp_path / "results"), "--cache",
+            str(tmp_path / "cache"), "--rows", "none,seg-silver,s-mvd-cl-oracle"]
+    first = CliRunner().invoke(bench, args)
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert "0 already done, 18 computed now, 0 left" in first.output
+    second = CliRunner().invoke(bench, args)
+    torch.set_num_threads(threads)
+    assert "18 already done, 0 computed now, 0 left" in second.output
+    with open(tmp_path / "results" / "benchmark.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert tuple(table[0]) == MAIN_COLUMNS
+    assert [r["method"] for r in table] == ["None", "Segmentation (silver)", "S-MVD-CL (oracle CF)"]
+    bundle = tmp_path / "cache" / "runs" / "smoke" / "s-mvd-cl-oracle" / "bundle" / "card.json"
+    assert json.loads(bundle.read_text())["kind"] == "pretrained"
+
+
+def test_unavailable_row_is_skipped_and_reported(tmp_path):
+    from pcl_viewer.evaluate.benchmark import RowUnavailable
+
+    def init(row):
+        if row.slug == "dvd-cl":
+            raise RowUnavailable("no counterfactual model")
+        return None
+
+    rows = [ROW_BY_SLUG["none"], ROW_BY_SLUG["dvd-cl"]]
+    res = run_grid(bench_preset("smoke"), _toy_sets(), tmp_path, init, rows=rows,
+                   show_progress=False, max_cells=4)
+    assert res["skipped_rows"] == {"dvd-cl": "no counterfactual model"}
+    assert not (tmp_path / "dvd-cl").exists()

@@ -77,15 +77,28 @@ def segment(scan: Path, bundle: str | None, out: Path) -> None:
 def evaluate(bundle: str | None, n: int, seed: int, styles: tuple[str, ...],
              effusion_oversample: float, severe: bool) -> None:
     """Generate fresh phantom images and print Dice (%) overall / nf / pe, and HD95, ASD."""
+    model, size, info = load_segmenter(bundle)
+    groups = [list(styles)] if styles else [["imagingdynamics", "philips"], ["portable"]]
+    click.echo(f"bundle {info.path} ({info.fingerprint}), {size} px, seed {seed}, n {n} per group")
+    for r in evaluate_on_phantom(model, size, n, seed, groups, effusion_oversample, severe):
+        click.echo(f"{r['styles']:28s} Dice % overall {r['dice']:.2f} (n={r['n']})  "
+                   f"nf {r['dice_nf']:.2f} (n={r['n_nf']})  pe {r['dice_pe']:.2f} (n={r['n_pe']})"
+                   f"  HD95 {r['hd95']:.2f} px  ASD {r['asd']:.2f} px")
+
+
+def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[str]],
+                        effusion_oversample: float = 8.0, severe: bool = False) -> list[dict]:
+    """Dice (%) overall/nf/pe, HD95 and ASD (px) of ``model`` on fresh phantom images.
+
+    One set of ``n`` images per style group, seed ``seed + 1000 * group index``.
+    """
     import tempfile
 
     from pcl_viewer.evaluate.benchmark_inputs import generate_phantom, load_arrays
     from pcl_viewer.evaluate.metrics import segmentation_scores
     from pcl_viewer.train.finetune import predict
 
-    model, size, info = load_segmenter(bundle)
-    groups = [list(styles)] if styles else [["imagingdynamics", "philips"], ["portable"]]
-    click.echo(f"bundle {info.path} ({info.fingerprint}), {size} px, seed {seed}, n {n} per group")
+    out = []
     with tempfile.TemporaryDirectory(prefix="pcl-eval-") as tmp:
         for k, group in enumerate(groups):
             root = Path(tmp) / f"set{k}"
@@ -94,14 +107,12 @@ def evaluate(bundle: str | None, n: int, seed: int, styles: tuple[str, ...],
             arr = load_arrays(root, size)
             s = segmentation_scores(predict(model, arr["image"]), arr["gold"])
             eff = arr["effusion"].astype(bool)
-            parts = []
-            for name, mask in (("overall", None), ("nf", ~eff), ("pe", eff)):
-                m = s.mean(mask)
-                cnt = len(eff) if mask is None else int(mask.sum())
-                parts.append(f"{name} {100 * m['dice']:.2f} (n={cnt})")
-            m = s.mean()
-            click.echo(f"{'+'.join(group):28s} Dice % " + "  ".join(parts)
-                       + f"  HD95 {m['hd95']:.2f} px  ASD {m['asd']:.2f} px")
+            m, nf, pe = s.mean(), s.mean(~eff), s.mean(eff)
+            out.append({"styles": "+".join(group), "seed": seed + 1000 * k, "n": len(eff),
+                        "n_nf": int((~eff).sum()), "n_pe": int(eff.sum()),
+                        "dice": 100 * m["dice"], "dice_nf": 100 * nf["dice"],
+                        "dice_pe": 100 * pe["dice"], "hd95": m["hd95"], "asd": m["asd"]})
+    return out
 
 
 @click.command()
@@ -120,8 +131,17 @@ def evaluate(bundle: str | None, n: int, seed: int, styles: tuple[str, ...],
 @click.option("--threads", default=1, show_default=True,
               help="torch threads. 1 by default: on a shared 2-core machine more threads spin "
                    "and run up to 10x slower (measured, docs/benchmark.md).")
+@click.option("--ship", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Instead of the grid: train the shipped segmentation bundle at this folder.")
+@click.option("--ship-row", default="none", show_default=True,
+              help="Row whose initialisation the shipped model fine-tunes.")
+@click.option("--ship-n", default=2000, show_default=True, help="Gold-labelled pool size.")
+@click.option("--ship-seed", default=201, show_default=True, help="Seed of that pool.")
+@click.option("--ship-epochs", default=None, type=int, help="Epochs (default: the recipe's).")
 def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
-          cf_bundle: str | None, report_only: bool, max_cells: int | None, threads: int) -> None:
+          cf_bundle: str | None, report_only: bool, max_cells: int | None, threads: int,
+          ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
+          ship_epochs: int | None) -> None:
     """Fine-tuning benchmark: every row x fold x label budget that is not done yet.
 
     Resumable: finished cells (CACHE/runs/PRESET/cells/ROW/foldK-BUDGET.json) are never
@@ -141,6 +161,14 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     command = "pcl " + " ".join(sys.argv[1:]) if sys.argv and "pcl" in sys.argv[0] else \
         f"pcl bench --preset {preset} --out {out}"
     commit = git_commit()
+    if ship is not None:
+        from pcl_viewer.evaluate.ship import ship_segmentation
+
+        init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)
+        ship_segmentation(cfg, ship, cache / "data" / preset, init, row=ship_row, n=ship_n,
+                          seed=ship_seed, epochs=ship_epochs, command=command, echo=click.echo)
+        click.echo(f"wrote {ship}")
+        return
     if not report_only:
         sets = bench_sets(cfg, cache / "data" / preset)
         init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)

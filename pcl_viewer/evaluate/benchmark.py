@@ -99,6 +99,10 @@ class BenchPreset:
     ood_n: int = 100
     pool_n: int = 2000
     pretrain_options: dict = field(default_factory=dict)
+    silver_steps: int = 150  # training steps of the pool's silver segmenter
+    # CheXmask-style filter: silver masks kept where the quality estimate > this.
+    # smoke sets 0 (its 3-step silver segmenter is deliberately poor; the path is what it tests).
+    silver_min_quality: float = 0.7
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig.for_preset(self.name)
@@ -110,10 +114,11 @@ def bench_preset(name: str) -> BenchPreset:
     if name == "smoke":
         ft = FinetuneConfig(epochs=1, min_steps=2, max_steps=3, batch_size=4)
         return BenchPreset("smoke", 64, n_folds=2, finetune=ft,
-                           seg_pretrain=replace(ft, max_steps=3), gold_n=16, ood_n=4, pool_n=16,
+                           seg_pretrain=replace(ft, max_steps=3), gold_n=16, ood_n=4, pool_n=32,
                            pretrain_options={"epochs": 1, "max_steps_per_epoch": 1,
                                              "batch_size": 2, "pixels": 32, "probe_train": 4,
-                                             "probe_eval": 2, "probe_steps": 2})
+                                             "probe_eval": 2, "probe_steps": 2},
+                           silver_steps=3, silver_min_quality=0.0)
     if name == "cpu":
         ft = FinetuneConfig(epochs=12, min_steps=60)
         return BenchPreset("cpu", 128, finetune=ft, seg_pretrain=FinetuneConfig(epochs=4),

@@ -45,7 +45,7 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
                      styles: list[str] | tuple[str, ...] = TRAINING_STYLES,
                      effusion_oversample: float = 1.0, severe: bool = False,
                      studies_per_patient: int = 1, true_cf: bool = False,
-                     silver: bool = False) -> Path:
+                     silver: bool = False, silver_steps: int = 150) -> Path:
     """Generate a phantom data set at ``root`` once (a ``.complete`` marker makes it reusable).
 
     ``silver``: also label it with the CheXmask-like silver segmenter (``pcl phantom silver``).
@@ -61,9 +61,13 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
              styles=tuple(styles), severe=severe, studies_per_patient=studies_per_patient,
              workers=default_workers())
     if silver:
+        import torch
+
         from pcl_viewer.data.phantom.silver import make_silver
 
-        make_silver(root, seed=seed, echo=lambda *a, **k: None)
+        threads = torch.get_num_threads()  # make_silver sets its own thread count
+        make_silver(root, seed=seed, steps=silver_steps, echo=lambda *a, **k: None)
+        torch.set_num_threads(threads)
     (root / ".complete").write_text("ok\n")
     return root
 
@@ -111,7 +115,8 @@ class RowInitialiser:
     def pool(self) -> Path:
         return generate_phantom(self.data_root / "pool", self.preset.pool_n, SEEDS["pool"],
                                 self.preset.image_size, effusion_oversample=4.0,
-                                studies_per_patient=2, true_cf=True, silver=True)
+                                studies_per_patient=2, true_cf=True, silver=True,
+                                silver_steps=self.preset.silver_steps)
 
     def __call__(self, row: Row) -> Path | None:
         if row.kind == "none":
@@ -137,7 +142,7 @@ class RowInitialiser:
             keep = arr["has_silver"].astype(bool)
             q = arr.get("silver_quality")
             if q is not None:
-                keep &= ~(q <= 0.7)
+                keep &= ~(q <= self.preset.silver_min_quality)
         model, log = finetune(arr["image"][keep], masks[keep], self.preset.unet_config(),
                               self.preset.seg_pretrain)
         save_segmentation_bundle(out, model, {
@@ -163,7 +168,7 @@ class RowInitialiser:
         if key not in self._data:
             self._data[key] = PretrainData.from_dataset(
                 self.pool(), self.preset.image_size, views=views, bundle=self.cf_bundle,
-                need_counterfactuals=need_cf)
+                need_counterfactuals=need_cf, min_quality=self.preset.silver_min_quality)
         command = (f"pcl pretrain --method {row.method}{'' if row.augment else ' --dagger'} "
                    f"--views {views} --data {self.pool()} --preset {self.preset.name} "
                    f"--out {out.parent}  # via pcl bench, options {self.preset.pretrain_options}")

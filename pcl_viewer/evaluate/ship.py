@@ -1,0 +1,83 @@
+"""The shipped segmentation bundle: one row's initialisation fine-tuned on a gold-labelled
+phantom pool, checked on fresh phantom images, written with its model card.
+
+Issue 5 asks for the benchmark's best row fine-tuned on all gold data; until the
+cpu grid has finished, the shipped model is the "None" row (random init) trained
+on a gold-labelled pool, and its card says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, BenchPreset
+from pcl_viewer.evaluate.benchmark_inputs import generate_phantom, git_commit, load_arrays
+from pcl_viewer.train.finetune import FinetuneConfig, finetune, save_segmentation_bundle
+
+# Shipped-model recipe: METHOD §4 fine-tuning with a milder crop (whole-image use) and
+# extra gamma/noise jitter for robustness to unseen acquisition styles (portable).
+SHIP_FINETUNE = FinetuneConfig(epochs=12, crop_scale=(0.35, 1.0), gamma=0.35, noise=0.03,
+                               loss="dicece")
+EVAL_SEED = 9001  # fresh images: no data set of the project uses this seed
+
+
+def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row: str = "none",
+                      n: int = 2000, seed: int = 201, epochs: int | None = None,
+                      eval_n: int = 200, command: str = "", echo=print) -> Path:
+    """Train and write the shipped "segmentation" bundle at ``out``.
+
+    Args:
+        init: a :class:`~pcl_viewer.evaluate.benchmark_inputs.RowInitialiser` (row -> bundle).
+        row: benchmark row slug whose initialisation is fine-tuned.
+        n, seed: size and seed of the gold-labelled training pool (effusion oversampled,
+            both training scanners, up to two studies per patient).
+        eval_n: fresh images per evaluation group (seed :data:`EVAL_SEED`).
+    """
+    from tqdm import tqdm
+
+    from pcl_viewer.commands.bench import evaluate_on_phantom
+
+    cfg = SHIP_FINETUNE if epochs is None else replace(SHIP_FINETUNE, epochs=epochs)
+    size = preset.image_size
+    root = generate_phantom(data_root / f"ship-s{seed}-n{n}", n, seed, size,
+                            effusion_oversample=6.0, studies_per_patient=2)
+    arr = load_arrays(root, size)
+    pretrained = init(ROW_BY_SLUG[row])
+    bar = tqdm(total=cfg.n_steps(len(arr["image"])), unit="step", desc="ship seg")
+    t0 = time.perf_counter()
+    model, log = finetune(arr["image"], arr["gold"], preset.unet_config(), cfg,
+                          pretrained=pretrained, progress=lambda s, t: bar.update(1))
+    bar.close()
+    echo(f"trained {log['steps']} steps in {time.perf_counter() - t0:.0f} s")
+    groups = [["imagingdynamics", "philips"], ["portable"]]
+    results = evaluate_on_phantom(model, size, eval_n, EVAL_SEED, groups)
+    results += evaluate_on_phantom(model, size, eval_n // 2, EVAL_SEED + 500,
+                                   [["imagingdynamics", "philips"]], severe=True,
+                                   effusion_oversample=1000.0)
+    results[-1]["styles"] += " (severe effusion)"
+    for r in results:
+        echo(f"{r['styles']}: Dice {r['dice']:.2f} nf {r['dice_nf']:.2f} pe {r['dice_pe']:.2f} "
+             f"HD95 {r['hd95']:.2f} ASD {r['asd']:.2f}")
+    card = {
+        "name": out.name, "version": "1", "preset": preset.name,
+        "description": "Lung segmentation U-Net (0 background, 1 right lung, 2 left lung). "
+                       "Interim shipped model: the benchmark row "
+                       f"{ROW_BY_SLUG[row].name!r} fine-tuned on a gold-labelled phantom pool. "
+                       "A later session replaces it with the benchmark's best row fine-tuned on "
+                       "all gold data (issue 5), with its benchmark numbers.",
+        "labels": {"0": "background", "1": "right lung (image left)", "2": "left lung"},
+        "training": {"command": command, "seed": cfg.seed, "commit": git_commit(),
+                     "data": f"phantom pool n={n} seed={seed} {size}px, effusion oversample 6, "
+                             "styles imagingdynamics+philips, <=2 studies/patient, gold masks",
+                     "init_row": row, "init_bundle": None if pretrained is None else str(pretrained),
+                     "finetune": cfg.to_dict(), "log": log},
+        "metrics": {"evaluated_with": f"pcl evaluate --bundle {out} --phantom-n {eval_n} "
+                                      f"--seed {EVAL_SEED}",
+                    "fresh_phantom": results,
+                    "targets": {"dice": 95.0, "dice_pe_training_scanners": 93.0,
+                                "dice_portable": 90.0}},
+    }
+    save_segmentation_bundle(out, model, card)
+    return out

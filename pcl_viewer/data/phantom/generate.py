@@ -39,9 +39,12 @@ MASK_COLUMNS = ["ImageID", "Dice RCA (Mean)", "Right Lung", "Left Lung", "Height
 SPLIT_P = (0.7, 0.15, 0.15)
 
 
-def write_png16(path: Path, image: np.ndarray) -> None:
-    """Save a float [0, 1] image as a 16-bit grey PNG."""
-    arr = np.round(np.clip(image, 0.0, 1.0) * 65535.0).astype(np.uint16)
+def write_png16(path: Path, image: np.ndarray, bits: int = 16) -> None:
+    """Save a float [0, 1] image as a 16-bit grey PNG holding ``bits`` significant bits
+    (12 as in PadChest's ``BitsStored_DICOM``: smaller files, same reader)."""
+    levels = (1 << bits) - 1
+    arr = np.round(np.clip(image, 0.0, 1.0) * levels).astype(np.uint32)
+    arr = (arr * 65535 // levels).astype(np.uint16)
     if not cv2.imwrite(str(path), arr):
         raise OSError(f"cannot write {path}")
 

@@ -69,7 +69,7 @@ def make_montage(out: Path, size: int = 256, seed: int = 0) -> np.ndarray:
         _label(canvas, f"{parents.sex}, {parents.age:.0f} y", 6, y + size // 2 + 32, 0.45)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), canvas)
+    cv2.imwrite(str(out), canvas, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     return canvas
 
 
@@ -86,7 +86,7 @@ def write_samples(out: Path, size: int = 512, seed: int = 0) -> list[dict]:
         parents = replace(st.parents, style=style, effusion=eff)
         img, mask = Renderer(st.noise).render(parents, size)
         name = f"phantom_{style}_{'effusion' if eff else 'normal'}.png"
-        write_png16(out / name, img)
+        write_png16(out / name, img, bits=12)
         r_rle, l_rle = rle.encode_lungs(mask)
         info.append({
             "file": name, "size": size, "parents": parents.to_dict(),

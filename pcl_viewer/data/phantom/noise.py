@@ -25,7 +25,7 @@ EFFUSION_SIDE_P: tuple[float, ...] = (0.55, 0.33, 0.12)
 class PatientNoise:
     """Anatomy of one patient (standard normal unless noted)."""
 
-    shape: list[float]  # (K,) SSM coefficients in units of each mode's std, clipped to +-2.5
+    shape: list[float]  # (K,) SSM coefficients in units of each mode's std, clipped to +-2
     heart: float  # cardiothoracic ratio deviation
     body_width: float
     soft_tissue: float  # habitus: soft-tissue thickness
@@ -40,7 +40,7 @@ class PatientNoise:
     def sample(cls, rng: np.random.Generator, n_modes: int) -> PatientNoise:
         n = rng.standard_normal
         return cls(
-            shape=[round(float(v), 5) for v in np.clip(n(n_modes), -2.5, 2.5)],
+            shape=[round(float(v), 5) for v in np.clip(n(n_modes), -2.0, 2.0)],
             heart=float(n()), body_width=float(n()), soft_tissue=float(n()),
             breast=float(n()), right_dome=float(n()), rib_phase=float(rng.random()),
             rib_angle=float(n()), gastric=float(rng.random()),

@@ -103,7 +103,7 @@ def _bones(an: Anatomy, size: int) -> np.ndarray:
     _lines(ant, an.ribs_anterior, size, 0.05 * d, t_post * 0.85)
     fade = np.clip((np.abs(xs - MIDLINE) - 0.08) / 0.2, 0.1, 1.0)  # costal cartilage
     low = np.mean(list(an.lung_bottom.values()))
-    below = 1.0 - 0.6 * _smoothstep(xs, low - 0.03, low + 0.08)  # ribs fade into the abdomen
+    below = 1.0 - 0.8 * _smoothstep(xs, low - 0.03, low + 0.1)  # ribs fade into the abdomen
     bone += _blur((post + ant * fade[None, :]) * below[:, None], 0.0025)
     clav = np.zeros_like(bone)
     for poly in an.clavicles:
@@ -121,7 +121,7 @@ def _bones(an: Anatomy, size: int) -> np.ndarray:
     phase = (xs / an.vertebra_period + an.vertebra_phase) % 1.0
     disc = _smoothstep(np.abs(phase - 0.5), 0.36, 0.46)
     plate = np.exp(-(((np.abs(phase - 0.5) - 0.34) / 0.05) ** 2))
-    vbody = 0.08 * (1.0 - 0.6 * disc) + 0.03 * plate
+    vbody = 0.06 * (1.0 - 0.5 * disc) + 0.025 * plate
     ped = np.exp(-(((dx - 0.3 * an.spine_width) / (0.07 * an.spine_width)) ** 2))
     ped_v = np.exp(-(((phase - 0.3) / 0.12) ** 2))
     spin = np.exp(-((dx / 0.006) ** 2))
@@ -139,7 +139,7 @@ def _vessels(an: Anatomy, size: int) -> np.ndarray:
     for w in np.unique(v[:, 4]):
         seg = v[v[:, 4] == w]
         t = max(1, int(round(w * size)))
-        val = 0.11 * min(1.0, w * size / t) * (0.45 + 0.55 * min(1.0, w / 0.008))
+        val = 0.14 * min(1.0, w * size / t) * (0.45 + 0.55 * min(1.0, w / 0.008))
         _lines(canvas, seg[:, :4].reshape(-1, 2, 2), size, val, w)
     canvas = _blur(canvas, 0.0035)
     xs, _ = grid(size)
@@ -186,7 +186,7 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     air = LUNG_AIR * depth * (1.0 - 0.85 * med_soft)
     lung_in = (depth * (1.0 - med_soft)).astype(np.float32)
     vessels = _vessels(an, size) * _blur(lung_in, 0.01)
-    texture = 0.018 * _texture(vessel_seed, size) * lung_in
+    texture = 0.03 * _texture(vessel_seed, size) * lung_in
     lung = (air - vessels - texture).astype(np.float32)
     body = _body(an, size)
     base = body + _bones(an, size)

@@ -84,12 +84,18 @@ class ReviewSummary:
     errors: int
     flagged: int
     seconds: float
+    cpu_seconds: float = float("nan")
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         """Scans per second over the scans processed by this run."""
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def cpu_per_scan(self) -> float:
+        """Process CPU seconds (all threads) per processed scan: the cost on a busy machine."""
+        return self.cpu_seconds / self.processed if self.processed else float("nan")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -373,7 +379,7 @@ def iter_review(
     todo = [b for b in batches if any(p not in finished for p in b)]
     total = sum(len(b) for b in todo)
     skipped = len(paths) - total
-    done, t0 = 0, time.perf_counter()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max(1, cfg.read_workers)) as pool:
         pending: list[Future] | None = None
         for i in range(len(todo)):
@@ -388,15 +394,17 @@ def iter_review(
             by_path = {r["path"]: r for r in (_run_batch(pipeline, pairs, cfg) if pairs else [])}
             batch = [s | {"status": "error"} if isinstance(s, dict) else by_path[p]
                      for p, s in zip(todo[i], items)]
-            append_journal(out, {"batch": batch})
+            # Wall and CPU clocks let a rate be read from a journal of an interrupted run.
+            append_journal(out, {"batch": batch, "t": round(time.time(), 3),
+                                 "cpu": round(time.process_time() - c0, 3)})
             done += len(todo[i])
             del items, pairs, by_path
             yield ReviewProgress(done=done, total=total, records=batch)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     files = finalize(out, cfg)
     _, all_records = load_journal(out)
     return ReviewSummary(
-        out=out, processed=done, skipped=skipped, seconds=seconds, files=files,
+        out=out, processed=done, skipped=skipped, seconds=seconds, cpu_seconds=cpu, files=files,
         errors=sum(r.get("status") == "error" for r in all_records),
         flagged=sum(any(flag_reason(x, cfg) for x in r.get("rows", [])) for r in all_records),
     )

@@ -107,7 +107,7 @@ def test_kill_9_during_review_resumes_and_equals_an_uninterrupted_run(tmp_path, 
     assert 8 <= kept < 61
 
     again = run(["review", *common, "--out", str(cut)])
-    assert f"({kept} already done)" in again.stdout or f"({kept - 1} already done)" in again.stdout
+    assert f"({kept} already done;" in again.stdout
     for name in ("report.csv", "errors.csv"):
         assert (cut / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     assert len((cut / "report.csv").read_text().splitlines()) == 1 + 60 * 2

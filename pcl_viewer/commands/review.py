@@ -80,7 +80,8 @@ def review(inputs: tuple[str, ...], out: str, cf_bundle: str, seg_bundle: str, t
         raise click.ClickException(str(exc)) from exc
     click.echo(
         f"reviewed {summary.processed} scans in {summary.seconds:.1f} s: "
-        f"{summary.rate:.2f} scans/s ({summary.skipped} already done); "
+        f"{summary.rate:.2f} scans/s ({summary.skipped} already done; "
+        f"{summary.cpu_per_scan:.3f} CPU-s per scan); "
         f"{summary.flagged} flagged, {summary.errors} unreadable"
     )
     click.echo(f"report: {summary.files['html']}")

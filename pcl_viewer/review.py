@@ -380,6 +380,7 @@ def iter_review(
     total = sum(len(b) for b in todo)
     skipped = len(paths) - total
     done, t0, c0 = 0, time.perf_counter(), time.process_time()
+    yield ReviewProgress(done=0, total=total, records=[])  # the bar knows its length now
     with ThreadPoolExecutor(max(1, cfg.read_workers)) as pool:
         pending: list[Future] | None = None
         for i in range(len(todo)):

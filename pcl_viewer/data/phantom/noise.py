@@ -10,7 +10,7 @@ Given the noise and :class:`StudyParents`, rendering is deterministic.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -98,7 +98,15 @@ class ExogenousNoise:
     effusion: EffusionNoise
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-ready dict (fast: the records are flat dataclasses)."""
+        out = {}
+        for name in ("patient", "study", "effusion"):
+            part = dict(vars(getattr(self, name)))
+            for k, v in part.items():
+                if isinstance(v, list):
+                    part[k] = list(v)
+            out[name] = part
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ExogenousNoise:

@@ -10,6 +10,12 @@ Causal graph (``care`` latent, as in PadChest)::
 The gold mask does not depend on the scanner (for the two training styles), so
 ``do(scanner)`` leaves it unchanged; ``do(effusion)`` changes it only where
 fluid replaces aerated lung at the base of the chosen side(s).
+
+The held-out ``portable`` style is a bedside AP acquisition: it magnifies the
+heart and tilts the patient more, so its geometry (and gold mask) differs from
+a PA study of the same patient. Its scanner counterfactual flips to one of
+the two training scanners (chosen by the study's acquisition seed) and renders
+that PA study, so for portable images ``do(scanner)`` may change the mask.
 """
 
 from __future__ import annotations

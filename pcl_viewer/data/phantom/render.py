@@ -193,9 +193,9 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     heart_extra = _blur(med.astype(np.float32), 0.02) * 0.05
     base += heart_extra * body
     trach = np.zeros_like(base)
-    _line(trach, an.trachea[0], size, 0.13, 0.03)
-    _line(trach, an.trachea[1], size, 0.10, 0.018)
-    _line(trach, an.trachea[2], size, 0.10, 0.018)
+    _line(trach, an.trachea[0], size, 0.2, 0.034)
+    _line(trach, an.trachea[1], size, 0.14, 0.02)
+    _line(trach, an.trachea[2], size, 0.14, 0.02)
     base -= _blur(trach, 0.004)
     if an.gastric is not None:
         gx, gy, rx, ry = an.gastric

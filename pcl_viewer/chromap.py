@@ -32,7 +32,6 @@ from pcl_viewer.data.preprocess import Geometry
 REDUCERS: tuple[str, ...] = ("pca", "umap")
 MODES: tuple[str, ...] = ("blend", "aggregated")
 # UMAP is fitted on at most this many pixels (seeded subsample), then applied to all.
-# Below 4096 points umap-learn finds neighbours exactly and never compiles pynndescent.
 UMAP_FIT_PIXELS = 4000
 # umap-learn's own default for more than 10,000 points (the reference's case); it
 # would use 500 for our subsample.
@@ -212,33 +211,40 @@ class UMAPReducer:
     the feature vector, so identical features get identical colours in every view.
     """
 
-    def __init__(self, model, fitted: np.ndarray) -> None:
+    def __init__(self, model, neighbours) -> None:
         self.model = model
-        self.fitted = fitted  # (n_fit, C) z-scored features the model was fitted on
+        self.neighbours = neighbours  # sklearn NearestNeighbors on the fitted z-scored pixels
         self.embedding = np.asarray(model.embedding_, dtype=np.float32)  # (n_fit, 2)
 
     @classmethod
     def fit(cls, z: np.ndarray, seed: int = 0, fit_pixels: int = UMAP_FIT_PIXELS) -> UMAPReducer:
         import warnings
 
+        from sklearn.neighbors import NearestNeighbors
+
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(z), size=min(fit_pixels, len(z)), replace=False))
+        fitted = np.ascontiguousarray(z[pick], dtype=np.float32)
+        k = min(15, len(fitted) - 1)
+        # Exact neighbours by BLAS; umap-learn's own small-data path calls its numba
+        # metric once per pair from Python (minutes for 4000 points).
+        neighbours = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(fitted)
+        dist, idx = neighbours.kneighbors(fitted)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # umap warns that a seed disables parallelism
+            warnings.simplefilter("ignore")  # seed disables parallelism; no search index
             import umap
 
-            rng = np.random.default_rng(seed)
-            pick = np.sort(rng.choice(len(z), size=min(fit_pixels, len(z)), replace=False))
-            model = umap.UMAP(n_components=2, n_neighbors=min(15, len(pick) - 1), min_dist=0.1,
-                              n_epochs=UMAP_EPOCHS, random_state=seed)
-            model.fit(z[pick])
-        return cls(model, np.ascontiguousarray(z[pick], dtype=np.float32))
+            model = umap.UMAP(n_components=2, n_neighbors=k, min_dist=0.1, n_epochs=UMAP_EPOCHS,
+                              random_state=seed,
+                              precomputed_knn=(idx, dist.astype(np.float32), None))
+            model.fit(fitted)
+        return cls(model, neighbours)
 
     def transform(self, z: np.ndarray) -> np.ndarray:
-        from sklearn.neighbors import NearestNeighbors
         from umap.umap_ import smooth_knn_dist
 
-        k = int(self.model.n_neighbors)
-        nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(self.fitted)
-        dist, idx = nn.kneighbors(np.asarray(z, dtype=np.float32))
+        k = int(self.neighbours.n_neighbors)
+        dist, idx = self.neighbours.kneighbors(np.asarray(z, dtype=np.float32))
         dist = dist.astype(np.float32)
         sigma, rho = smooth_knn_dist(dist, float(k), local_connectivity=0.0)
         weights = np.exp(-np.maximum(dist - rho[:, None], 0.0) / np.maximum(sigma[:, None], 1e-12))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ def test_rle_convention_and_roundtrip():
         rle.decode("5 10", 2, 2)
 
 
-def test_real_padchest_chexmask_fixture():
-    ds = load_dataset(FIXTURE)
+def test_real_padchest_chexmask_fixture(tmp_path):
+    root = tmp_path / "padchest"
+    shutil.copytree(FIXTURE, root)  # arrays() writes its cache under root/.cache
+    ds = load_dataset(root)
     assert ds.kind == "padchest"
     assert len(ds) == 2  # the AP row is dropped
     r0, r1 = ds.records
@@ -47,6 +50,11 @@ def test_real_padchest_chexmask_fixture():
     assert (ds.silver_mask(1) == 1).sum() == 0  # empty right lung RLE
     assert ds.gold_mask(0) is None
     assert ds.true_counterfactual(0, "scanner") is None
+    arr = ds.arrays(20)  # 8x10 scans padded to 10x10, then resized
+    assert arr["image"].shape == (2, 1, 20, 20) and "gold" not in arr
+    assert arr["silver"].shape == (2, 20, 20) and arr["silver"][0, :2].sum() == 0
+    np.testing.assert_allclose(arr["silver_quality"], [0.88, 0.65])
+    assert (arr["silver"][0] == 1).sum() == 48 and (arr["silver"][0] == 2).sum() == 48
 
 
 def test_phantom_roundtrip(tmp_path):

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from pcl_viewer.data import rle
+from pcl_viewer.data.preprocess import to_model
 from pcl_viewer.parents import Parents
 
 CF_KINDS: tuple[str, ...] = ("scanner", "effusion", "both")
@@ -167,6 +168,9 @@ class CXRDataset:
     def arrays(self, size: int) -> dict[str, np.ndarray]:
         """Stacked arrays at ``size`` (cached ``.npz``, loaded without pickle).
 
+        Non-square scans are mapped as :func:`pcl_viewer.data.preprocess.to_model` does
+        (centred square padding, then resize); masks the same way, nearest neighbour.
+
         Keys: ``image (N,1,S,S) float32``; ``gold (N,S,S) uint8`` when every image has
         one; ``silver (N,S,S) uint8`` + ``silver_quality (N,)`` (NaN: none) +
         ``has_silver (N,) bool`` when any; ``parents (N,3) float32``;
@@ -189,14 +193,18 @@ class CXRDataset:
         n = len(self)
 
         def img_at(a: np.ndarray) -> np.ndarray:
-            if a.shape != (size, size):
-                a = cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA)
-            return a
+            return a if a.shape == (size, size) else to_model(a, size)[0]
 
         def mask_at(m: np.ndarray) -> np.ndarray:
-            if m.shape != (size, size):
-                m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
-            return m
+            """Same geometry as :func:`to_model` (centred square padding), nearest."""
+            if m.shape == (size, size):
+                return m
+            h, w = m.shape
+            side = max(h, w)
+            sq = np.zeros((side, side), np.uint8)
+            top, left = (side - h) // 2, (side - w) // 2
+            sq[top:top + h, left:left + w] = m
+            return cv2.resize(sq, (size, size), interpolation=cv2.INTER_NEAREST)
 
         out: dict[str, np.ndarray] = {
             "image": np.zeros((n, 1, size, size), np.float32),

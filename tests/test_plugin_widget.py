@@ -194,3 +194,25 @@ def test_heartbeat_gap_during_a_full_run(app):
     # Lenient: on a loaded 2-core CI box one layer draw (software GL) can take a second;
     # a frozen window would show the whole run as one gap. The 100 ms target is in bench.
     assert timing.max_gap_ms < 3000
+
+
+def test_the_widget_docked_from_the_plugins_menu_works_through_napari_proxies(
+        make_napari_viewer, fake_pipeline, chest_scan, tmp_path, monkeypatch):
+    from pcl_viewer_napari._widget import WIDGET_NAME
+
+    monkeypatch.setenv("PCL_VIEWER_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("PCL_VIEWER_SYNC", "1")
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("pcl-viewer", WIDGET_NAME)
+    for combo, text in ((widget.cf_combo, "fake-cf"), (widget.seg_combo, "seg-smoke"),
+                        (widget.device_combo, "cpu")):
+        combo.setCurrentText(text)
+    AppState.set(fake_pipeline, "fake-cf", "seg-smoke", "cpu")
+    try:
+        data, kwargs, _ = scan_layer_data(chest_scan)
+        widget.select_scan(viewer.add_image(data, **kwargs))
+        assert widget.run("all") and widget.last_outcome[0] == "ok"
+        assert widget.result_for(widget.scan_layer()) is not None  # found again via a proxy
+        assert widget.builder.get(widget.scan_layer(), "both", "labels") is not None
+    finally:
+        AppState.pipeline = AppState.key = None

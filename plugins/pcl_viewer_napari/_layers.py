@@ -23,6 +23,12 @@ LUNG_COLOURS = ["transparent", "#1f9bff", "#ffb000"]
 DIFF_LIMIT = 0.25
 
 
+def layer_key(layer) -> str:
+    """A stable key of a layer. Not ``id()``: napari hands plugins proxies of its layers,
+    and every access returns a new proxy object."""
+    return str(layer.unique_id)
+
+
 def is_derived(layer) -> bool:
     """True for layers this plugin created (not a scan)."""
     return bool(layer.metadata.get("pcl_viewer"))
@@ -58,17 +64,19 @@ class LayerBuilder:
 
     def __init__(self, viewer) -> None:
         self.viewer = viewer
-        self._layers: dict[tuple[int, str, str], Any] = {}
+        self._layers: dict[tuple[str, str, str], Any] = {}
+
+    def _alive(self, layer) -> bool:
+        return layer is not None and layer_key(layer) in {layer_key(ly) for ly in self.viewer.layers}
 
     def layers_of(self, scan_layer) -> list:
         """Live layers built for ``scan_layer`` (creation order)."""
-        uid = id(scan_layer)
-        return [ly for (u, _, _), ly in self._layers.items()
-                if u == uid and ly in self.viewer.layers]
+        uid = layer_key(scan_layer)
+        return [ly for (u, _, _), ly in self._layers.items() if u == uid and self._alive(ly)]
 
     def get(self, scan_layer, key: str, kind: str):
-        layer = self._layers.get((id(scan_layer), key, kind))
-        return layer if layer is not None and layer in self.viewer.layers else None
+        layer = self._layers.get((layer_key(scan_layer), key, kind))
+        return layer if self._alive(layer) else None
 
     def show_view(self, scan_layer, result: PipelineResult, view: View,
                   difference: bool = False, chromap_visible: bool | None = None) -> list:
@@ -87,15 +95,12 @@ class LayerBuilder:
                                      visible=visible))
         return touched
 
-    def remove(self, layer) -> None:
-        if layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
 
     def _put(self, scan_layer, result: PipelineResult, view: View, kind: str, data: np.ndarray,
              visible: bool | None = None):
         meta = {**result.metadata(view.key), "kind": kind, "scan_layer": scan_layer.name}
         name = layer_name(scan_layer.name, view, kind)
-        key = (id(scan_layer), view.key, kind)
+        key = (layer_key(scan_layer), view.key, kind)
         layer = self.get(scan_layer, view.key, kind)
         if layer is not None:
             layer.data = data

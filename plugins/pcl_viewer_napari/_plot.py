@@ -37,7 +37,7 @@ class EmbeddingPlot(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.canvas)
-        self.ax = self.figure.add_axes((0.02, 0.02, 0.96, 0.86))
+        self.ax = self.figure.add_axes((0.02, 0.12, 0.96, 0.86))
         self.clear()
 
     def clear(self, message: str = "CHRO-map embedding: run Segment") -> None:
@@ -70,8 +70,8 @@ class EmbeddingPlot(QWidget):
         ax.set_ylim(-1.05, 1.05)
         ax.set_aspect("equal")
         ax.set_axis_off()
-        leg = ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.16), ncol=4, fontsize=7,
-                        frameon=False, markerscale=3, labelcolor="#dddddd", handletextpad=0.1)
-        leg.set_zorder(5)
-        ax.set_title(f"embedding ({result.reducer})", color="#dddddd", fontsize=8, pad=16)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=4, fontsize=8,
+                  frameon=False, markerscale=3, labelcolor="#dddddd", handletextpad=0.1,
+                  columnspacing=0.8)
+        ax.text(-1.05, 1.0, result.reducer, color="#aaaaaa", fontsize=8, va="top")
         self.canvas.draw_idle()

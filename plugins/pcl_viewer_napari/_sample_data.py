@@ -97,11 +97,22 @@ def _from_resources(key: str, root: Path | None = None) -> Scan | None:
         except ScanReadError:
             return None
         scan.name = key
-        scan.metadata["true_parents"] = entry.get("parents") or {
-            k: entry[k] for k in ("style", "sex", "effusion") if k in entry}
+        scan.metadata["true_parents"] = _true_parents(entry)
         scan.metadata["sample_source"] = str(root)
         return scan
     return None
+
+
+def _true_parents(entry: dict) -> dict:
+    """The phantom's parents in the viewer's words: scanner (= acquisition style), sex,
+    effusion present/absent; other phantom facts (age, care ...) are kept as they are."""
+    raw = dict(entry.get("parents") or entry)
+    style = raw.get("style") or raw.get("scanner")
+    eff = raw.get("effusion")
+    if isinstance(eff, bool) or eff in (0, 1):
+        eff = "present" if eff else "absent"
+    keep = {k: v for k, v in raw.items() if isinstance(v, str | int | float | bool)}
+    return {**keep, "scanner": style, "effusion": eff}
 
 
 def _rendered(key: str) -> Scan | None:

@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES
 from pcl_viewer.pipeline import FACTUAL, MAX_STRENGTH, STAGES, PipelineResult, Step, View
 from pcl_viewer_napari import _workers
-from pcl_viewer_napari._layers import LayerBuilder, is_derived, scan_from_layer
+from pcl_viewer_napari._layers import LayerBuilder, is_derived, layer_key, scan_from_layer
 from pcl_viewer_napari._plot import EmbeddingPlot
 from pcl_viewer_napari._settings import Settings
 from pcl_viewer_napari._state import AppState
@@ -64,7 +64,7 @@ class PCLViewerWidget(QWidget):
         self.viewer = napari_viewer
         self.settings = Settings.load()
         self.builder = LayerBuilder(napari_viewer)
-        self.results: dict[int, tuple[Any, PipelineResult]] = {}
+        self.results: dict[str, tuple[Any, PipelineResult]] = {}
         self.worker = None
         self.last_outcome: tuple[str, Any] | None = None
         self.last_run_seconds: float | None = None
@@ -170,9 +170,10 @@ class PCLViewerWidget(QWidget):
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
         self.table.verticalHeader().setVisible(False)
-        self.table.setMaximumHeight(120)
-        self.table.horizontalHeader().setMinimumSectionSize(40)
-        self.table.horizontalHeader().setDefaultSectionSize(52)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        self.table.setMinimumHeight(96)
+        self.table.setMaximumHeight(110)
+        self.table.horizontalHeader().setMinimumSectionSize(36)
         self.table.horizontalHeader().setStretchLastSection(True)
         lay.addWidget(self.table)
         self.chromap_box = QWidget()
@@ -274,7 +275,7 @@ class PCLViewerWidget(QWidget):
 
     def _on_layer_removed(self, event) -> None:
         gone = event.value
-        self.results.pop(id(gone), None)
+        self.results.pop(layer_key(gone), None)
         self._refresh_scans()
 
     def scan_layer(self):
@@ -288,7 +289,7 @@ class PCLViewerWidget(QWidget):
             self.scan_combo.setCurrentText(layer.name)
 
     def result_for(self, layer) -> PipelineResult | None:
-        entry = self.results.get(id(layer))
+        entry = self.results.get(layer_key(layer)) if layer is not None else None
         return entry[1] if entry else None
 
     # -------------------------------------------------------------- run ---
@@ -400,7 +401,7 @@ class PCLViewerWidget(QWidget):
         self._pending = None
         if status == "ok":
             self.progress.setValue(1000)
-            self.results[id(layer)] = (layer, value)
+            self.results[layer_key(layer)] = (layer, value)
             self._show_parents(value)
             self._show_table(value.consistency)
             self._show_chromap_controls(layer, value)
@@ -422,7 +423,7 @@ class PCLViewerWidget(QWidget):
     def _load_notice(self) -> str:
         pipe = AppState.pipeline
         if pipe is not None and pipe.load_errors:
-            return "\n" + "\n".join(pipe.load_errors)
+            return "\n" + "\n".join(e if len(e) < 300 else e[:300] + "…" for e in pipe.load_errors)
         return ""
 
     # -------------------------------------------------------- read-outs ---
@@ -451,6 +452,7 @@ class PCLViewerWidget(QWidget):
                 if c == 0:
                     item.setToolTip(row.intervention)
                 self.table.setItem(r, c, item)
+        self.table.resizeColumnsToContents()
 
     def _show_chromap_controls(self, layer, result: PipelineResult) -> None:
         while self.chromap_layout.count():

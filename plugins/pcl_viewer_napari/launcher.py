@@ -87,22 +87,25 @@ def _screenshot(viewer, widget, path: str) -> int:
 
 
 def arrange_grid(viewer, widget, scan_layer) -> None:
-    """Grid of cells: each view with its lungs, then the CHRO-maps of factual and effusion views."""
+    """Grid of cells: each view with its lungs, then the CHRO-maps of the factual and effusion
+    views (grid stride 2: two consecutive layers share a cell; hidden layers take no cell)."""
     b = widget.builder
     views = list(widget.result_for(scan_layer).views)
-    order, shown = [], []
-    for key in views:
-        img = scan_layer if key == "factual" else b.get(scan_layer, key, "image")
-        order += [img, b.get(scan_layer, key, "labels")]
-    chromaps = [b.get(scan_layer, key, "chromap") for key in views]
-    order += chromaps
-    shown = [ly for ly in order[: 2 * len(views)] if ly is not None]
-    shown += [chromaps[0]] + ([chromaps[2]] if len(chromaps) > 2 else [])
-    order = [ly for ly in order if ly is not None]
-    for j, ly in enumerate(order):
-        viewer.layers.move(viewer.layers.index(ly), j)
+
+    def name(key: str, kind: str) -> str | None:
+        if key == "factual" and kind == "image":
+            return scan_layer.name
+        ly = b.get(scan_layer, key, kind)
+        return ly.name if ly is not None else None
+
+    order = [name(k, kind) for k in views for kind in ("image", "labels")]
+    chromaps = [name(k, "chromap") for k in views]
+    shown = set(order) | {chromaps[0], chromaps[2] if len(chromaps) > 2 else None}
+    order = [n for n in order + chromaps if n is not None]
+    for j, n in enumerate(order):
+        viewer.layers.move(viewer.layers.index(viewer.layers[n]), j)
     for ly in viewer.layers:
-        ly.visible = any(ly is s for s in shown)
+        ly.visible = ly.name in shown
     viewer.grid.stride = 2
     viewer.grid.enabled = True
     viewer.reset_view()

@@ -210,3 +210,21 @@ def test_core_gradient_matches_finite_differences():
         return masked_info_nce(a, k, lambda s, e: (pos[s:e], den[s:e]), TAU, max_chunk_elements=14)[0]
 
     assert torch.autograd.gradcheck(f, (a, k))
+
+
+def test_structured_core_equals_masked_core_and_has_exact_gradients():
+    from pcl_viewer.contrastive.infonce import supcon
+
+    g = torch.Generator().manual_seed(6)
+    z = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    cls = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, 0])
+    pos = (cls[:, None] == cls[None, :]) & ~torch.eye(9, dtype=torch.bool)
+    den = ~torch.eye(9, dtype=torch.bool)
+    total, count = masked_info_nce(z, z, lambda s, e: (pos[s:e], den[s:e]), TAU)
+
+    def f(z):
+        psum = pos.to(z.dtype) @ z
+        return supcon(z, z, psum, pos.sum(1), TAU, self_index=torch.arange(9), max_chunk_elements=18)
+
+    assert f(z).item() == pytest.approx((total / count).item(), abs=1e-7)
+    assert torch.autograd.gradcheck(f, (z,))

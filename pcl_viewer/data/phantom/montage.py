@@ -23,9 +23,12 @@ ROWS: tuple[tuple[str, bool], ...] = tuple(
 
 
 def _pick(seed: int, n: int) -> list[Study]:
-    """``n`` studies with a visible (moderate) effusion noise, fixed by ``seed``."""
-    studies = sample_studies(200, seed)
-    good = [s for s in studies if 0.35 < s.noise.effusion.severity < 0.8]
+    """``n`` typical studies (lung shape within 1.2 sd on the main modes) with a visible
+    (moderate, unilateral) effusion noise, fixed by ``seed``."""
+    studies = sample_studies(400, seed, studies_per_patient=1)
+    good = [s for s in studies if 0.45 < s.noise.effusion.severity < 0.8
+            and s.noise.effusion.side != "bilateral"
+            and max(abs(c) for c in s.noise.patient.shape[:4]) < 1.2]
     return good[:n]
 
 

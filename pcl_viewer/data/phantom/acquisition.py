@@ -158,7 +158,9 @@ def acquire(atten: np.ndarray, style: str, study: StudyNoise) -> np.ndarray:
     v = np.clip((a - lo) / (hi - lo), 0.0, 1.0)
     y0, y1 = 1.0 / (1.0 + np.exp(st.contrast * st.centre)), 1.0 / (1.0 + np.exp(-st.contrast * (1 - st.centre)))
     v = (1.0 / (1.0 + np.exp(-st.contrast * (v - st.centre))) - y0) / (y1 - y0)
-    v = np.power(np.clip(v, 0.0, 1.0), st.gamma).astype(np.float32)
+    v = np.clip(v, 0.0, 1.0).astype(np.float32)
+    if st.gamma != 1.0:
+        v = np.power(v, np.float32(st.gamma))
     if st.blur * s >= 0.3:
         v = cv2.GaussianBlur(v, (0, 0), st.blur * s)
     if st.edge_amount > 0:

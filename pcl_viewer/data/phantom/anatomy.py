@@ -190,7 +190,7 @@ def _vessel_tree(lung: np.ndarray, sgn: float, rng: np.random.Generator):
     length = 0.07 * rng.uniform(0.8, 1.15, n0)
     w = np.full(n0, 0.014)
     segs = []
-    for _depth in range(5):
+    for _depth in range(4):
         x1 = x + sgn * np.cos(a) * length
         y1 = y + np.sin(a) * length
         segs.append(np.stack([x, y, x1, y1, w], 1))

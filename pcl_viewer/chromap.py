@@ -97,15 +97,22 @@ def khachiyan_mvee(points: np.ndarray, tol: float = 1e-5, max_iter: int = 1000) 
     d = 2
     q = np.vstack([hull.T, np.ones(len(hull))])  # (3, M) lifted points
     u = np.full(len(hull), 1.0 / len(hull))
+    # X(u) = Q diag(u) Q^T changes by a rank-one step per iteration, so its inverse and
+    # m = diag(Q^T X^-1 Q) are updated by Sherman-Morrison instead of re-solved.
+    x_inv = np.linalg.inv((q * u) @ q.T)
+    m = np.einsum("ij,ij->j", q, x_inv @ q)
     for _ in range(max_iter):
-        x = (q * u) @ q.T
-        m = np.einsum("ij,ij->j", q, np.linalg.solve(x, q))
         j = int(np.argmax(m))
-        step = (m[j] - d - 1.0) / ((d + 1.0) * (m[j] - 1.0))
-        new_u = (1.0 - step) * u
-        new_u[j] += step
-        change = float(np.linalg.norm(new_u - u))
-        u = new_u
+        mj = float(m[j])
+        step = (mj - d - 1.0) / ((d + 1.0) * (mj - 1.0))
+        change = step * np.sqrt(float(u @ u) - 2.0 * u[j] + 1.0)  # = |u_new - u|
+        u *= 1.0 - step
+        u[j] += step
+        t = step / (1.0 - step)
+        w = x_inv @ q[:, j]
+        k = t / (1.0 + t * mj)
+        m = (m - k * (w @ q) ** 2) / (1.0 - step)
+        x_inv = (x_inv - k * np.outer(w, w)) / (1.0 - step)
         if change < tol:
             break
     centre = hull.T @ u
@@ -124,8 +131,8 @@ def _hull_vertices(pts: np.ndarray) -> np.ndarray | None:
     if len(uniq) < 3:
         return None
     centred = uniq - uniq.mean(axis=0)
-    s = np.linalg.svd(centred[: min(len(centred), 100_000)], compute_uv=False)
-    if s[1] <= 1e-9 * max(s[0], _EPS):
+    lo, hi = np.linalg.eigvalsh(centred.T @ centred)
+    if lo <= 1e-12 * max(hi, _EPS):
         return None
     try:
         return uniq[ConvexHull(uniq).vertices]

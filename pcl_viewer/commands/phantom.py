@@ -65,7 +65,10 @@ def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
                f"{summary['effusion_rate']:.1%}) to {out}")
     extra = " (4 views each)" if counterfactuals else ""
     click.echo(f"speed: {summary['images_per_second']:.1f} images/s{extra} at {size} px "
-               f"with {summary['workers']} worker(s)")
+               f"with {summary['workers']} worker(s) (wall clock)")
+    click.echo(f"cost: {summary['cpu_ms_per_image']:.1f} CPU-ms per image "
+               f"= {summary['images_per_cpu_second']:.0f} images/s per free core "
+               "(the wall-clock figure drops when other jobs share the cores)")
 
 
 @phantom.command()

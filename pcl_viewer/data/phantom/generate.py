@@ -76,8 +76,10 @@ def _meta_row(image_id: str, st: Study, seed: int) -> list:
             st.patient_index, st.study_index]
 
 
-def _work(args: tuple) -> tuple[list, list, list, dict]:
-    """Render and write a chunk of studies (runs in a worker process)."""
+def _work(args: tuple) -> tuple[list, list, list, dict, float]:
+    """Render and write a chunk of studies (runs in a worker process); the last item is
+    the CPU seconds it used."""
+    cpu0 = time.process_time()
     chunk, out, size, seed, with_cf = args
     out = Path(out)
     metas, golds, noises = [], [], []
@@ -97,7 +99,7 @@ def _work(args: tuple) -> tuple[list, list, list, dict]:
                 cimg, cmask = r.counterfactual(st.parents, do, size)
                 write_png16(out / "counterfactuals" / kind / image_id, cimg)
                 cfs[kind].append(_mask_row(image_id, cmask))
-    return metas, golds, noises, cfs
+    return metas, golds, noises, cfs, time.process_time() - cpu0
 
 
 def _write_csv(path: Path, header: list, rows: list) -> None:
@@ -129,9 +131,11 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
             for i in range(0, n, step)]
     metas, golds, noises = [], [], []
     cfs: dict[str, list] = {k: [] for k in CF_KINDS}
+    cpu = [0.0]
 
     def collect(res):
-        m, g, nz, c = res
+        m, g, nz, c, used = res
+        cpu[0] += used
         metas.extend(m)
         golds.extend(g)
         noises.extend(nz)
@@ -163,6 +167,8 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
         "seconds": round(elapsed, 2), "images_per_second": round(n / elapsed, 1),
         "images_per_second_incl_cf": round(n * (4 if counterfactuals else 1) / elapsed, 1),
         "workers": workers,
+        "cpu_ms_per_image": round(1000 * cpu[0] / max(n, 1), 2),
+        "images_per_cpu_second": round(n / max(cpu[0], 1e-9), 1),
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=1))
     return summary

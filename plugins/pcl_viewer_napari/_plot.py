@@ -8,7 +8,6 @@ from qtpy.QtWidgets import QVBoxLayout, QWidget
 from pcl_viewer.pipeline import PipelineResult
 
 MAX_POINTS = 4000
-MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def _disc_background(n: int = 128) -> np.ndarray:
@@ -26,7 +25,7 @@ def _disc_background(n: int = 128) -> np.ndarray:
 class EmbeddingPlot(QWidget):
     """2-D embedding of every pixel of every view, one marker colour per view."""
 
-    def __init__(self, parent: QWidget | None = None, height: int = 220) -> None:
+    def __init__(self, parent: QWidget | None = None, height: int = 250) -> None:
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
@@ -37,7 +36,7 @@ class EmbeddingPlot(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.canvas)
-        self.ax = self.figure.add_axes((0.02, 0.12, 0.96, 0.86))
+        self.ax = self.figure.add_axes((0.02, 0.16, 0.96, 0.82))
         self.clear()
 
     def clear(self, message: str = "CHRO-map embedding: run Segment") -> None:
@@ -61,11 +60,13 @@ class EmbeddingPlot(QWidget):
         ax.plot(np.cos(t), np.sin(t), color="#cccccc", lw=0.8)
         import matplotlib
 
-        colours = matplotlib.colormaps["tab10"].colors
-        for v, key in enumerate(result.views):
-            sel = idx[lab[idx] == v]
-            ax.scatter(emb[sel, 0], emb[sel, 1], s=3, alpha=0.5, marker=MARKERS[v % len(MARKERS)],
-                       color=colours[v % 10], label=key, linewidths=0)
+        colours = np.asarray(matplotlib.colormaps["tab10"].colors)
+        names = list(result.views)
+        order = rng.permutation(idx)  # interleave the views: none hides the others
+        ax.scatter(emb[order, 0], emb[order, 1], s=3, alpha=0.6, linewidths=0,
+                   c=colours[lab[order] % 10])
+        for v, key in enumerate(names):  # legend entries only
+            ax.scatter([], [], s=12, color=colours[v % 10], label=key)
         ax.set_xlim(-1.05, 1.05)
         ax.set_ylim(-1.05, 1.05)
         ax.set_aspect("equal")

@@ -79,6 +79,7 @@ class PCLViewerWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self._refresh_scans()
         self._update_model_notice()
+        QTimer.singleShot(0, _prewarm_labels)
 
     # --------------------------------------------------------------- UI ---
 
@@ -575,6 +576,19 @@ class PCLViewerWidget(QWidget):
                                  self.device_combo.currentText(),
                                  self.reducer_combo.currentText())
         self.settings.save()
+
+
+def _prewarm_labels() -> None:
+    """Build one throwaway Labels model while the user looks at the window: the first one
+    in a process pays seconds of imports and set-up, which would otherwise freeze the
+    window in the middle of the first segmentation."""
+    import numpy as np
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    from pcl_viewer_napari._layers import LUNG_COLOURS
+
+    napari.layers.Labels(np.zeros((2, 2), np.uint8),
+                         colormap=CyclicLabelColormap(colors=LUNG_COLOURS, background_value=0))
 
 
 def _pct(x: float) -> str:

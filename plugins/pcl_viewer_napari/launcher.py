@@ -72,14 +72,20 @@ def _screenshot(viewer, widget, path: str) -> int:
     timing = run_and_measure(widget, "all", timeout_s=600)
     print(f"pcl-viewer: run {timing.status} in {timing.seconds:.2f} s, "
           f"heartbeat gap {timing.max_gap_ms:.0f} ms")
+    from qtpy.QtWidgets import QApplication
+
+    def settle() -> None:
+        for _ in range(10):
+            QApplication.processEvents()
+
+    viewer.window._qt_window.resize(1600, 1000)
+    settle()
     layer = widget.scan_layer()
     if timing.status == "ok" and layer is not None:
         arrange_grid(viewer, widget, layer)
-    viewer.window._qt_window.resize(1600, 1000)
-    from qtpy.QtWidgets import QApplication
-
-    for _ in range(20):
-        QApplication.processEvents()
+        settle()
+    viewer.reset_view()
+    settle()
     viewer.screenshot(path, canvas_only=False, flash=False)
     print(f"pcl-viewer: screenshot saved to {path}")
     viewer.close()
@@ -108,7 +114,6 @@ def arrange_grid(viewer, widget, scan_layer) -> None:
         ly.visible = ly.name in shown
     viewer.grid.stride = 2
     viewer.grid.enabled = True
-    viewer.reset_view()
 
 
 if __name__ == "__main__":

@@ -127,3 +127,18 @@ def test_portable_and_parents():
     img, mask = render(st.noise, p, 64)
     assert img.shape == (64, 64)
     assert StudyParents("philips", "male", True).to_parents().to_vector().tolist() == [1, 1, 1]
+
+
+def test_generate_command_prints_speed(tmp_path):
+    from click.testing import CliRunner
+
+    from pcl_viewer.cli import main
+
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(main, ["phantom", "generate", "--n", "6", "--size", "64",
+                                    "--seed", "1", "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "images/s" in res.output and "CPU-ms per image" in res.output
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["format"] == "pcl-phantom" and info["images_per_second"] > 0
+    assert len(list((out / "images").glob("*.png"))) == 6

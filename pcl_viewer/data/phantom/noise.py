@@ -10,7 +10,7 @@ Given the noise and :class:`StudyParents`, rendering is deterministic.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -136,7 +136,6 @@ class StudyParents:
     effusion: bool
     age: float = 60.0
     care: str = "outpatient"
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.style not in PHANTOM_STYLES:
@@ -167,4 +166,4 @@ class StudyParents:
                        effusion="present" if self.effusion else "absent")
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {f.name: getattr(self, f.name) for f in fields(self)}

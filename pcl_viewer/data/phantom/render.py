@@ -155,6 +155,28 @@ def _texture(seed: int, size: int) -> np.ndarray:
     return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+def _add_ellipse(canvas: np.ndarray, cx: float, cy: float, rx: float, ry: float, amp: float,
+                 row_profile, sigma: float, weight: np.ndarray | None = None) -> None:
+    """Add ``amp * sqrt(1 - r^2) * row_profile(y)`` (blurred) inside the ellipse's box only."""
+    size = canvas.shape[0]
+    pad = 3 * sigma + 1.0 / size
+    r0, r1 = (max(0, int((c - e - pad) * size)) for c, e in ((cy, ry), (cx, rx)))
+    r2, r3 = (min(size, int((c + e + pad) * size) + 1) for c, e in ((cy, ry), (cx, rx)))
+    if r2 <= r0 or r3 <= r1:
+        return
+    ys = (np.arange(r0, r2, dtype=np.float32) + 0.5) / size
+    xs = (np.arange(r1, r3, dtype=np.float32) + 0.5) / size
+    r = ((xs[None, :] - cx) / rx) ** 2 + ((ys[:, None] - cy) / ry) ** 2
+    prof = np.asarray(row_profile(ys), dtype=np.float32).reshape(-1, 1)
+    t = (amp * np.sqrt(np.clip(1.0 - r, 0.0, 1.0)) * prof).astype(np.float32)
+    s = sigma * size
+    if s >= 0.3:
+        t = cv2.GaussianBlur(t, (0, 0), s, borderType=cv2.BORDER_CONSTANT)
+    if weight is not None:
+        t = t * weight[r0:r2, r1:r3]
+    canvas[r0:r2, r1:r3] += t
+
+
 def largest_parts(labels: np.ndarray) -> np.ndarray:
     """Keep the largest connected component of each lung label (drops raster slivers).
 
@@ -207,13 +229,11 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     base -= _blur(trach, 0.004)
     if an.gastric is not None:
         gx, gy, rx, ry = an.gastric
-        r = ((xs[None, :] - gx) / rx) ** 2 + ((xs[:, None] - gy) / ry) ** 2
-        bubble = np.sqrt(np.clip(1 - r, 0, 1)) * (xs[:, None] < gy + 0.2 * ry)
-        base -= _blur((0.3 * bubble).astype(np.float32), 0.003)
+        _add_ellipse(base, gx, gy, rx, ry, -0.3, lambda yy: yy < gy + 0.2 * ry, 0.003)
     for bx, by, rx, ry, amp in an.breasts:
-        r = ((xs[None, :] - bx) / rx) ** 2 + ((xs[:, None] - by) / ry) ** 2
-        t = np.sqrt(np.clip(1 - r, 0, 1)) * _smoothstep(xs, by - 0.9 * ry, by - 0.1 * ry)[:, None]
-        base += (amp * _blur(t.astype(np.float32), 0.004) * (body > 0.05)).astype(np.float32)
+        _add_ellipse(base, bx, by, rx, ry, amp,
+                     lambda yy, by=by, ry=ry: _smoothstep(yy, by - 0.9 * ry, by - 0.1 * ry), 0.004,
+                     weight=body > 0.05)
     return Layers(base=base.astype(np.float32), lung=lung, lung_depth=depth.astype(np.float32),
                   raw=raw, aerated=aerated, size=size)
 

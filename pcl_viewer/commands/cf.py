@@ -1,0 +1,227 @@
+"""``pcl train-cf``, ``pcl eval-cf``, ``pcl cf``, ``pcl precompute-cf``: the counterfactual model."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+@click.command("train-cf")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Training dataset (phantom layout).")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
+              show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+@click.option("--steps", type=int, default=None, help="HVAE steps (default: the preset's).")
+@click.option("--classifier-steps", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint folder (default: BUNDLE.run next to the bundle). Rerun to resume.")
+@click.option("--checkpoint-every", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="torch threads.")
+@click.option("--export-only", is_flag=True,
+              help="Write the bundle from the latest checkpoint without training further.")
+@click.option("--cf-finetune", is_flag=True,
+              help="Counterfactual fine-tuning of the decoder (not implemented in this version).")
+def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
+             classifier_steps: int | None, batch_size: int | None, seed: int,
+             run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
+             export_only: bool, cf_finetune: bool) -> None:
+    """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
+    if cf_finetune:
+        raise click.ClickException("--cf-finetune is not available yet")
+    _threads(threads)
+    from pcl_viewer.models.hvae import HVAEConfig
+    from pcl_viewer.train.cf import CFTrainConfig, export_bundle, load_training_data, train_cf
+
+    defaults = {"smoke": dict(steps=200, cls_steps=100, batch_size=16, checkpoint_every=50),
+                "cpu": dict(steps=1000, cls_steps=300, batch_size=32, checkpoint_every=100),
+                "paper": dict(steps=200_000, cls_steps=5000, batch_size=16, checkpoint_every=1000)}
+    d = defaults[preset]
+    cfg = CFTrainConfig(preset=preset, seed=seed, steps=steps if steps is not None else d["steps"],
+                        batch_size=batch_size or d["batch_size"],
+                        cls_steps=classifier_steps if classifier_steps is not None else d["cls_steps"],
+                        checkpoint_every=checkpoint_every or d["checkpoint_every"])
+    run_dir = run_dir or out.with_name(out.name + ".run")
+    data = load_training_data(data_dir, HVAEConfig.for_preset(preset).image_size)
+    click.echo(f"train-cf: {len(data.x_train)} train / {len(data.x_val)} val images from "
+               f"{data_dir}; run folder {run_dir}", err=True)
+    run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None)
+    command = "pcl train-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    bundle = export_bundle(run, data, out, command=command)
+    click.echo(json.dumps(bundle.card["metrics"], indent=1))
+    click.echo(f"wrote {out} (fingerprint {bundle.fingerprint})")
+
+
+@click.command("eval-cf")
+@click.option("--bundle", "bundle_path", default="cf-cpu", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Held-out phantom dataset with true counterfactuals.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON report.")
+@click.option("--n", "limit", type=int, default=None, help="Use only the first N images.")
+@click.option("--figure", type=click.Path(path_type=Path), default=None,
+              help="Also write the factual / model CF / true CF / difference figure.")
+@click.option("--write-card", is_flag=True, help="Store the results in the bundle's card.")
+@click.option("--threads", type=int, default=None)
+def eval_cf(bundle_path: str, data_dir: Path, out: Path, limit: int | None, figure: Path | None,
+            write_card: bool, threads: int | None) -> None:
+    """Counterfactual quality against the phantom's true counterfactuals."""
+    _threads(threads)
+    import numpy as np
+
+    from pcl_viewer.data.dataset import load_dataset
+    from pcl_viewer.evaluate.cf_quality import counterfactual_figure, evaluate_counterfactuals
+    from pcl_viewer.models.counterfactual import CounterfactualModel
+
+    model = CounterfactualModel.from_bundle(bundle_path)
+    ds = load_dataset(data_dir)
+    arr = ds.arrays(model.image_size)
+    ok = ~np.isnan(arr["parents"]).any(axis=1)
+    idx = np.flatnonzero(ok)[:limit]
+    x, pa = arr["image"][idx], arr["parents"][idx]
+    true_cf = arr["true_cf"][idx] if "true_cf" in arr else None
+    t0 = time.perf_counter()
+    report = evaluate_counterfactuals(model, x, pa, true_cf, keep=4 if figure else 0)
+    examples = report.pop("examples", None)
+    report.update({"bundle": str(model.bundle.path), "fingerprint": model.bundle.fingerprint,
+                   "data": str(data_dir), "seconds": round(time.perf_counter() - t0, 1),
+                   "command": "pcl eval-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "targets"}, indent=1))
+    if figure and examples is not None:
+        # Two examples: one with and one without effusion when available.
+        pick = [int(np.argmax(pa[:, 2] == 0)), int(np.argmax(pa[:, 2] == 1))]
+        pick = [p for p in pick if p < 4] or [0, 1]
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        counterfactual_figure(figure, x[pick], None if true_cf is None else true_cf[pick],
+                              {k: v[pick] for k, v in examples.items()}, pa[pick],
+                              title=f"{model.bundle.name}: held-out phantom ({data_dir.name})")
+        click.echo(f"wrote {figure}")
+    if write_card:
+        _write_card_metrics(model.bundle.path, report)
+
+
+def _write_card_metrics(path: Path, report: dict) -> None:
+    """Add eval-cf results to ``card.json`` (weights and their hashes are unchanged)."""
+    card_path = Path(path) / "card.json"
+    card = json.loads(card_path.read_text())
+    card.setdefault("metrics", {})["eval_cf"] = {
+        k: v for k, v in report.items() if k not in ("bundle",)}
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(card_path)
+
+
+@click.command("cf")
+@click.argument("scan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--do", "do_items", multiple=True, required=True, help="NAME=VALUE, repeatable.")
+@click.option("--bundle", "bundle_path", default="cf-cpu", show_default=True)
+@click.option("--parents", default=None,
+              help="Factual parents 'scanner=philips,sex=male,effusion=absent' (default: inferred).")
+@click.option("--strength", type=float, default=1.0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="PNG of the counterfactual at the scan's native size (16-bit).")
+def cf(scan: Path, do_items: tuple[str, ...], bundle_path: str, parents: str | None,
+       strength: float, out: Path) -> None:
+    """Counterfactual of one scan of any size: abduct at model size, add the upsampled residual."""
+    import numpy as np
+
+    from pcl_viewer.data.preprocess import to_model
+    from pcl_viewer.models.counterfactual import CounterfactualModel, apply_residual_native
+    from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES, Parents, parse_do
+
+    try:
+        do = parse_do(list(do_items))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--do") from exc
+    image = _read_image(scan)
+    model = CounterfactualModel.from_bundle(bundle_path)
+    small, geometry = to_model(image, model.image_size)
+    x = small[None, None]
+    if parents:
+        items = [p.strip() for p in parents.split(",") if p.strip()]
+        pa = Parents(**parse_do(items))
+        source = "given"
+    else:
+        probs = model.infer_parents(x)
+        pa = Parents(**{n: PARENT_VALUES[n][int(float(probs[n][0]) >= 0.5)] for n in PARENT_NAMES})
+        source = "inferred " + ", ".join(f"P({n}={PARENT_VALUES[n][1]})={float(probs[n][0]):.2f}"
+                                         for n in PARENT_NAMES)
+    ab = model.abduct(x, pa)
+    residual = model.residual(ab, do, strength)[0, 0].numpy()
+    native = apply_residual_native(image, residual, geometry)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    Image.fromarray(np.round(native * 65535).astype(np.uint16)).save(out)
+    click.echo(f"parents {pa.to_dict()} ({source}); {scan.name} {image.shape[1]}x{image.shape[0]}"
+               f" -> {out} do({', '.join(f'{k}={v}' for k, v in do.items())}) x{strength:g}")
+
+
+def _read_image(path: Path):
+    """``(H, W)`` float32 [0, 1] via the project's reader, or PIL for 8/16-bit files."""
+    import numpy as np
+
+    try:
+        from pcl_viewer.data.readers import read_scan
+    except ImportError:
+        read_scan = None
+    if read_scan is not None:
+        from pcl_viewer.data.scan import ScanReadError
+
+        try:
+            return read_scan(path).image.astype(np.float32)
+        except ScanReadError as exc:
+            raise click.ClickException(str(exc)) from exc
+    from PIL import Image
+
+    img = np.asarray(Image.open(path))
+    if img.ndim == 3:
+        img = img[..., :3].mean(axis=2)
+    peak = 65535.0 if img.dtype == np.uint16 or img.max() > 255 else 255.0
+    return (img.astype(np.float32) / peak).clip(0, 1)
+
+
+@click.command("precompute-cf")
+@click.option("--bundle", "bundle_path", default="cf-cpu", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=None)
+def precompute_cf(bundle_path: str, data_dir: Path, batch_size: int, threads: int | None) -> None:
+    """Write the three counterfactual views (scanner, effusion, both) of every image to DATA/.cache."""
+    _threads(threads)
+    from tqdm import tqdm
+
+    from pcl_viewer.data.cf_views import write_views
+    from pcl_viewer.data.dataset import load_dataset
+    from pcl_viewer.models.counterfactual import CounterfactualModel
+
+    model = CounterfactualModel.from_bundle(bundle_path)
+    ds = load_dataset(data_dir)
+    ds.arrays(model.image_size)  # build the image cache outside the timed part
+    bar = tqdm(total=len(ds), desc="precompute-cf", unit="img")
+
+    def progress(done: int, total: int, rate: float) -> None:
+        bar.n = done
+        bar.set_postfix(img_per_s=f"{rate:.0f}")
+        bar.refresh()
+
+    path, rate = write_views(ds, model, batch_size, progress)
+    bar.close()
+    click.echo(f"wrote {len(ds)} x 3 views to {path} at {rate:.0f} images/s "
+               f"({model.image_size} px, bundle {model.bundle.fingerprint})")

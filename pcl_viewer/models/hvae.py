@@ -1,0 +1,377 @@
+"""Conditional hierarchical VAE: the image mechanism of the counterfactual model.
+
+In the style of causal-gen's HVAE2 (de Sousa Ribeiro et al., ICML 2023): a
+bottom-up encoder, a top-down decoder with latents at several resolutions,
+parents ``pa`` (B, 3) embedded by a small MLP and injected into every prior,
+posterior and residual block, a conditional prior ``p(z_l | z_<l, pa)``, a
+fixed-scale discretised Gaussian likelihood and a beta-weighted KL.
+
+Images are ``(B, 1, S, S)`` float in [0, 1]; internally they live in [-1, 1].
+Counterfactual inference (METHOD §2) uses :meth:`HVAE.abduct` (posterior means
+and the prior-relative exogenous noise of every latent) and :meth:`HVAE.decode`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pcl_viewer.presets import IMAGE_SIZE, check_preset
+
+_SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
+
+
+@dataclass
+class HVAEConfig:
+    """Config of :class:`HVAE`.
+
+    ``widths[i]`` and ``blocks[i]`` are the channel width and the number of blocks at
+    resolution ``work_size / 2**i`` (the same on both paths; at a latent resolution the
+    decoder's blocks are stochastic). ``latents`` maps a resolution to its latent channels.
+    Blocks are causal-gen bottlenecks (1x1, 3x3, 3x3, 1x1) with ``width // bottleneck``
+    hidden channels, so wide low-resolution stages stay cheap.
+    """
+
+    image_size: int = 128
+    work_size: int = 64  # the HVAE runs at this size; means are upsampled to image_size
+    widths: tuple[int, ...] = (16, 32, 64, 64, 64)
+    blocks: tuple[int, ...] = (1, 1, 2, 2, 1)
+    latents: dict[int, int] = field(default_factory=lambda: {4: 8, 8: 8, 16: 8})
+    parent_dim: int = 3
+    embed_dim: int = 32
+    bottleneck: int = 4
+    sigma: float = 0.08  # fixed likelihood std in [-1, 1] units
+    bins: int = 256
+    beta: float = 1.0
+    top_beta: float = 2.0  # beta multiplier for latents at resolution <= top_res
+    top_res: int = 8
+    free_bits: float = 0.0  # nats per latent channel and position, per level
+    cf_latents: str = "prior-relative"  # or "posterior": keep z fixed under intervention
+
+    @classmethod
+    def for_preset(cls, name: str) -> HVAEConfig:
+        check_preset(name)
+        size = IMAGE_SIZE[name]
+        if name == "smoke":
+            return cls(image_size=size, work_size=32, widths=(8, 16, 16, 16),
+                       blocks=(0, 1, 1, 1), latents={4: 4, 8: 4}, embed_dim=8, bottleneck=2)
+        if name == "cpu":
+            return cls(image_size=size)
+        # Reference size (~40 M parameters): wide low-resolution stages, latents 7..56 px.
+        return cls(image_size=size, work_size=size, widths=(32, 64, 128, 256, 512, 512),
+                   blocks=(1, 2, 3, 6, 8, 8), latents={7: 16, 14: 16, 28: 16, 56: 8},
+                   embed_dim=64)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(self.work_size // 2**i for i in range(len(self.widths)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["latents"] = {str(k): v for k, v in self.latents.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HVAEConfig:
+        d = dict(d)
+        d["widths"] = tuple(d["widths"])
+        d["blocks"] = tuple(d["blocks"])
+        d["latents"] = {int(k): int(v) for k, v in d["latents"].items()}
+        return cls(**d)
+
+
+class Bottleneck(nn.Module):
+    """causal-gen bottleneck: 1x1 -> 3x3 -> 3x3 -> 1x1 with GELUs, parents added after the
+    first 1x1 (a bias, or a FiLM scale and shift), last layer zero-initialised.
+
+    ``(B, C_in, H, W)`` and ``(B, E)`` -> ``(B, C_out, H, W)``.
+    """
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, embed_dim: int = 0,
+                 film: bool = False, zero_out: bool = True) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, hidden, 1)
+        self.c2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.c3 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.c4 = nn.Conv2d(hidden, c_out, 1)
+        if zero_out:
+            nn.init.zeros_(self.c4.weight)
+            nn.init.zeros_(self.c4.bias)
+        self.film = film
+        self.cond = nn.Linear(embed_dim, (2 if film else 1) * hidden) if embed_dim else None
+        if self.cond is not None:
+            nn.init.zeros_(self.cond.weight)
+            nn.init.zeros_(self.cond.bias)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.c1(F.gelu(x))
+        if self.cond is not None and e is not None:
+            c = self.cond(e)[:, :, None, None]
+            if self.film:
+                scale, shift = c.chunk(2, dim=1)
+                y = y * (1 + scale) + shift
+            else:
+                y = y + c
+        y = self.c3(F.gelu(self.c2(F.gelu(y))))
+        return self.c4(F.gelu(y))
+
+
+class ResBlock(nn.Module):
+    """Residual bottleneck block; ``(B, C, H, W)`` (+ ``(B, E)``) -> ``(B, C, H, W)``."""
+
+    def __init__(self, width: int, bottleneck: int, embed_dim: int = 0) -> None:
+        super().__init__()
+        self.body = Bottleneck(width, max(4, width // bottleneck), width, embed_dim, film=True)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+        return h + self.body(h, e)
+
+
+class LatentBlock(nn.Module):
+    """One stochastic top-down block: conditional prior, posterior, latent injection, residual."""
+
+    def __init__(self, width: int, z_dim: int, embed_dim: int, bottleneck: int) -> None:
+        super().__init__()
+        hidden = max(4, width // bottleneck)
+        self.z_dim = z_dim
+        self.prior = Bottleneck(width, hidden, 2 * z_dim + width, embed_dim)
+        self.posterior = Bottleneck(2 * width, hidden, 2 * z_dim, embed_dim)
+        self.z_proj = nn.Conv2d(z_dim, width, 1)
+        self.res = ResBlock(width, bottleneck, embed_dim)
+
+    def prior_params(self, h: torch.Tensor, e: torch.Tensor):
+        """Prior mean and std ``(B, z, H, W)`` and a feature residual ``(B, C, H, W)``."""
+        out = self.prior(h, e)
+        loc, raw, feat = out.split([self.z_dim, self.z_dim, out.shape[1] - 2 * self.z_dim], 1)
+        return loc, F.softplus(raw + _SOFTPLUS_ONE) + 1e-4, feat
+
+    def posterior_params(self, h: torch.Tensor, enc: torch.Tensor, e: torch.Tensor):
+        """Posterior mean and std ``(B, z, H, W)`` given the encoder activation ``enc``."""
+        loc, raw = self.posterior(torch.cat([h, enc], dim=1), e).chunk(2, dim=1)
+        return loc, F.softplus(raw + _SOFTPLUS_ONE) + 1e-4
+
+    def step(self, h: torch.Tensor, z: torch.Tensor, feat: torch.Tensor,
+             e: torch.Tensor) -> torch.Tensor:
+        return self.res(h + feat + self.z_proj(z), e)
+
+
+def gaussian_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
+    """Elementwise KL(N(q) || N(p)), same shape as the inputs."""
+    return (torch.log(p_scale / q_scale)
+            + (q_scale**2 + (q_loc - p_loc) ** 2) / (2 * p_scale**2) - 0.5)
+
+
+def discretised_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, sigma: float,
+                             bins: int = 256) -> torch.Tensor:
+    """Per-pixel NLL (nats) of ``x`` in [-1, 1] under a discretised Gaussian, shape of ``x``.
+
+    The edge bins take the whole tail mass, as in PixelCNN++ / causal-gen.
+    """
+    half = 1.0 / (bins - 1)
+    centred = x - loc
+    upper = (centred + half) / (sigma * math.sqrt(2))
+    lower = (centred - half) / (sigma * math.sqrt(2))
+    cdf_up = 0.5 * (1 + torch.erf(upper))
+    cdf_lo = 0.5 * (1 + torch.erf(lower))
+    mass = torch.where(x > 1 - 1e-3, 1 - cdf_lo, torch.where(x < -1 + 1e-3, cdf_up, cdf_up - cdf_lo))
+    # Far from the mode the mass underflows: fall back to the density times bin width.
+    log_density = (-0.5 * (centred / sigma) ** 2 - math.log(sigma * math.sqrt(2 * math.pi))
+                   + math.log(2 * half))
+    return -torch.where(mass > 1e-6, torch.log(mass.clamp_min(1e-12)), log_density)
+
+
+class HVAE(nn.Module):
+    """Conditional HVAE. ``forward(x (B,1,S,S) in [0,1], pa (B,3))`` -> loss terms.
+
+    The network works at ``cfg.work_size`` (the cpu preset: 64 px for 128 px inputs): inputs
+    are area-downsampled and means bilinearly upsampled. The counterfactual keeps every detail
+    of ``x`` above that scale, since only the smooth residual ``mu_cf - mu`` is added.
+    """
+
+    def __init__(self, cfg: HVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        res, w, e = cfg.resolutions, cfg.widths, cfg.embed_dim
+        missing = [r for r in cfg.latents if r not in res]
+        if len(cfg.blocks) != len(w):
+            raise ValueError(f"blocks {cfg.blocks} and widths {w} differ in length")
+        if missing:
+            raise ValueError(f"latent resolutions {missing} not in {res}")
+        self.parent_embed = nn.Sequential(
+            nn.Linear(cfg.parent_dim, e), nn.GELU(), nn.Linear(e, e), nn.GELU()
+        )
+        # Bottom-up encoder (no parents, as in causal-gen).
+        self.stem = nn.Conv2d(1, w[0], 3, padding=1)
+        self.enc_blocks = nn.ModuleList(
+            nn.ModuleList(ResBlock(w[i], cfg.bottleneck) for _ in range(cfg.blocks[i]))
+            for i in range(len(w))
+        )
+        self.enc_down = nn.ModuleList(nn.Conv2d(w[i], w[i + 1], 1) for i in range(len(w) - 1))
+        # Top-down decoder from the smallest resolution.
+        self.top = nn.Parameter(torch.zeros(1, w[-1], res[-1], res[-1]))
+        self.top_embed = nn.Linear(e, w[-1])
+        self.dec_blocks = nn.ModuleList()
+        self.dec_up = nn.ModuleList()
+        for i in reversed(range(len(w))):
+            r, n = res[i], max(1, cfg.blocks[i]) if res[i] in cfg.latents else cfg.blocks[i]
+            if r in cfg.latents:
+                blocks = [LatentBlock(w[i], cfg.latents[r], e, cfg.bottleneck) for _ in range(n)]
+            else:
+                blocks = [ResBlock(w[i], cfg.bottleneck, e) for _ in range(n)]
+            self.dec_blocks.append(nn.ModuleList(blocks))
+            self.dec_up.append(nn.Conv2d(w[i], w[i - 1], 1) if i > 0 else nn.Identity())
+        self.out = nn.Conv2d(w[0], 1, 3, padding=1)
+
+    # -- building blocks ---------------------------------------------------
+    def embed(self, pa: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)`` 0/1 parents -> ``(B, E)``."""
+        return self.parent_embed(pa.float())
+
+    def encode(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``(B, 1, S, S)`` in [0, 1] -> encoder activations per latent resolution."""
+        h = self.stem(2 * self.to_work(x) - 1)
+        acts: dict[int, torch.Tensor] = {}
+        for i, blocks in enumerate(self.enc_blocks):
+            for block in blocks:
+                h = block(h)
+            if h.shape[-1] in self.cfg.latents:
+                acts[h.shape[-1]] = h
+            if i < len(self.enc_down):
+                h = self.enc_down[i](F.avg_pool2d(h, 2))
+        return acts
+
+    def to_work(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, S, S)`` -> ``(B, 1, W, W)`` at the working size (area average)."""
+        if x.shape[-1] == self.cfg.work_size:
+            return x
+        return F.interpolate(x, size=(self.cfg.work_size,) * 2, mode="area")
+
+    def to_image(self, mu: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, W, W)`` working-size mean -> ``(B, 1, S, S)`` (bilinear)."""
+        if mu.shape[-1] == self.cfg.image_size:
+            return mu
+        return F.interpolate(mu, size=(self.cfg.image_size,) * 2, mode="bilinear",
+                             align_corners=False)
+
+    def _top(self, e: torch.Tensor) -> torch.Tensor:
+        return self.top.expand(e.shape[0], -1, -1, -1) + self.top_embed(e)[:, :, None, None]
+
+    def _up(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.dec_up[i], nn.Identity):
+            return h
+        # 1x1 before upsampling: the same map at a quarter of the cost.
+        return F.interpolate(self.dec_up[i](h), scale_factor=2, mode="nearest")
+
+    def _to_image(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoder features -> mean image ``(B, 1, S, S)`` in [0, 1]."""
+        return (torch.tanh(self.out(F.gelu(h))) + 1) / 2
+
+    # -- training -------------------------------------------------------------
+    def forward(self, x: torch.Tensor, pa: torch.Tensor, beta: float | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Negative ELBO terms in nats per pixel: ``loss``, ``nll``, ``kl``, ``mu`` (B,1,S,S)."""
+        cfg = self.cfg
+        beta = cfg.beta if beta is None else beta
+        e = self.embed(pa)
+        acts = self.encode(x)
+        h = self._top(e)
+        kl_total = x.new_zeros(())
+        kl_weighted = x.new_zeros(())
+        for i, blocks in enumerate(self.dec_blocks):
+            for block in blocks:
+                if isinstance(block, LatentBlock):
+                    p_loc, p_scale, feat = block.prior_params(h, e)
+                    q_loc, q_scale = block.posterior_params(h, acts[h.shape[-1]], e)
+                    z = q_loc + q_scale * torch.randn_like(q_loc)
+                    kl = gaussian_kl(q_loc, q_scale, p_loc, p_scale)
+                    kl_sum = kl.sum(dim=(1, 2, 3)).mean()
+                    if cfg.free_bits > 0:  # per channel and position, averaged over the batch
+                        kl_fb = kl.mean(dim=0).clamp_min(cfg.free_bits).sum()
+                    else:
+                        kl_fb = kl_sum
+                    weight = cfg.top_beta if h.shape[-1] <= cfg.top_res else 1.0
+                    kl_total = kl_total + kl_sum
+                    kl_weighted = kl_weighted + weight * kl_fb
+                    h = block.step(h, z, feat, e)
+                else:
+                    h = block(h, e)
+            h = self._up(i, h)
+        mu = self._to_image(h)
+        xw = self.to_work(x)
+        nll = discretised_gaussian_nll(2 * xw - 1, 2 * mu - 1, cfg.sigma, cfg.bins)
+        n_pix = xw[0].numel()
+        nll = nll.sum(dim=(1, 2, 3)).mean() / n_pix
+        return {"loss": nll + beta * kl_weighted / n_pix, "nll": nll,
+                "kl": kl_total / n_pix, "mu": self.to_image(mu)}
+
+    # -- counterfactual inference ----------------------------------------------
+    @torch.no_grad()
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Posterior-mean latents ``z`` and their prior-relative noise ``u`` per latent block.
+
+        ``u = (z - prior_loc(pa)) / prior_scale(pa)`` is the exogenous part of ``z``; with
+        ``cf_latents="prior-relative"`` an intervention keeps ``u`` and recomputes ``z`` from
+        the prior under the new parents (causal-gen's counterfactual latents).
+        """
+        e = self.embed(pa)
+        acts = self.encode(x)
+        h = self._top(e)
+        zs: list[torch.Tensor] = []
+        us: list[torch.Tensor] = []
+        for i, blocks in enumerate(self.dec_blocks):
+            for block in blocks:
+                if isinstance(block, LatentBlock):
+                    p_loc, p_scale, feat = block.prior_params(h, e)
+                    z, _ = block.posterior_params(h, acts[h.shape[-1]], e)
+                    zs.append(z)
+                    us.append((z - p_loc) / p_scale)
+                    h = block.step(h, z, feat, e)
+                else:
+                    h = block(h, e)
+            h = self._up(i, h)
+        return {"z": zs, "u": us}
+
+    @torch.no_grad()
+    def decode(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
+               mode: str | None = None) -> torch.Tensor:
+        """Mean image ``(B, 1, S, S)`` in [0, 1] from abducted latents under parents ``pa``.
+
+        ``mode`` (default ``cfg.cf_latents``): ``"posterior"`` decodes the abducted ``z``;
+        ``"prior-relative"`` decodes ``z = prior_loc(pa) + prior_scale(pa) * u``. Under the
+        factual parents both give the same image.
+        """
+        mode = mode or self.cfg.cf_latents
+        if mode not in ("posterior", "prior-relative"):
+            raise ValueError(f"unknown cf_latents mode {mode!r}")
+        e = self.embed(pa)
+        h = self._top(e)
+        k = 0
+        for i, blocks in enumerate(self.dec_blocks):
+            for block in blocks:
+                if isinstance(block, LatentBlock):
+                    p_loc, p_scale, feat = block.prior_params(h, e)
+                    if mode == "posterior":
+                        z = latents["z"][k]
+                    else:
+                        z = p_loc + p_scale * latents["u"][k]
+                    k += 1
+                    h = block.step(h, z, feat, e)
+                else:
+                    h = block(h, e)
+            h = self._up(i, h)
+        return self.to_image(self._to_image(h))
+
+
+def build_hvae(preset_or_cfg: str | HVAEConfig) -> HVAE:
+    """The one factory: a preset name or a config -> :class:`HVAE`."""
+    cfg = preset_or_cfg if isinstance(preset_or_cfg, HVAEConfig) else HVAEConfig.for_preset(preset_or_cfg)
+    return HVAE(cfg)
+
+
+def build_from_config(config: dict) -> HVAE:
+    """Bundle builder: ``{"hvae": HVAEConfig dict}``."""
+    return HVAE(HVAEConfig.from_dict(config["hvae"]))

@@ -1,0 +1,304 @@
+"""Training of the counterfactual model: attribute classifiers, then the HVAE.
+
+One resumable run folder holds an atomic checkpoint (weights, optimiser, EMA,
+torch and numpy RNG states); a run killed at any point and restarted with the
+same arguments ends with the same weights as an uninterrupted one, because
+batches and noise come only from the saved generators.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pcl_viewer.models.bundle import ModelBundle, save_bundle
+from pcl_viewer.models.classifiers import (
+    AttributeClassifiers,
+    ClassifierConfig,
+    balanced_accuracy,
+    expected_calibration_error,
+    fit_temperature,
+)
+from pcl_viewer.models.hvae import HVAE, HVAEConfig
+from pcl_viewer.parents import PARENT_VALUES
+from pcl_viewer.train.checkpoint import load_checkpoint, save_checkpoint
+
+STAGES = ("classifier", "hvae", "done")
+
+
+@dataclass
+class CFTrainConfig:
+    """Optimisation settings of :func:`train_cf` (model configs come from the preset)."""
+
+    preset: str = "cpu"
+    seed: int = 0
+    steps: int = 1000  # HVAE steps
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    kl_warmup: int = 300  # beta ramps from 10 % to 100 % over these steps
+    ema_decay: float = 0.998
+    grad_clip: float = 100.0
+    cls_steps: int = 300
+    cls_batch_size: int = 32
+    cls_lr: float = 2e-3
+    checkpoint_every: int = 100
+    hvae_overrides: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainingData:
+    """Training and validation arrays: images ``(N, 1, S, S)`` float32, parents ``(N, 3)``."""
+
+    x_train: np.ndarray
+    pa_train: np.ndarray
+    x_val: np.ndarray
+    pa_val: np.ndarray
+    source: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+def load_training_data(data_dir: str | Path, size: int) -> TrainingData:
+    """Read a dataset (phantom layout) and keep the two model scanners; split by its ``split``
+    column (train, and val for calibration / validation; test is left untouched)."""
+    from pcl_viewer.data.dataset import load_dataset
+
+    ds = load_dataset(data_dir)
+    arr = ds.arrays(size)
+    pa = arr["parents"]
+    ok = ~np.isnan(pa).any(axis=1)
+    split = np.array([r.split for r in ds.records])
+    train = ok & (split == "train")
+    val = ok & (split == "val")
+    if val.sum() < 16:  # tiny or unsplit datasets: hold out every 10th usable image
+        idx = np.flatnonzero(ok)
+        val = np.zeros_like(ok)
+        val[idx[::10]] = True
+        train = ok & ~val
+    summary_path = Path(data_dir) / "dataset.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return TrainingData(arr["image"][train], pa[train], arr["image"][val], pa[val],
+                        str(data_dir), summary)
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class _Run:
+    """Live training state of one run, convertible to and from a checkpoint."""
+
+    def __init__(self, cfg: CFTrainConfig, hvae_cfg: HVAEConfig, cls_cfg: ClassifierConfig):
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.cls = AttributeClassifiers(cls_cfg)
+        self.hvae = HVAE(hvae_cfg)
+        self.ema = HVAE(hvae_cfg)
+        self.ema.load_state_dict(self.hvae.state_dict())
+        self.ema.requires_grad_(False)
+        self.cls_opt = torch.optim.AdamW(self.cls.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
+        self.hvae_opt = torch.optim.AdamW(self.hvae.parameters(), lr=cfg.lr, weight_decay=0.01)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.stage, self.step = STAGES[0], 0
+        self.history: list[dict] = []
+        self.skipped = 0
+        self.seconds = 0.0
+
+    def state(self) -> dict:
+        return {"stage": self.stage, "step": self.step, "cls": self.cls.state_dict(),
+                "cls_opt": self.cls_opt.state_dict(), "hvae": self.hvae.state_dict(),
+                "hvae_opt": self.hvae_opt.state_dict(), "ema": self.ema.state_dict(),
+                "torch_rng": torch.get_rng_state(), "np_rng": self.rng.bit_generator.state,
+                "history": self.history, "skipped": self.skipped, "seconds": self.seconds}
+
+    def restore(self, s: dict) -> None:
+        self.stage, self.step = s["stage"], int(s["step"])
+        self.cls.load_state_dict(s["cls"])
+        self.cls_opt.load_state_dict(s["cls_opt"])
+        self.hvae.load_state_dict(s["hvae"])
+        self.hvae_opt.load_state_dict(s["hvae_opt"])
+        self.ema.load_state_dict(s["ema"])
+        torch.set_rng_state(s["torch_rng"])
+        self.rng.bit_generator.state = s["np_rng"]
+        self.history, self.skipped = list(s["history"]), int(s["skipped"])
+        self.seconds = float(s["seconds"])
+
+
+def _classifier_step(run: _Run, data: TrainingData, pos_weight: torch.Tensor) -> float:
+    cfg = run.cfg
+    idx = run.rng.integers(0, len(data.x_train), cfg.cls_batch_size)
+    x = torch.from_numpy(data.x_train[idx])
+    y = torch.from_numpy(data.pa_train[idx])
+    for g in run.cls_opt.param_groups:
+        g["lr"] = _lr(run.step, cfg.cls_steps, cfg.cls_lr, 50)
+    run.cls.train()
+    loss = F.binary_cross_entropy_with_logits(run.cls.raw_logits(x), y, pos_weight=pos_weight)
+    run.cls_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.cls_opt.step()
+    return float(loss.detach())
+
+
+def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
+    cfg = run.cfg
+    idx = run.rng.integers(0, len(data.x_train), cfg.batch_size)
+    x = torch.from_numpy(data.x_train[idx])
+    pa = torch.from_numpy(data.pa_train[idx])
+    for g in run.hvae_opt.param_groups:
+        g["lr"] = _lr(run.step, cfg.steps, cfg.lr, cfg.warmup)
+    beta_scale = min(1.0, 0.1 + 0.9 * run.step / max(1, cfg.kl_warmup))
+    run.hvae.train()
+    out = run.hvae(x, pa, beta=run.hvae.cfg.beta * beta_scale)
+    run.hvae_opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(run.hvae.parameters(), cfg.grad_clip)
+    if torch.isfinite(norm) and torch.isfinite(out["loss"]):
+        run.hvae_opt.step()
+    else:  # skip a diverging update instead of corrupting the weights
+        run.skipped += 1
+    decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
+    with torch.no_grad():
+        for pe, p in zip(run.ema.parameters(), run.hvae.parameters()):
+            pe.lerp_(p, 1 - decay)
+    return {k: float(out[k].detach()) for k in ("loss", "nll", "kl")}
+
+
+@torch.no_grad()
+def validate_hvae(model: HVAE, x: np.ndarray, pa: np.ndarray, n: int = 64) -> dict[str, float]:
+    """Negative ELBO terms (nats per pixel) and reconstruction MAE of the mean on ``n`` images."""
+    model.eval()
+    xt, pt = torch.from_numpy(x[:n]), torch.from_numpy(pa[:n])
+    gen = torch.get_rng_state()
+    torch.manual_seed(1234)
+    out = model(xt, pt)
+    torch.set_rng_state(gen)  # validation must not move the training noise stream
+    mu = model.decode(model.abduct(xt, pt), pt)
+    return {"val_nll": float(out["nll"]), "val_kl": float(out["kl"]),
+            "val_recon_mae": float((mu - xt).abs().mean())}
+
+
+@torch.no_grad()
+def calibrate_classifiers(cls: AttributeClassifiers, x: np.ndarray, pa: np.ndarray
+                          ) -> dict[str, dict[str, float]]:
+    """Fit one temperature per attribute on validation images; return accuracy and ECE."""
+    cls.eval()
+    logits = torch.cat([cls.raw_logits(torch.from_numpy(x[i:i + 256]))
+                        for i in range(0, len(x), 256)])
+    labels = torch.from_numpy(pa)
+    metrics: dict[str, dict[str, float]] = {}
+    temps = []
+    for k, name in enumerate(cls.cfg.attributes):
+        with torch.enable_grad():
+            t = fit_temperature(logits[:, k], labels[:, k])
+        temps.append(t)
+        p_raw = torch.sigmoid(logits[:, k]).numpy()
+        p_cal = torch.sigmoid(logits[:, k] / t).numpy()
+        y = labels[:, k].numpy()
+        metrics[name] = {
+            "val_accuracy": float(((p_cal >= 0.5) == (y >= 0.5)).mean()),
+            "val_balanced_accuracy": balanced_accuracy(p_cal >= 0.5, y),
+            "ece_before": expected_calibration_error(p_raw, y),
+            "ece": expected_calibration_error(p_cal, y),
+            "temperature": t, "n_val": len(y), "positives": int(y.sum()),
+        }
+    cls.temperature.copy_(torch.tensor(temps))
+    return metrics
+
+
+def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
+             stop_after: int | None = None, progress: bool = True) -> _Run:
+    """Train (or resume) classifiers then the HVAE; returns the finished run state.
+
+    ``stop_after`` ends the process-level loop after that many optimisation steps in this
+    call (tests use it to simulate a kill; the last checkpoint is at a multiple of
+    ``checkpoint_every``).
+    """
+    run_dir = Path(run_dir)
+    hvae_cfg = HVAEConfig.for_preset(cfg.preset)
+    for key, value in cfg.hvae_overrides.items():
+        setattr(hvae_cfg, key, value)
+    run = _Run(cfg, hvae_cfg, ClassifierConfig.for_preset(cfg.preset))
+    state = load_checkpoint(run_dir / "checkpoint")
+    if state is not None:
+        run.restore(state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    pos = data.pa_train.mean(axis=0).clip(1e-3, 1 - 1e-3)
+    pos_weight = torch.from_numpy(((1 - pos) / pos).astype(np.float32))
+    done = 0
+    for stage, total in (("classifier", cfg.cls_steps), ("hvae", cfg.steps)):
+        if STAGES.index(run.stage) > STAGES.index(stage):
+            continue
+        bar = tqdm(total=total, initial=run.step, desc=f"train-cf {stage}", disable=not progress,
+                   mininterval=5.0, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        while run.step < total:
+            if stop_after is not None and done >= stop_after:
+                bar.close()
+                return run
+            if stage == "classifier":
+                stats = {"loss": _classifier_step(run, data, pos_weight)}
+            else:
+                stats = _hvae_step(run, data)
+            run.step += 1
+            done += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()}, refresh=False)
+            if run.step % cfg.checkpoint_every == 0 or run.step == total:
+                run.seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                entry = {"stage": stage, "step": run.step, **stats, "seconds": round(run.seconds, 1)}
+                if stage == "hvae":
+                    entry.update(validate_hvae(run.ema, data.x_val, data.pa_val))
+                run.history.append(entry)
+                save_checkpoint(run_dir / "checkpoint", run.state())
+                with open(run_dir / "history.jsonl", "a") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+        bar.close()
+        run.stage, run.step = STAGES[STAGES.index(stage) + 1], 0
+        save_checkpoint(run_dir / "checkpoint", run.state())
+    return run
+
+
+def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str = "",
+                  name: str | None = None) -> ModelBundle:
+    """Calibrate the classifiers, validate the EMA HVAE and write the bundle."""
+    cls_metrics = calibrate_classifiers(run.cls, data.x_val, data.pa_val)
+    hvae_metrics = validate_hvae(run.ema, data.x_val, data.pa_val, n=256)
+    out = Path(out)
+    card = {
+        "name": name or out.name, "version": "1", "kind": "counterfactual",
+        "description": "Conditional HVAE (counterfactual image mechanism) and calibrated "
+                       "attribute classifiers (scanner, sex, effusion).",
+        "preset": run.cfg.preset,
+        "parents": {k: {"values": list(v), "encoding": {v[0]: 0, v[1]: 1}}
+                    for k, v in PARENT_VALUES.items()},
+        "input": {"size": run.hvae.cfg.image_size, "channels": 1,
+                  "intensity": "float32 [0, 1], (B, 1, S, S)"},
+        "counterfactual": {"formula": "x_cf = clip(x + (mu(z, pa*) - mu(z, pa)), 0, 1)",
+                           "abduction": "posterior means", "latents": run.hvae.cfg.cf_latents},
+        "training": {"command": command, "seed": run.cfg.seed, "data": data.source,
+                     "data_summary": data.summary, "n_train": len(data.x_train),
+                     "n_val": len(data.x_val), "config": run.cfg.to_dict(),
+                     "seconds": round(run.seconds, 1), "skipped_updates": run.skipped,
+                     "history_tail": run.history[-3:]},
+        "metrics": {"classifier": cls_metrics, "hvae": hvae_metrics},
+    }
+    return save_bundle(out, card, {
+        "hvae": ("hvae", {"hvae": run.ema.cfg.to_dict()}, run.ema),
+        "classifier": ("attribute-classifier", {"classifier": run.cls.cfg.to_dict()}, run.cls),
+    })

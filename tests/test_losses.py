@@ -228,3 +228,28 @@ def test_structured_core_equals_masked_core_and_has_exact_gradients():
 
     assert f(z).item() == pytest.approx((total / count).item(), abs=1e-7)
     assert torch.autograd.gradcheck(f, (z,))
+
+
+def test_pair_core_equals_two_directions_with_exact_gradients():
+    from pcl_viewer.contrastive.infonce import supcon, supcon_pair
+
+    g = torch.Generator().manual_seed(7)
+    x = F.normalize(torch.randn(6, 3, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    y = F.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    pxy = torch.rand(6, 5, generator=g) < 0.4
+    pyx = torch.rand(5, 6, generator=g) < 0.4
+    mask_x = torch.tensor([True, True, False, True, True, True])
+
+    def positives(p, keys, mask=None):
+        return p.to(keys.dtype) @ keys, p.sum(1), mask
+
+    def pair(x, y):
+        return supcon_pair(x, y, positives(pxy, y, mask_x), positives(pyx, x), TAU,
+                           max_chunk_elements=10)
+
+    def separate(x, y):
+        return (supcon(x, y, *positives(pxy, y, mask_x)[:2], TAU, mask_x)
+                + supcon(y, x, *positives(pyx, x)[:2], TAU))
+
+    assert pair(x, y).item() == pytest.approx(separate(x, y).item(), abs=1e-10)
+    assert torch.autograd.gradcheck(pair, (x, y))

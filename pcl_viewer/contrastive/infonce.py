@@ -201,6 +201,84 @@ def supcon(
     return lse - (weights * pos).sum()
 
 
+class _ChunkedPairLogSumExp(torch.autograd.Function):
+    """Both directions of one similarity matrix S = x y^T / tau in a single pass:
+    ``sum_i wx_i LSE_j(S_ij) + sum_j wy_j LSE_i(S_ij)``.
+
+    The symmetrised dual-view loss contrasts x against y and y against x; the
+    second is the first's transpose, so its log-sum-exps are column sums of the
+    same exponentials (one shared shift makes the chunks' column sums addable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, wx, wy, temperature, rows):  # type: ignore[override]
+        shift = float(x.detach().norm(dim=1).max() * y.detach().norm(dim=1).max()) / temperature
+        row_sum = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        col_sum = torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
+        for start in range(0, x.shape[0], rows):
+            e = _exp_chunk(x, y, None, temperature, start, rows, shift)
+            row_sum[start : start + e.shape[0]] = e.sum(dim=1)
+            col_sum += e.sum(dim=0)
+        row_sum.clamp_(min=1e-30)
+        col_sum.clamp_(min=1e-30)
+        ctx.save_for_backward(x, y, wx / row_sum, wy / col_sum)
+        ctx.temperature, ctx.rows, ctx.shift = temperature, rows, shift
+        return (wx * (row_sum.log() + shift)).sum() + (wy * (col_sum.log() + shift)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, y, alpha, beta = ctx.saved_tensors
+        grad_x = torch.zeros_like(x)
+        grad_y = torch.zeros_like(y)
+        scale = grad / ctx.temperature
+        for start in range(0, x.shape[0], ctx.rows):
+            stop = min(start + ctx.rows, x.shape[0])
+            e = _exp_chunk(x, y, None, ctx.temperature, start, ctx.rows, ctx.shift)
+            # d/dS_ij = wx_i softmax_row_ij + wy_j softmax_col_ij
+            e.mul_(alpha[start:stop, None] + beta[None, :]).mul_(scale)
+            grad_x[start:stop] = e @ y
+            grad_y.addmm_(e.T, x[start:stop])
+        return grad_x, grad_y, None, None, None, None
+
+
+def _weights(positive_count, anchor_mask, like):
+    used = positive_count > 0
+    if anchor_mask is not None:
+        used = used & anchor_mask
+    n = int(used.sum())
+    return used.to(like.dtype) / max(n, 1), n
+
+
+def supcon_pair(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_positives: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    y_positives: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    temperature: float,
+    max_chunk_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """``supcon(x, y, ...) + supcon(y, x, ...)`` with one pass over ``x y^T``.
+
+    Args:
+        x, y: ``(Nx, D)`` and ``(Ny, D)``; each is the other's key set (A = all keys).
+        x_positives / y_positives: ``(positive_sum, positive_count, anchor_mask)``
+            of the anchors of x (keys y) and of y (keys x), as in :func:`supcon`.
+    """
+    if x.shape[1] != y.shape[1] or x_positives[0].shape != x.shape or y_positives[0].shape != y.shape:
+        raise ValueError(
+            f"x {tuple(x.shape)}, y {tuple(y.shape)} and positive sums "
+            f"{tuple(x_positives[0].shape)}, {tuple(y_positives[0].shape)} do not match"
+        )
+    wx, nx = _weights(x_positives[1], x_positives[2], x)
+    wy, ny = _weights(y_positives[1], y_positives[2], y)
+    rows = max(1, max_chunk_elements // max(y.shape[0], 1))
+    lse = _ChunkedPairLogSumExp.apply(x, y, wx, wy, temperature, rows)
+    pos = 0.0
+    for z, (psum, pcount, _), w in ((x, x_positives, wx), (y, y_positives, wy)):
+        pos = pos + (w * (z * psum).sum(dim=1) / (temperature * pcount.clamp(min=1))).sum()
+    return lse - pos
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0; backward sums every rank's gradient into the owner's slice."""
 

@@ -26,7 +26,13 @@ import torch.distributed as dist
 from monai.losses import ContrastiveLoss
 from torch.nn.modules.loss import _Loss
 
-from pcl_viewer.contrastive.infonce import distributed, gather, masked_info_nce, supcon
+from pcl_viewer.contrastive.infonce import (
+    distributed,
+    gather,
+    masked_info_nce,
+    supcon,
+    supcon_pair,
+)
 
 __all__ = [
     "DVDLoss", "MVDLoss", "SupervisedDVDLoss", "SupervisedMVDLoss", "VADeRLoss", "SSDCLLoss",
@@ -84,14 +90,22 @@ class _DualViewLoss(_PixelContrastLoss):
         b, v, n, d = z.shape
         terms = []
         for k in range(1, v):
-            for va, vk in ((0, k), (k, 0)):  # symmetrised
+            if not distributed():  # both directions from one pass over the pair's matrix
+                first, other = z[:, 0], z[:, k]
+                flat0, flatk = first.reshape(b * n, d), other.reshape(b * n, d)
+                pos0 = self._positives(other, flatk, positions, labels)
+                posk = self._positives(first, flat0, positions, labels)
+                terms.append(supcon_pair(flat0, flatk, pos0, posk, self.temperature,
+                                         self.max_chunk_elements) / 2)
+                continue
+            pair = []
+            for va, vk in ((0, k), (k, 0)):  # symmetrised; keys gathered over ranks
                 anchors = z[:, va].reshape(b * n, d)
                 local_keys = z[:, vk]
                 keys = gather(local_keys.reshape(b * n, d))
                 psum, pcount, mask = self._positives(local_keys, keys, positions, labels)
-                terms.append(self._supcon(anchors, keys, psum, pcount, mask))
-        # every k contributes its two directions: the mean of all terms is the
-        # mean over k of the symmetrised pair losses
+                pair.append(self._supcon(anchors, keys, psum, pcount, mask))
+            terms.append((pair[0] + pair[1]) / 2)
         return torch.stack(terms).mean()
 
     def _positives(self, local_keys, keys, positions, labels):

@@ -63,7 +63,7 @@ def pretrain(method, dagger, views, cf_bundle, data_dir, preset, out, epochs, se
                                          need_counterfactuals=need_cf)
         summary = run(cfg, data, out, command=_command_line(click.get_current_context()),
                       progress=progress, echo=click.echo)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
     if summary:
         dice = summary["probe_dice"]

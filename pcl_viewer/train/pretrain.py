@@ -157,6 +157,10 @@ class PretrainData:
                 from pcl_viewer.data.cf_views import load_views
 
                 cf = torch.as_tensor(load_views(ds, "model", bundle))
+                if cf.shape[-1] != size:
+                    raise ValueError(
+                        f"the counterfactual model makes {cf.shape[-1]} px views; preset needs {size} px"
+                    )
             else:
                 raise ValueError(f"views must be 'model' or 'true', got {views!r}")
         silver = has = None

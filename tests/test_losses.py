@@ -253,3 +253,21 @@ def test_pair_core_equals_two_directions_with_exact_gradients():
 
     assert pair(x, y).item() == pytest.approx(separate(x, y).item(), abs=1e-10)
     assert torch.autograd.gradcheck(pair, (x, y))
+
+
+def test_symmetric_core_equals_general_core_with_exact_gradients():
+    from pcl_viewer.contrastive.infonce import supcon, supcon_symmetric
+
+    g = torch.Generator().manual_seed(8)
+    z = F.normalize(torch.randn(7, 3, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    p = (torch.rand(7, 7, generator=g) < 0.5) & ~torch.eye(7, dtype=torch.bool)
+    mask = torch.tensor([True, False, True, True, True, True, True])
+
+    def sym(z):
+        return supcon_symmetric(z, p.to(z.dtype) @ z, p.sum(1), TAU, mask, max_chunk_elements=15)
+
+    def general(z):
+        return supcon(z, z, p.to(z.dtype) @ z, p.sum(1), TAU, mask, self_index=torch.arange(7))
+
+    assert sym(z).item() == pytest.approx(general(z).item(), abs=1e-10)
+    assert torch.autograd.gradcheck(sym, (z,))

@@ -279,6 +279,70 @@ def supcon_pair(
     return lse - pos
 
 
+class _SymmetricLogSumExp(torch.autograd.Function):
+    """``sum_i w_i log sum_{j != i} exp(z_i . z_j / tau)`` for anchors = keys = z.
+
+    S is symmetric, so only the strips ``rows x (columns >= first row)`` are
+    computed: their row sums serve the strip's rows and their column sums the
+    later rows. Half the matmuls and exps of the plain chunked pass.
+    """
+
+    @staticmethod
+    def forward(ctx, z, w, temperature, rows):  # type: ignore[override]
+        shift = float(z.detach().norm(dim=1).max()) ** 2 / temperature
+        row_sum = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        for start in range(0, z.shape[0], rows):
+            stop = min(start + rows, z.shape[0])
+            e = _strip(z, start, stop, temperature, shift)
+            row_sum[start:stop] += e.sum(dim=1)
+            row_sum[stop:] += e[:, stop - start :].sum(dim=0)
+        row_sum.clamp_(min=1e-30)
+        ctx.save_for_backward(z, w / row_sum)
+        ctx.temperature, ctx.rows, ctx.shift = temperature, rows, shift
+        return (w * (row_sum.log() + shift)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, alpha = ctx.saved_tensors
+        out = torch.zeros_like(z)
+        for start in range(0, z.shape[0], ctx.rows):
+            stop = min(start + ctx.rows, z.shape[0])
+            e = _strip(z, start, stop, ctx.temperature, ctx.shift)
+            # (G + G^T)_ij = E_ij (alpha_i + alpha_j): z is anchor and key at once
+            e.mul_(alpha[start:stop, None] + alpha[None, start:]).mul_(grad / ctx.temperature)
+            out[start:stop] += e @ z[start:]
+            out[stop:].addmm_(e[:, stop - start :].T, z[start:stop])
+        return out, None, None, None
+
+
+def _strip(z, start, stop, temperature, shift):
+    """``exp(S - shift)`` for rows ``start:stop`` and columns ``start:``, diagonal 0."""
+    e = (z[start:stop] @ z[start:].T).mul_(1.0 / temperature).sub_(shift).exp_()
+    i = torch.arange(stop - start, device=z.device)
+    e[i, i] = 0.0
+    return e
+
+
+def supcon_symmetric(
+    z: torch.Tensor,
+    positive_sum: torch.Tensor,
+    positive_count: torch.Tensor,
+    temperature: float,
+    anchor_mask: torch.Tensor | None = None,
+    max_chunk_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """:func:`supcon` with anchors = keys = ``z`` and A(i) = all but i, at half the cost."""
+    if positive_sum.shape != z.shape:
+        raise ValueError(f"z {tuple(z.shape)} and positive sums {tuple(positive_sum.shape)} differ")
+    w, n = _weights(positive_count, anchor_mask, z)
+    if n == 0:
+        return z.sum() * 0.0
+    rows = max(1, max_chunk_elements // max(z.shape[0], 1))
+    lse = _SymmetricLogSumExp.apply(z, w, temperature, rows)
+    pos = (z * positive_sum).sum(dim=1) / (temperature * positive_count.clamp(min=1))
+    return lse - (w * pos).sum()
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0; backward sums every rank's gradient into the owner's slice."""
 

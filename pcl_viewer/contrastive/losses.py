@@ -32,6 +32,7 @@ from pcl_viewer.contrastive.infonce import (
     masked_info_nce,
     supcon,
     supcon_pair,
+    supcon_symmetric,
 )
 
 __all__ = [
@@ -123,6 +124,9 @@ class _MultiViewLoss(_PixelContrastLoss):
         rank = dist.get_rank() if distributed() else 0
         self_index = rank * anchors.shape[0] + torch.arange(anchors.shape[0], device=z.device)
         psum, pcount, mask = self._positives(z, keys, positions, labels)
+        if not distributed():  # anchors are the keys: use the symmetry of the matrix
+            return supcon_symmetric(anchors, psum, pcount, self.temperature, mask,
+                                    self.max_chunk_elements)
         return self._supcon(anchors, keys, psum, pcount, mask, self_index)
 
     def _positives(self, z, keys, positions, labels):

@@ -360,7 +360,9 @@ def pretrain(
         batches = order[: steps * cfg.batch_size].view(steps, world, local_batch)[:, rank]
         bar = tqdm(range(steps), desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (progress and rank == 0), leave=False)
-        t0, loss_sum = time.perf_counter(), 0.0
+        # CPU seconds (all threads) next to wall seconds: on a shared machine the
+        # wall clock measures the neighbours, the CPU time the work
+        t0, c0, loss_sum = time.perf_counter(), time.process_time(), 0.0
         for step in bar:
             g = _generator(cfg.seed, epoch, step, rank)
             idx = batches[step]
@@ -391,10 +393,12 @@ def pretrain(
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{rate:.1f}")
         bar.close()
         train_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - c0
         record = {
             "epoch": epoch + 1, "steps": steps, "loss": loss_sum / steps,
             "lr": sched.get_last_lr()[0], "s_per_step": train_s / steps,
             "images_per_s": steps * cfg.batch_size / train_s,
+            "cpu_s_per_step": cpu_s / steps, "threads": torch.get_num_threads(),
         }
         if rank == 0:
             if probe_idx is not None:
@@ -416,7 +420,7 @@ def pretrain(
             echo(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
                 f"{record['images_per_s']:.2f} images/s ({record['s_per_step']:.2f} s/step, "
-                f"views counted once)"
+                f"{record['cpu_s_per_step']:.2f} CPU-s/step; views counted once)"
                 + (f", probe Dice {record['probe_dice']:.4f}" if "probe_dice" in record else "")
             )
         if world > 1:

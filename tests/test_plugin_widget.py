@@ -216,3 +216,11 @@ def test_the_widget_docked_from_the_plugins_menu_works_through_napari_proxies(
         assert widget.builder.get(widget.scan_layer(), "both", "labels") is not None
     finally:
         AppState.pipeline = AppState.key = None
+
+
+def test_segment_lungs_is_offered_under_layers_segment(app):
+    from napari._app_model import get_app_model
+
+    items = get_app_model().menus.get_menu("napari/layers/segment")
+    ids = [getattr(getattr(i, "command", None), "id", None) for i in items]
+    assert "pcl-viewer.segment_lungs" in ids

@@ -12,6 +12,7 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ class PCLViewerWidget(QWidget):
         self._cancel = threading.Event()
         self._running_layer = None
         self._pending: PipelineResult | None = None
+        self._ui_queue: deque = deque()
+        self.ui_timings: list[tuple[str, float]] = []  # (item, seconds) handled in the Qt thread
+        self._drain_scheduled = False
         self._t0 = 0.0
         self._build_ui()
         self._strength_timer = QTimer(self, singleShot=True, interval=40)
@@ -315,13 +319,14 @@ class PCLViewerWidget(QWidget):
         params = self._params(mode, interventions)
         self._remember_settings()
         self._cancel.clear()
+        self.ui_timings = []
         self._running_layer = layer
         self._set_busy(True)
         self.progress.setValue(0)
         self.status.setText(f"{mode}: starting…")
         self._t0 = time.perf_counter()
         self.worker = _workers.start(lambda: self._job(scan, params),
-                                     on_yield=self._on_step, on_done=self._on_done)
+                                     on_yield=self._enqueue_step, on_done=self._enqueue_done)
         return True
 
     def _params(self, mode: str, interventions: tuple[str, ...] | None) -> dict[str, Any]:
@@ -356,6 +361,39 @@ class PCLViewerWidget(QWidget):
         for w in self._busy_widgets:
             w.setEnabled(not busy)
         self.cancel_btn.setEnabled(busy)
+
+    # The worker can yield faster than layers are built. Each yielded item is queued and
+    # handled in its own event-loop turn (a 0 ms timer), so timers, paints and input run
+    # between two layer updates instead of after a burst of them.
+
+    def _enqueue_step(self, step: Step) -> None:
+        self._ui_queue.append((self._on_step, (step,)))
+        self._schedule_drain()
+
+    def _enqueue_done(self, status: str, value: Any) -> None:
+        self._ui_queue.append((self._on_done, (status, value)))
+        self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        if _workers.synchronous():  # inline runs: handle at once, in order
+            while self._ui_queue:
+                func, args = self._ui_queue.popleft()
+                func(*args)
+        elif not self._drain_scheduled:
+            self._drain_scheduled = True
+            QTimer.singleShot(0, self._drain_one)
+
+    def _drain_one(self) -> None:
+        self._drain_scheduled = False
+        if self._ui_queue:
+            func, args = self._ui_queue.popleft()
+            t0 = time.perf_counter()
+            func(*args)
+            step = args[0] if isinstance(args[0], Step) else None
+            label = f"{step.stage} {step.i}/{step.n}" if step else f"done ({args[0]})"
+            self.ui_timings.append((label, time.perf_counter() - t0))
+        if self._ui_queue:
+            self._schedule_drain()
 
     def _on_step(self, step: Step) -> None:
         if not isinstance(step, Step) or self._running_layer is None:

@@ -53,6 +53,24 @@ def make_random_bundles(folder: str, preset: str = "cpu") -> tuple[str, str]:
     return str(root / f"cf-random-{preset}"), str(root / f"seg-random-{preset}")
 
 
+def reference_unet_ms(repeats: int = 10) -> float:
+    """Median wall time of one 128 px inference of the 'cpu' U-Net (MEASURED.md: 16 ms)."""
+    import torch
+
+    from pcl_viewer.models.unet import build_unet
+
+    net = build_unet("cpu").eval()
+    x = torch.rand(1, 1, 128, 128)
+    times = []
+    with torch.inference_mode():
+        net(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            times.append(1000 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pcl_viewer_napari.bench")
     p.add_argument("--bundle", default=None, help="counterfactual bundle (default cf-cpu)")
@@ -88,12 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         pipe._abductions.clear()  # time the full run, abduction included
         t0 = time.perf_counter()
         res = pipe.run_sync(scan)
-        runs.append((time.perf_counter() - t0, res.timings))
+        runs.append((time.perf_counter() - t0, res.timings, res.cpu_timings))
     runs.sort(key=lambda r: r[0])
-    sync_s, timings = runs[len(runs) // 2]
-    print(f"pipeline, synchronous, median of {args.repeats}: {sync_s:.3f} s")
+    sync_s, timings, cpu = runs[len(runs) // 2]
+    print(f"pipeline, synchronous, median of {args.repeats}: {sync_s:.3f} s wall, "
+          f"{sum(cpu.values()):.3f} s CPU (all threads)")
+    print(f"  {'stage':<12s} {'wall ms':>9s} {'CPU ms':>9s}")
     for stage, sec in timings.items():
-        print(f"  {stage:<12s} {1000 * sec:8.1f} ms")
+        print(f"  {stage:<12s} {1000 * sec:9.1f} {1000 * cpu.get(stage, 0.0):9.1f}")
+    print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    ref = reference_unet_ms()
+    print(f"  reference (MEASURED.md: MONAI UNet 128 px inference, 16 ms on an idle machine): "
+          f"{ref:.0f} ms now -> slowdown x{ref / 16:.1f}; "
+          f"full run estimated on an idle machine: {sync_s * 16 / ref:.2f} s")
     if args.no_gui:
         return 0
     return _gui(pipe, scan, cf, seg, sync_s, args.repeats)
@@ -116,15 +141,20 @@ def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
     data, kwargs, _ = scan_layer_data(scan)
     widget.select_scan(viewer.add_image(data, **kwargs))
 
+    slowest: list[tuple[float, str]] = []
+
     def measure(sync: bool):
         os.environ["PCL_VIEWER_SYNC"] = "1" if sync else "0"
         out = []
         for _ in range(repeats):
             pipe._abductions.clear()
             out.append(run_and_measure(widget, "all"))
+            if not sync:
+                slowest.extend((sec, item) for item, sec in widget.ui_timings)
         return sorted(out, key=lambda t: t.seconds)[len(out) // 2], max(t.max_gap_ms for t in out)
 
     measure(False)  # warm-up: the first layers of each kind cost texture and shader set-up
+    slowest.clear()
     widget_sync, _ = measure(True)
     worker, worst_gap = measure(False)
     os.environ.pop("PCL_VIEWER_SYNC", None)
@@ -135,6 +165,9 @@ def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
           f"worker / pipeline-synchronous: {worker.seconds / sync_s:.2f}x")
     print(f"heartbeat (10 ms QTimer) largest gap during worker runs: {worst_gap:.0f} ms "
           f"(median run {worker.max_gap_ms:.0f} ms, {worker.beats} beats)")
+    print("slowest layer updates in the Qt thread: " + ", ".join(
+        f"{item} {1000 * sec:.0f} ms" for sec, item in sorted(slowest, reverse=True)[:4]))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     viewer.close()
     return 0
 

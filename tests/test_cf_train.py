@@ -45,3 +45,17 @@ def test_temperature_scaling_reduces_calibration_error_of_overconfident_logits()
     after = expected_calibration_error(torch.sigmoid(logits / t).numpy(), labels)
     assert 1.6 < t < 2.5
     assert after < 0.5 * before
+
+
+def test_cf_finetune_keeps_the_encoder_frozen_and_reports_its_constraint(tmp_path):
+    from pcl_viewer.train.cf import finetune_cf
+
+    torch.set_num_threads(1)
+    data = toy_data(n=64)
+    run = train_cf(data, _cfg(), tmp_path / "run", progress=False)
+    stem = run.ema.stem.weight.clone()
+    out_before = run.ema.out.weight.clone()
+    summary = finetune_cf(run, data, steps=2, batch_size=8, progress=False)
+    assert summary["steps"] == 2 and summary["bound"] > summary["elbo_before"]
+    assert torch.equal(run.ema.stem.weight, stem)  # encoder frozen
+    assert not torch.equal(run.ema.out.weight, out_before)  # decoder trained

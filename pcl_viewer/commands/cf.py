@@ -35,17 +35,26 @@ def _threads(n: int | None) -> None:
 @click.option("--export-only", is_flag=True,
               help="Write the bundle from the latest checkpoint without training further.")
 @click.option("--cf-finetune", is_flag=True,
-              help="Counterfactual fine-tuning of the decoder (not implemented in this version).")
+              help="Then fine-tune the decoder so the classifiers recognise the interventions "
+                   "(ELBO kept within 2 % by a Lagrange multiplier).")
+@click.option("--finetune-steps", type=int, default=200, show_default=True)
+@click.option("--finetune-minutes", type=float, default=None,
+              help="Stop the fine-tuning after this many minutes (not reproducible).")
 def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              classifier_steps: int | None, batch_size: int | None, seed: int,
              run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
-             export_only: bool, cf_finetune: bool) -> None:
+             export_only: bool, cf_finetune: bool, finetune_steps: int,
+             finetune_minutes: float | None) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
-    if cf_finetune:
-        raise click.ClickException("--cf-finetune is not available yet")
     _threads(threads)
     from pcl_viewer.models.hvae import HVAEConfig
-    from pcl_viewer.train.cf import CFTrainConfig, export_bundle, load_training_data, train_cf
+    from pcl_viewer.train.cf import (
+        CFTrainConfig,
+        export_bundle,
+        finetune_cf,
+        load_training_data,
+        train_cf,
+    )
 
     defaults = {"smoke": dict(steps=200, cls_steps=100, batch_size=16, checkpoint_every=50),
                 "cpu": dict(steps=1000, cls_steps=300, batch_size=32, checkpoint_every=100),
@@ -60,8 +69,13 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
     click.echo(f"train-cf: {len(data.x_train)} train / {len(data.x_val)} val images from "
                f"{data_dir}; run folder {run_dir}", err=True)
     run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None)
+    finetune = None
+    if cf_finetune:
+        finetune = finetune_cf(run, data, finetune_steps,
+                               max_seconds=None if finetune_minutes is None else 60 * finetune_minutes)
+        click.echo(f"cf-finetune: {json.dumps(finetune)}", err=True)
     command = "pcl train-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    bundle = export_bundle(run, data, out, command=command)
+    bundle = export_bundle(run, data, out, command=command, finetune=finetune)
     click.echo(json.dumps(bundle.card["metrics"], indent=1))
     click.echo(f"wrote {out} (fingerprint {bundle.fingerprint})")
 

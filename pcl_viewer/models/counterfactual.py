@@ -114,7 +114,7 @@ class CounterfactualModel:
         x = self._x(x)
         pa = parents_tensor(parents, x.shape[0]).to(self.device)
         latents = self.hvae.abduct(x, pa)
-        mu = self.hvae.decode(latents, pa)
+        mu = latents.pop("mu")
         return Abduction(x, pa, latents, mu)
 
     @torch.no_grad()

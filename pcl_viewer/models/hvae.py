@@ -310,8 +310,9 @@ class HVAE(nn.Module):
 
     # -- counterfactual inference ----------------------------------------------
     @torch.no_grad()
-    def abduct(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Posterior-mean latents ``z`` and their prior-relative noise ``u`` per latent block.
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor) -> dict:
+        """Posterior-mean latents ``z`` and their prior-relative noise ``u`` per latent block,
+        and the factual mean ``mu`` (B, 1, S, S) decoded from them.
 
         ``u = (z - prior_loc(pa)) / prior_scale(pa)`` is the exogenous part of ``z``; with
         ``cf_latents="prior-relative"`` an intervention keeps ``u`` and recomputes ``z`` from
@@ -333,11 +334,17 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        return {"z": zs, "u": us}
+        # The same pass gives the factual mean, saving one decode per abduction.
+        return {"z": zs, "u": us, "mu": self.to_image(self._to_image(h))}
 
     @torch.no_grad()
     def decode(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
                mode: str | None = None) -> torch.Tensor:
+        """No-grad :meth:`decode_train` (inference)."""
+        return self.decode_train(latents, pa, mode)
+
+    def decode_train(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
+                     mode: str | None = None) -> torch.Tensor:
         """Mean image ``(B, 1, S, S)`` in [0, 1] from abducted latents under parents ``pa``.
 
         ``mode`` (default ``cfg.cf_latents``): ``"posterior"`` decodes the abducted ``z``;

@@ -186,7 +186,7 @@ def validate_hvae(model: HVAE, x: np.ndarray, pa: np.ndarray, n: int = 64) -> di
     torch.manual_seed(1234)
     out = model(xt, pt)
     torch.set_rng_state(gen)  # validation must not move the training noise stream
-    mu = model.decode(model.abduct(xt, pt), pt)
+    mu = model.abduct(xt, pt)["mu"]
     return {"val_nll": float(out["nll"]), "val_kl": float(out["kl"]),
             "val_recon_mae": float((mu - xt).abs().mean())}
 
@@ -275,7 +275,7 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
 
 
 def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str = "",
-                  name: str | None = None) -> ModelBundle:
+                  name: str | None = None, finetune: dict | None = None) -> ModelBundle:
     """Calibrate the classifiers, validate the EMA HVAE and write the bundle."""
     cls_metrics = calibrate_classifiers(run.cls, data.x_val, data.pa_val)
     hvae_metrics = validate_hvae(run.ema, data.x_val, data.pa_val, n=256)
@@ -295,10 +295,79 @@ def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str =
                      "data_summary": data.summary, "n_train": len(data.x_train),
                      "n_val": len(data.x_val), "config": run.cfg.to_dict(),
                      "seconds": round(run.seconds, 1), "skipped_updates": run.skipped,
-                     "history_tail": run.history[-3:]},
+                     "history_tail": run.history[-3:], "cf_finetune": finetune},
         "metrics": {"classifier": cls_metrics, "hvae": hvae_metrics},
     }
     return save_bundle(out, card, {
         "hvae": ("hvae", {"hvae": run.ema.cfg.to_dict()}, run.ema),
         "classifier": ("attribute-classifier", {"classifier": run.cls.cfg.to_dict()}, run.cls),
     })
+
+
+def _is_encoder(name: str) -> bool:
+    return name.startswith(("stem", "enc_blocks", "enc_down")) or ".posterior." in name
+
+
+def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
+                batch_size: int = 24, margin: float = 0.02, lam_lr: float = 5.0,
+                max_seconds: float | None = None, progress: bool = True) -> dict:
+    """Counterfactual fine-tuning (METHOD §2) of the EMA HVAE, in place.
+
+    The encoder (stem, bottom-up blocks, posterior heads) is frozen; the decoder is trained
+    so that the frozen, calibrated classifiers recognise the intervened parents on
+    ``x_cf = x + mu(z, pa*) - mu(z, pa)``, under the constraint ``-ELBO <= (1 + margin) *
+    -ELBO_0`` enforced by a Lagrange multiplier (dual ascent). Returns a summary.
+    """
+    model, cls = run.ema, run.cls.eval()
+    cls.requires_grad_(False)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not _is_encoder(name))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.Adam(params, lr=lr)
+    rng = np.random.default_rng(run.cfg.seed + 1)
+    gen = torch.Generator().manual_seed(run.cfg.seed + 1)
+    elbo0 = validate_hvae(model, data.x_val, data.pa_val, n=128)["val_nll"]
+    elbo0 += validate_hvae(model, data.x_val, data.pa_val, n=128)["val_kl"] * model.cfg.beta
+    bound = elbo0 * (1 + margin)
+    lam, t0, hist = 1.0, time.perf_counter(), []
+    flips = torch.tensor([[1, 0, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.float32)
+    bar = tqdm(total=steps, desc="train-cf cf-finetune", disable=not progress, mininterval=5.0)
+    for step in range(steps):
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
+        idx = rng.integers(0, len(data.x_train), batch_size)
+        x, pa = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.pa_train[idx])
+        flip = flips[torch.randint(0, 3, (batch_size,), generator=gen)]
+        pa_cf = (pa + flip) % 2
+        model.eval()
+        latents = model.abduct(x, pa)
+        model.train()
+        mu = model.decode_train(latents, pa)
+        mu_cf = model.decode_train(latents, pa_cf)
+        logits = cls(torch.clamp(x + mu_cf - mu, 0, 1))
+        mask = flip.bool()  # only the intervened attributes are asked for
+        loss_cf = F.binary_cross_entropy_with_logits(logits[mask], pa_cf[mask])
+        elbo = model(x, pa)["loss"]
+        total = loss_cf + lam * (elbo - bound)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
+        opt.step()
+        lam = max(0.0, lam + lam_lr * float(elbo.detach() - bound) / max(abs(bound), 1e-6))
+        hist.append({"step": step + 1, "loss_cf": float(loss_cf.detach()),
+                     "elbo": float(elbo.detach()), "lambda": lam})
+        bar.update(1)
+        bar.set_postfix(loss_cf=f"{hist[-1]['loss_cf']:.3f}", elbo=f"{hist[-1]['elbo']:.3f}",
+                        lam=f"{lam:.2f}", refresh=False)
+    bar.close()
+    model.requires_grad_(False)
+    model.eval()
+    tail = hist[-10:]
+    return {"steps": len(hist), "lr": lr, "batch_size": batch_size, "margin": margin,
+            "elbo_before": elbo0, "bound": bound,
+            "loss_cf_first10": float(np.mean([h["loss_cf"] for h in hist[:10]])) if hist else None,
+            "loss_cf_last10": float(np.mean([h["loss_cf"] for h in tail])) if tail else None,
+            "elbo_last10": float(np.mean([h["elbo"] for h in tail])) if tail else None,
+            "lambda": lam, "seconds": round(time.perf_counter() - t0, 1)}

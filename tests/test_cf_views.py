@@ -1,0 +1,65 @@
+"""Pre-computed counterfactual views: batched, cached in the dataset cache, same as direct calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from test_cf_model import SIZE, TOY_HVAE, toy_data
+
+from pcl_viewer.data.cf_views import load_views, precompute_views
+from pcl_viewer.models.bundle import save_bundle
+from pcl_viewer.models.counterfactual import CounterfactualModel
+from pcl_viewer.models.hvae import HVAE, HVAEConfig
+
+
+class _Record:
+    def __init__(self, i: int) -> None:
+        self.image_id = f"toy_{i:03d}.png"
+
+
+class ToyDataset:
+    """The slice of CXRDataset that the views need: records, cache_dir, arrays(size)."""
+
+    def __init__(self, root: Path, n: int = 10) -> None:
+        data = toy_data(n=n + 32)
+        self.x, self.pa = data.x_train[:n], data.pa_train[:n]
+        self.records = [_Record(i) for i in range(n)]
+        self.root = root
+        self.cache_dir = root / ".cache"
+        self.true = np.repeat(self.x[:, None], 3, axis=1)
+
+    def arrays(self, size: int) -> dict:
+        assert size == SIZE
+        return {"image": self.x, "parents": self.pa, "true_cf": self.true}
+
+
+def _bundle(path: Path):
+    torch.manual_seed(0)
+    cfg = HVAEConfig(**TOY_HVAE, embed_dim=8, bottleneck=2)
+    hvae = HVAE(cfg)
+    for p in hvae.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    card = {"name": "toy", "kind": "counterfactual", "input": {"size": SIZE}}
+    return save_bundle(path, card, {"hvae": ("hvae", {"hvae": cfg.to_dict()}, hvae)})
+
+
+def test_model_views_are_cached_and_match_direct_inference(tmp_path):
+    torch.set_num_threads(1)
+    ds = ToyDataset(tmp_path / "data")
+    bundle = _bundle(tmp_path / "bundle")
+    views = load_views(ds, "model", bundle)
+    assert views.shape == (10, 3, 1, SIZE, SIZE) and views.dtype == np.float32
+    cached = list(ds.cache_dir.glob("cf_views_*.npy"))
+    assert len(cached) == 1
+    model = CounterfactualModel.from_bundle(bundle)
+    direct = model.standard_views(torch.from_numpy(ds.x), ds.pa).numpy()
+    np.testing.assert_allclose(views, direct, atol=1e-5)
+    np.testing.assert_array_equal(load_views(ds, "model", bundle), views)  # from the cache
+    assert precompute_views(ds, model, batch_size=3).shape == views.shape  # ragged batches
+
+
+def test_true_views_come_from_the_dataset(tmp_path):
+    ds = ToyDataset(tmp_path / "data")
+    assert load_views(ds, "true", size=SIZE) is ds.true

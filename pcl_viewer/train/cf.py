@@ -295,6 +295,8 @@ def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str =
                      "data_summary": data.summary, "n_train": len(data.x_train),
                      "n_val": len(data.x_val), "config": run.cfg.to_dict(),
                      "seconds": round(run.seconds, 1), "skipped_updates": run.skipped,
+                     "hvae_steps_done": run.step if run.stage == "hvae" else (
+                         run.cfg.steps if run.stage == "done" else 0),
                      "history_tail": run.history[-3:], "cf_finetune": finetune},
         "metrics": {"classifier": cls_metrics, "hvae": hvae_metrics},
     }

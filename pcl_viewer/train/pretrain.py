@@ -228,8 +228,10 @@ class ContrastiveNet(nn.Module):
             return self.unet.global_head(feats).view(b, v, -1)
         # Project only the sampled points: the head is per-pixel (1x1 convs), and
         # running it on N points instead of S*S saves most of its cost.
-        pts = F.grid_sample(feats, grids.flatten(0, 1)[:, :, None, :].to(feats),
-                            mode="bilinear", padding_mode="zeros", align_corners=False)
+        # float32 sampling: under bf16 autocast the sub-pixel positions must not be rounded
+        grid = grids.flatten(0, 1)[:, :, None, :].to(feats.device, torch.float32)
+        pts = F.grid_sample(feats.float(), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
         z = self.unet.project(pts)  # (B*V, D, N, 1)
         return z.squeeze(-1).transpose(1, 2).reshape(b, v, grids.shape[2], -1)
 

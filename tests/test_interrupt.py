@@ -10,6 +10,7 @@ review, within float tolerance for training.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -127,62 +128,83 @@ def phantom_smoke(tmp_path_factory) -> Path:
     return root
 
 
-def _weights(bundle: Path) -> dict[str, torch.Tensor]:
+def _weight_diff(a_dir: Path, b_dir: Path) -> float:
+    """Largest absolute weight difference between two bundles (reported, not asserted)."""
     from safetensors.torch import load_file
 
-    out = {}
-    for f in sorted(bundle.glob("*.safetensors")):
-        out |= {f"{f.stem}.{k}": v for k, v in load_file(str(f)).items()}
-    return out
-
-
-def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
     worst = 0.0
-    for k in a:
-        if a[k].is_floating_point():
-            diff = float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0
-            worst = max(worst, diff)
-            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), (k, diff)
-        else:
-            assert torch.equal(a[k], b[k]), k
+    for f in sorted(a_dir.glob("*.safetensors")):
+        a, b = load_file(str(f)), load_file(str(b_dir / f.name))
+        assert a.keys() == b.keys()
+        worst = max([worst] + [float((a[k].float() - b[k].float()).abs().max())
+                               for k in a if a[k].is_floating_point() and a[k].numel()])
     return worst
 
 
-def _newest_checkpoint(out: Path) -> Path | None:
-    found = [p for p in out.rglob("state.json") if ".old" not in p.parent.name
-             and not p.parent.name.startswith(".")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-3) -> float:
+    """Relative difference ``max|a - b| / max|a|``, asserted below ``rtol``.
+
+    Training is compared by what the networks compute, not weight by weight: a conv
+    bias followed by BatchNorm has no effect and a near-zero gradient, so Adam moves it
+    by float noise alone; two equal runs can differ there by 1e-2 and compute the same.
+    """
+    rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+    assert rel < rtol, rel
+    return rel
+
+
+def _probe() -> torch.Tensor:
+    return torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(123))
 
 
 def test_kill_9_during_train_cf_resumes_from_the_last_checkpoint(tmp_path, phantom_smoke):
     _command_or_xfail("pcl_viewer.commands.cf", "train_cf")
+    from pcl_viewer.models.counterfactual import CounterfactualModel
+
     common = ["train-cf", "--data", str(phantom_smoke), "--preset", "smoke", "--steps", "60",
-              "--seed", "5"]
-    run([*common, "--out", str(tmp_path / "ref")], timeout=600)
-    cut = tmp_path / "cut"
-    killed = kill_when([*common, "--out", str(cut)],
-                       ready=lambda: _newest_checkpoint(cut) is not None, timeout=600)
+              "--classifier-steps", "20", "--checkpoint-every", "10", "--seed", "5",
+              "--threads", "1"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run([*common, "--out", str(ref)], timeout=600)
+    # The run folder is BUNDLE.run; kill once the first HVAE checkpoint is on disk.
+    history = cut.with_name("cut.run") / "history.jsonl"
+    killed = kill_when([*common, "--out", str(cut)], timeout=600,
+                       ready=lambda: history.is_file() and b'"hvae"' in history.read_bytes())
     assert killed, "train-cf finished before its first checkpoint; use more steps"
     assert not (cut / "card.json").exists()
+    killed_at = len(history.read_text().splitlines())
     run([*common, "--out", str(cut)], timeout=600)
-    _assert_close(_weights(cut), _weights(tmp_path / "ref"))
+    # Resumed, not restarted: the appended history has no step twice (a restart would).
+    steps = [(e["stage"], e["step"]) for e in map(json.loads, history.read_text().splitlines())]
+    assert len(steps) == len(set(steps)) and len(steps) > killed_at
+    m_ref, m_cut = CounterfactualModel.from_bundle(ref), CounterfactualModel.from_bundle(cut)
+    x, pa = _probe(), torch.zeros(4, 3)
+    p_ref, p_cut = m_ref.infer_parents(x), m_cut.infer_parents(x)
+    rel = max(_close(p_ref[k], p_cut[k]) for k in p_ref)
+    do = {"scanner": "philips", "effusion": "present"}
+    rel = max(rel, _close(m_ref.counterfactual(x, pa, do), m_cut.counterfactual(x, pa, do)))
+    print(f"\ntrain-cf: killed after {killed_at} checkpoints; outputs rel. diff {rel:.1e}; "
+          f"max weight diff {_weight_diff(ref, cut):.1e}")
 
 
 def test_kill_9_during_pretrain_resumes_from_the_last_checkpoint(tmp_path, phantom_smoke):
     _command_or_xfail("pcl_viewer.commands.pretrain", "pretrain")
+    from pcl_viewer.models.bundle import ModelBundle
+
     common = ["pretrain", "--method", "dvd-cl", "--views", "true", "--data", str(phantom_smoke),
-              "--preset", "smoke", "--epochs", "3", "--seed", "5"]
-    run([*common, "--out", str(tmp_path / "ref")], timeout=600)
-    cut = tmp_path / "cut"
-    killed = kill_when([*common, "--out", str(cut)],
-                       ready=lambda: (cut / "checkpoints" / "last" / "state.json").is_file(),
-                       timeout=600)
+              "--preset", "smoke", "--epochs", "3", "--seed", "5", "--no-progress"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run([*common, "--out", str(ref)], timeout=600)
+    killed = kill_when([*common, "--out", str(cut)], timeout=600,
+                       ready=lambda: (cut / "checkpoints" / "last" / "state.json").is_file())
     assert killed, "pretrain finished before its first checkpoint; use more epochs"
-    run([*common, "--out", str(cut)], timeout=600)
-    ref_b = sorted((tmp_path / "ref").rglob("card.json"))
-    cut_b = sorted(cut.rglob("card.json"))
-    assert ref_b and len(ref_b) == len(cut_b)
-    for a, b in zip(ref_b, cut_b):
-        _assert_close(_weights(b.parent), _weights(a.parent))
-    assert np.isfinite(len(ref_b))
+    again = run([*common, "--out", str(cut)], timeout=600)
+    assert "resuming" in again.stdout + again.stderr
+    losses = [[e["loss"] for e in map(json.loads, (d / "log.jsonl").read_text().splitlines())]
+              for d in (ref, cut)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
+    nets = [ModelBundle.load(d / "bundle").build("unet") for d in (ref, cut)]
+    with torch.no_grad():
+        rel = _close(*(net.features(_probe()) for net in nets))
+    print(f"\npretrain: resumed; features rel. diff {rel:.1e}; "
+          f"max weight diff {_weight_diff(ref / 'bundle', cut / 'bundle'):.1e}")

@@ -29,12 +29,16 @@ def _bundle_arg(value: str | None) -> str | None:
               help="Threads reading files ahead of the model.")
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cuda", "mps", "cpu"]))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="torch intra-op threads on the CPU. One is fastest here: the batched small "
+                   "convolutions scale poorly across threads, and file decoding uses the other "
+                   "cores.")
 @click.option("--restart", is_flag=True, help="Discard the journal in --out and start over.")
 @click.option("--merge", is_flag=True,
               help="INPUTS are report folders (shards): merge their journals into --out.")
 def review(inputs: tuple[str, ...], out: str, cf_bundle: str, seg_bundle: str, threshold: float,
-           area_threshold: float, batch_size: int, workers: int, device: str, restart: bool,
-           merge: bool) -> None:
+           area_threshold: float, batch_size: int, workers: int, device: str, threads: int,
+           restart: bool, merge: bool) -> None:
     """Review INPUT (a folder, searched recursively, or a CSV with a 'path' column).
 
     For each scan: inferred parents, counterfactuals by scanner and by effusion,
@@ -60,6 +64,10 @@ def review(inputs: tuple[str, ...], out: str, cf_bundle: str, seg_bundle: str, t
     if restart and (out_path / rv.JOURNAL).exists():
         (out_path / rv.JOURNAL).unlink()
     pipeline = _pipeline(cf_bundle, seg_bundle, device)
+    if pipeline.device == "cpu":
+        from pcl_viewer.device import configure_threads
+
+        configure_threads(threads)
     bundles = {k: f"{b.name}@{b.fingerprint}" for k, b in pipeline.bundles.items()}
     from tqdm import tqdm
 

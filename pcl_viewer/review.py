@@ -19,13 +19,12 @@ in tqdm, the napari widget in a ``thread_worker``.
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 import math
 import os
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,24 +255,6 @@ def _num(x: Any) -> float:
         return float("nan")
 
 
-def _thumb(image: np.ndarray, labels: np.ndarray | None, size: int) -> str:
-    """A small PNG (base64) of the scan with right lung red and left lung blue, translucent."""
-    import cv2
-
-    h, w = image.shape
-    scale = size / max(h, w)
-    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-    grey = cv2.resize(np.clip(image, 0, 1).astype(np.float32), dsize, interpolation=cv2.INTER_AREA)
-    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
-    if labels is not None:
-        lab = cv2.resize(labels.astype(np.uint8), dsize, interpolation=cv2.INTER_NEAREST)
-        for value, colour in ((1, (230, 60, 60)), (2, (60, 120, 230))):
-            m = lab == value
-            rgb[m] = (0.55 * rgb[m] + 0.45 * np.array(colour)).astype(np.uint8)
-    ok, buf = cv2.imencode(".png", rgb[..., ::-1])
-    return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
-
-
 def flag_reason(row: dict[str, Any], cfg: ReviewConfig) -> str:
     """Why a consistency row is flagged ("" if it is not)."""
     dice = _num(row.get("dice"))
@@ -311,8 +292,10 @@ def record_of(result: Any, cfg: ReviewConfig) -> dict[str, Any]:
         "notices": [str(n) for n in scan.metadata.get("notices", [])],
     }
     if any(flag_reason(r, cfg) for r in rows):
+        from pcl_viewer.review_html import thumbnail
+
         rec["thumbs"] = {
-            key: _thumb(v.image, v.labels, cfg.thumb_size) for key, v in result.views.items()
+            key: thumbnail(v.image, v.labels, cfg.thumb_size) for key, v in result.views.items()
         }
     return rec
 
@@ -424,60 +407,11 @@ def run_review(*args: Any, **kwargs: Any) -> ReviewSummary:
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _csv_text(columns: Iterable[str], rows: Iterable[dict[str, Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def report_rows(records: Iterable[dict[str, Any]], cfg: ReviewConfig) -> list[dict[str, Any]]:
-    """One flat row per scan and intervention (the columns of ``report.csv``)."""
-    rows = []
-    for rec in records:
-        if rec.get("status") != "ok":
-            continue
-        p, pr = rec.get("parents", {}), rec.get("probabilities", {})
-        h, w = (rec.get("shape") or [None, None])[:2]
-        for r in rec.get("rows", []):
-            reason = flag_reason(r, cfg)
-            rows.append({
-                "path": rec["path"], "name": rec.get("name", ""), "height": h, "width": w,
-                **{k: p.get(k, "") for k in ("scanner", "sex", "effusion")},
-                **{f"p_{k}": pr.get(k, "") for k in ("scanner", "sex", "effusion")},
-                "parents_source": rec.get("parents_source", ""), "intervention": r["key"],
-                "do": r["do"], **{k: r[k] for k in ("dice", "dice_right", "dice_left",
-                                                    "area_right_change", "area_left_change")},
-                "flagged": int(bool(reason)), "flag_reason": reason,
-            })
-    return rows
-
-
 def finalize(out: str | os.PathLike, cfg: ReviewConfig | None = None) -> dict[str, Path]:
     """Rewrite report.csv, errors.csv and report.html from the journal (each atomically)."""
-    from pcl_viewer.review_html import render_report
+    from pcl_viewer.review_html import write_reports
 
-    cfg = cfg or ReviewConfig()
-    out = Path(out)
-    header, records = load_journal(out)
-    errors = [r for r in records if r.get("status") == "error"]
-    files = {"csv": out / "report.csv", "errors": out / "errors.csv", "html": out / "report.html"}
-    _atomic_write(files["csv"], _csv_text(REPORT_COLUMNS, report_rows(records, cfg)))
-    _atomic_write(files["errors"], _csv_text(ERROR_COLUMNS, errors))
-    _atomic_write(files["html"], render_report(records, cfg, header or {}))
-    return files
+    return write_reports(out, cfg or ReviewConfig())
 
 
 def merge(reports: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -502,5 +436,7 @@ def merge(reports: Sequence[str | os.PathLike], out: str | os.PathLike,
             merged.setdefault(rec["path"], rec)
     lines = [json.dumps({"header": (first_header or {}) | {"merged_from": [str(r) for r in reports]}})]
     lines.append(json.dumps({"batch": list(merged.values())}, separators=(",", ":")))
-    _atomic_write(out / JOURNAL, "\n".join(lines) + "\n")
+    from pcl_viewer.review_html import atomic_write
+
+    atomic_write(out / JOURNAL, "\n".join(lines) + "\n")
     return finalize(out, cfg)

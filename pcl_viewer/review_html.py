@@ -1,4 +1,4 @@
-"""The review report as one self-contained HTML file.
+"""The review's report files: report.csv, errors.csv and one self-contained report.html.
 
 Everything is inline: CSS, a few lines of JS (click a column header to sort),
 the summary plots as base64 PNGs drawn by matplotlib, and the thumbnails of the
@@ -8,13 +8,24 @@ flagged scans. It opens from disk with no server and no network.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pcl_viewer.review import (
+    ERROR_COLUMNS,
+    REPORT_COLUMNS,
+    ReviewConfig,
+    flag_reason,
+    load_journal,
+)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;
@@ -192,8 +203,6 @@ def _errors_table(errors: Sequence[dict[str, Any]]) -> str:
 
 def render_report(records: Sequence[dict[str, Any]], cfg: Any, header: dict[str, Any]) -> str:
     """The whole report page for the journal ``records`` under review settings ``cfg``."""
-    from pcl_viewer.review import report_rows
-
     rows = report_rows(records, cfg)
     errors = [r for r in records if r.get("status") == "error"]
     ok = [r for r in records if r.get("status") == "ok"]
@@ -224,3 +233,76 @@ factual one: mean lung Dice &lt; {cfg.threshold:g} or a lung-area change beyond
 {_errors_table(errors)}
 <script>{_JS}</script></body></html>
 """
+
+
+# --------------------------------------------------------------------------- files
+
+
+def thumbnail(image: np.ndarray, labels: np.ndarray | None, size: int) -> str:
+    """A small PNG (base64) of the scan with right lung red and left lung blue, translucent."""
+    import cv2
+
+    h, w = image.shape
+    scale = size / max(h, w)
+    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+    grey = cv2.resize(np.clip(image, 0, 1).astype(np.float32), dsize, interpolation=cv2.INTER_AREA)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if labels is not None:
+        lab = cv2.resize(labels.astype(np.uint8), dsize, interpolation=cv2.INTER_NEAREST)
+        for value, colour in ((1, (230, 60, 60)), (2, (60, 120, 230))):
+            m = lab == value
+            rgb[m] = (0.55 * rgb[m] + 0.45 * np.array(colour)).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1])
+    return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, fsync, rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def csv_text(columns: Iterable[str], rows: Iterable[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def report_rows(records: Iterable[dict[str, Any]], cfg: ReviewConfig) -> list[dict[str, Any]]:
+    """One flat row per scan and intervention (the columns of ``report.csv``)."""
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        p, pr = rec.get("parents", {}), rec.get("probabilities", {})
+        h, w = (rec.get("shape") or [None, None])[:2]
+        for r in rec.get("rows", []):
+            reason = flag_reason(r, cfg)
+            rows.append({
+                "path": rec["path"], "name": rec.get("name", ""), "height": h, "width": w,
+                **{k: p.get(k, "") for k in ("scanner", "sex", "effusion")},
+                **{f"p_{k}": pr.get(k, "") for k in ("scanner", "sex", "effusion")},
+                "parents_source": rec.get("parents_source", ""), "intervention": r["key"],
+                "do": r["do"], **{k: r[k] for k in ("dice", "dice_right", "dice_left",
+                                                    "area_right_change", "area_left_change")},
+                "flagged": int(bool(reason)), "flag_reason": reason,
+            })
+    return rows
+
+
+def write_reports(out: str | os.PathLike, cfg: ReviewConfig) -> dict[str, Path]:
+    """Rewrite report.csv, errors.csv and report.html from the journal (each atomically)."""
+    out = Path(out)
+    header, records = load_journal(out)
+    errors = [r for r in records if r.get("status") == "error"]
+    files = {"csv": out / "report.csv", "errors": out / "errors.csv", "html": out / "report.html"}
+    atomic_write(files["csv"], csv_text(REPORT_COLUMNS, report_rows(records, cfg)))
+    atomic_write(files["errors"], csv_text(ERROR_COLUMNS, errors))
+    atomic_write(files["html"], render_report(records, cfg, header or {}))
+    return files

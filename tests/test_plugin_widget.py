@@ -224,3 +224,4 @@ def test_segment_lungs_is_offered_under_layers_segment(app):
     items = get_app_model().menus.get_menu("napari/layers/segment")
     ids = [getattr(getattr(i, "command", None), "id", None) for i in items]
     assert "pcl-viewer.segment_lungs" in ids
+

@@ -46,6 +46,27 @@ from pcl_viewer_napari._settings import Settings
 from pcl_viewer_napari._state import AppState
 
 WIDGET_NAME = "Counterfactuals & CHRO-map"
+
+
+def _guard_none_refcount() -> list | None:
+    """PySide6 6.12 drops references to None it does not own: once per
+    ``QTimer.singleShot(ms, callable)`` and a few times per napari layer update or
+    worker yield (measured: about -25 per ``layer.data = ...``). On Python 3.11 None
+    is not immortal, so a long session (or a test suite) ends in "Fatal Python error:
+    none_dealloc" during garbage collection. Holding two million extra references
+    (16 MB) keeps None alive for about 80,000 layer updates."""
+    try:
+        from qtpy import API_NAME
+    except ImportError:
+        return None
+    import sys
+
+    if API_NAME != "PySide6" or sys.version_info >= (3, 12):  # 3.12+: None is immortal
+        return None
+    return [None] * 2_000_000
+
+
+_NONE_REFS = _guard_none_refcount()
 INTERVENTIONS = {"scanner": "do(scanner) flip", "effusion": "do(effusion) flip",
                  "both": "both", "sex": "do(sex) (explore)"}
 ALL_STAGES = ("load", *STAGES)
@@ -83,7 +104,12 @@ class PCLViewerWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self._refresh_scans()
         self._update_model_notice()
-        QTimer.singleShot(0, _prewarm_labels)
+        # Timer objects, not QTimer.singleShot(ms, callable): see _guard_none_refcount.
+        self._prewarm_timer = QTimer(self, singleShot=True, interval=0)
+        self._prewarm_timer.timeout.connect(_prewarm_labels)
+        self._prewarm_timer.start()
+        self._drain_timer = QTimer(self, singleShot=True, interval=0)
+        self._drain_timer.timeout.connect(self._drain_one)
 
     # --------------------------------------------------------------- UI ---
 
@@ -381,7 +407,7 @@ class PCLViewerWidget(QWidget):
                 func(*args)
         elif not self._drain_scheduled:
             self._drain_scheduled = True
-            QTimer.singleShot(0, self._drain_one)
+            self._drain_timer.start()
 
     def _drain_one(self) -> None:
         self._drain_scheduled = False

@@ -147,11 +147,14 @@ class DVDLoss(_DualViewLoss):
     """
 
     def _positives(self, local_keys, keys, positions, labels):
-        # same image (hence this rank's keys) and same canonical pixel
-        same = (positions[:, :, None, :] == positions[:, None, :, :]).all(dim=-1)
-        same = same.to(local_keys.dtype)  # (B, N, N)
-        psum = torch.bmm(same, local_keys).reshape(-1, local_keys.shape[-1])
-        return psum, same.sum(dim=-1).reshape(-1), None
+        # same image (hence this rank's keys) and same canonical pixel: one id per
+        # (image, pixel), key sums per id; O(B N D) memory, duplicates included
+        b, n, d = local_keys.shape
+        image = torch.arange(b, device=positions.device).repeat_interleave(n)
+        rows = torch.cat([image[:, None].to(positions.dtype), positions.reshape(-1, 2)], dim=1)
+        _, ids = torch.unique(rows, dim=0, return_inverse=True)
+        sums, counts = _class_sums(local_keys.reshape(-1, d), ids, int(ids.max()) + 1)
+        return sums[ids], counts[ids], None
 
 
 class VADeRLoss(DVDLoss):

@@ -87,7 +87,7 @@ def bench_sets(preset: BenchPreset, data_root: Path) -> BenchSets:
     """Generate (once) and load the gold and OOD sets of ``preset``."""
     s = preset.image_size
     gold = generate_phantom(data_root / "gold", preset.gold_n, SEEDS["gold"], s,
-                            effusion_oversample=12.0)
+                            effusion_oversample=18.0)
     port = generate_phantom(data_root / "portable", preset.ood_n, SEEDS["portable"], s,
                             styles=("portable",), effusion_oversample=6.0)
     sev = generate_phantom(data_root / "severe", preset.ood_n, SEEDS["severe"], s,

@@ -161,7 +161,8 @@ class RowInitialiser:
         views = row.views or "true"
         need_cf = METHODS[row.method].views != "real" and row.augment
         if need_cf and views == "model" and not self._has_cf_model():
-            raise RowUnavailable(f"{row.name}: no counterfactual model bundle for model views")
+            raise RowUnavailable(f"{row.name}: no counterfactual model bundle for model views "
+                                 f"at {self.preset.image_size} px")
         cfg = PretrainConfig.for_preset(self.preset.name, method=row.method, dagger=not row.augment,
                                         views=views, **self.preset.pretrain_options)
         key = (views, need_cf)
@@ -179,10 +180,12 @@ class RowInitialiser:
         return out
 
     def _has_cf_model(self) -> bool:
-        from pcl_viewer.models.bundle import BundleError, find_bundle
+        """A counterfactual bundle exists and works at this preset's image size."""
+        from pcl_viewer.models.bundle import BundleError, ModelBundle, find_bundle
 
         try:
-            find_bundle(self.cf_bundle or "cf-cpu")
+            card = ModelBundle.load(find_bundle(self.cf_bundle or "cf-cpu")).card
         except BundleError:
             return False
-        return True
+        size = card.get("input", {}).get("size")
+        return size is None or int(size) == self.preset.image_size

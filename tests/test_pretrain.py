@@ -116,3 +116,21 @@ def test_pretrain_command_writes_run_folder(phantom_dir, tmp_path, extra):
     card = ModelBundle.load(out / "bundle", kind="pretrained").card
     assert card["training"]["seed"] == 3 and "pcl pretrain" in card["training"]["command"]
     assert card["components"]["unet"]["config"]["heads"] == ["proj"]
+
+
+def test_schedule_warms_up_from_lr_over_100_and_decays_to_1e_6():
+    from pcl_viewer.train.schedule import adamw, warmup_cosine
+
+    opt = adamw([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    sched = warmup_cosine(opt, warmup_steps=10, total_steps=50)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(3e-5)
+    assert lrs[10] == pytest.approx(3e-3)
+    assert lrs[50] == pytest.approx(1e-6)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:50], lrs[11:51], strict=True))

@@ -179,8 +179,10 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
         for slug, why in res["skipped_rows"].items():
             click.echo(f"skipped row {slug}: {why}")
     cells = load_cells(cells_dir)
+    expected = len(chosen) * cfg.n_folds * len(cfg.budgets)
+    status = "" if len(cells) >= expected else " **PARTIAL: not a final table.**"
     header = (f"# Fine-tuning benchmark, preset `{preset}`\n\nProduced by `{command}` at commit "
-              f"`{commit}` from {len(cells)} finished cells (row x fold x budget).")
+              f"`{commit}` from {len(cells)} of {expected} cells (row x fold x budget).{status}")
     info = write_report(cells, out, figures or out.parent / "figures", header)
     click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, benchmark.md "
                f"({info['methods']} methods, {info['cells']} cells)")

@@ -134,3 +134,24 @@ def test_schedule_warms_up_from_lr_over_100_and_decays_to_1e_6():
     assert lrs[50] == pytest.approx(1e-6)
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11], strict=True))
     assert all(a >= b for a, b in zip(lrs[10:50], lrs[11:51], strict=True))
+
+
+def test_linear_probe_scores_linearly_separable_features_near_one(pool):
+    from torch import nn
+
+    from pcl_viewer.train.probe import linear_probe, probe_split
+
+    class Oracle(nn.Module):
+        """Features from which the lung classes are a linear read-out."""
+
+        def features(self, x):
+            b, _, h, w = x.shape
+            xx = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+            dark = (x < 0.5).float()
+            return torch.cat([x, xx, dark * (xx < 0).float(), dark * (xx > 0).float()], 1)
+
+    train, held_out = probe_split(torch.ones(len(pool), dtype=torch.bool), 8, 4)
+    assert not set(train.tolist()) & set(held_out.tolist())
+    res, conv = linear_probe(Oracle(), pool.images, pool.silver, train, held_out, steps=150)
+    assert res.dice > 0.95 and res.n_eval == 4
+    assert conv.weight.shape == (3, 4, 1, 1)

@@ -171,7 +171,7 @@ def test_settings_are_remembered_and_export_writes_csv_and_layers(app, tmp_path)
 
 
 def test_segment_lungs_menu_command_segments_the_selected_scan(app):
-    from pcl_viewer_napari._widget import segment_lungs
+    from pcl_viewer_napari._commands import segment_lungs
 
     viewer, widget, scan = app
     viewer.layers.selection.active = scan
@@ -225,3 +225,18 @@ def test_segment_lungs_is_offered_under_layers_segment(app):
     ids = [getattr(getattr(i, "command", None), "id", None) for i in items]
     assert "pcl-viewer.segment_lungs" in ids
 
+
+
+def test_launcher_without_bundles_shows_a_sample_and_names_the_missing_bundles(
+        qapp, tmp_path, monkeypatch, capsys):
+    from pcl_viewer_napari import launcher
+
+    for var, sub in (("PCL_VIEWER_RESOURCES", "res"), ("PCL_VIEWER_CACHE", "cache"),
+                     ("PCL_VIEWER_CONFIG_DIR", "cfg"), ("PCL_VIEWER_USER_MODELS", "um")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    AppState.pipeline = AppState.key = None
+    shot = tmp_path / "window.png"
+    assert launcher.main(["--screenshot", str(shot)]) == 1  # nothing to run, but it opens
+    err = capsys.readouterr().err
+    assert "No counterfactual bundle 'cf-cpu'" in err and "No segmentation bundle 'seg-cpu'" in err
+    assert shot.stat().st_size > 10_000

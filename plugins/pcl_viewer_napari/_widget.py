@@ -7,9 +7,7 @@ results to :class:`._layers.LayerBuilder`. Nothing here computes.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import threading
 import time
 from collections import deque
@@ -598,39 +596,13 @@ class PCLViewerWidget(QWidget):
 
     def export(self, folder: str | Path) -> list[Path]:
         """Write the consistency CSV and every layer of the current scan into ``folder``."""
-        from pcl_viewer.data.readers import write_labels, write_rgb
-        from pcl_viewer.pipeline import rows_to_csv
-        from pcl_viewer_napari._writer import write_grey
+        from pcl_viewer_napari._export import export_scan
 
         layer = self.scan_layer()
         if layer is None:
             show_warning("pcl-viewer: no scan to export")
             return []
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        result = self.result_for(layer)
-        spacing = tuple(float(s) for s in layer.scale[-2:])
-        if result is not None and result.consistency:
-            written.append(rows_to_csv(result.consistency, folder / "consistency.csv",
-                                       scan=layer.name))
-        provenance = {}
-        for ly in [layer, *self.builder.layers_of(layer)]:
-            stem = _safe(ly.name)
-            kind = ly.metadata.get("kind", "scan")
-            if kind == "labels":
-                written += [write_labels(folder / f"{stem}.png", ly.data),
-                            write_labels(folder / f"{stem}.nii.gz", ly.data, spacing=spacing)]
-            elif kind == "chromap":
-                written.append(write_rgb(folder / f"{stem}.png", ly.data))
-            elif kind == "difference":  # [-1, 1] -> [0, 1]
-                written.append(Path(write_grey(folder / f"{stem}.png", (ly.data + 1) / 2)))
-            else:
-                written.append(Path(write_grey(folder / f"{stem}.png", ly.data)))
-            provenance[written[-1].name] = {"layer": ly.name, "kind": kind, **ly.metadata}
-        prov = folder / "provenance.json"
-        prov.write_text(json.dumps(provenance, indent=2, default=str))
-        written.append(prov)
+        written = export_scan(folder, layer, self.builder.layers_of(layer), self.result_for(layer))
         show_info(f"pcl-viewer: exported {len(written)} files to {folder}")
         return written
 
@@ -657,33 +629,3 @@ def _prewarm_labels() -> None:
 
 def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:+.1f}%"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("_") or "layer"
-
-
-def segment_lungs(viewer: napari.viewer.Viewer) -> None:
-    """Layers > Segment > Segment lungs: segment the selected scan layer with the dock widget."""
-    widget = dock_widget(viewer)
-    active = viewer.layers.selection.active
-    if active is not None:
-        widget.select_scan(active)
-    widget.run("segment", interventions=())
-
-
-def dock_widget(viewer: napari.viewer.Viewer) -> PCLViewerWidget:
-    """The viewer's PCL widget, docked on the right (created once)."""
-    for dock in getattr(viewer.window, "dock_widgets", {}).values():
-        inner = dock.widget() if hasattr(dock, "widget") else dock
-        if isinstance(inner, PCLViewerWidget):
-            return inner
-    try:
-        _, widget = viewer.window.add_plugin_dock_widget("pcl-viewer", WIDGET_NAME)
-        if isinstance(widget, PCLViewerWidget):
-            return widget
-    except Exception:  # plugin not registered (e.g. running from a source tree)
-        pass
-    widget = PCLViewerWidget(viewer)
-    viewer.window.add_dock_widget(widget, name=WIDGET_NAME, area="right")
-    return widget

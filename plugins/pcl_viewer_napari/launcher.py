@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                            *(["--seg-bundle", args.seg_bundle] if args.seg_bundle else [])])
     import napari
 
-    from pcl_viewer_napari._widget import dock_widget
+    from pcl_viewer_napari._commands import dock_widget
 
     viewer = napari.Viewer(title="pcl-viewer")
     widget = dock_widget(viewer)

@@ -185,3 +185,12 @@ def test_a_missing_bundle_is_skipped_with_a_message_when_not_strict(seg_bundle_p
     assert "/nonexistent/cf" in pipe.load_errors[0]
     with pytest.raises(BundleError):
         Pipeline.from_bundles("/nonexistent/cf", seg_bundle_path, "cpu")
+
+
+def test_refresh_resegments_views_changed_after_the_run(fake_pipeline, chest_scan):
+    result = fake_pipeline.run_sync(chest_scan, segment=False)
+    fake_pipeline.decode(result, "sex", {"sex": "male"}, strength=0.5)
+    fake_pipeline.refresh(result)
+    assert all(v.labels is not None and v.overlay is not None for v in result.views.values())
+    assert [r.view for r in result.consistency] == ["scanner", "effusion", "both", "sex"]
+    assert result.chromap.n_views == 5

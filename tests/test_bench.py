@@ -145,3 +145,17 @@ def test_unavailable_row_is_skipped_and_reported(tmp_path):
                    show_progress=False, max_cells=2)
     assert res["skipped_rows"] == {"dvd-cl": "no counterfactual model"}
     assert not (tmp_path / "dvd-cl").exists()
+
+
+def test_cached_pretraining_with_another_cf_model_is_refused(tmp_path, monkeypatch):
+    from pcl_viewer.evaluate.benchmark import RowUnavailable
+    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser
+
+    init = RowInitialiser(bench_preset("smoke"), tmp_path / "data", tmp_path / "runs")
+    monkeypatch.setattr(init, "_has_cf_model", lambda: True)
+    monkeypatch.setattr(init, "_cf_fingerprint", lambda: "new")
+    (tmp_path / "runs" / "dvd-cl").mkdir(parents=True)
+    (tmp_path / "runs" / "dvd-cl" / "cf_bundle.txt").write_text("old\n")
+    with pytest.raises(RowUnavailable, match="pre-trained with CF model old"):
+        init.check_cf_views(ROW_BY_SLUG["dvd-cl"])
+    init.check_cf_views(ROW_BY_SLUG["dvd-cl-dagger"])  # no CF views: nothing to check

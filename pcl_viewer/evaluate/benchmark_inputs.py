@@ -123,6 +123,7 @@ class RowInitialiser:
             return None
         out = self.runs / row.slug / "bundle"
         if (out / "card.json").is_file():
+            self.check_cf_views(row)
             return out
         if row.kind == "segmentation":
             return self._segmentation(row, out)
@@ -177,7 +178,27 @@ class RowInitialiser:
                  echo=lambda *a, **k: None)
         if not (out / "card.json").is_file():
             raise RuntimeError(f"pre-training of {row.name!r} wrote no bundle at {out}")
+        if need_cf and views == "model":
+            (out.parent / "cf_bundle.txt").write_text(self._cf_fingerprint() + "\n")
         return out
+
+    def _cf_fingerprint(self) -> str:
+        from pcl_viewer.models.bundle import ModelBundle, find_bundle
+
+        return ModelBundle.load(find_bundle(self.cf_bundle or "cf-cpu")).fingerprint
+
+    def check_cf_views(self, row: Row) -> None:
+        """Refuse a cached model-view pre-training made with another counterfactual model.
+
+        Its cells would mix two CF models in one table; delete ``runs/<preset>/<row>`` and
+        ``cells/<row>`` to redo the row with the current model.
+        """
+        stamp = self.runs / row.slug / "cf_bundle.txt"
+        if row.views == "model" and stamp.is_file() and self._has_cf_model():
+            old, now = stamp.read_text().strip(), self._cf_fingerprint()
+            if old != now:
+                raise RowUnavailable(f"{row.name}: pre-trained with CF model {old}, the current "
+                                     f"one is {now}; delete {self.runs / row.slug} and its cells")
 
     def _has_cf_model(self) -> bool:
         """A counterfactual bundle exists and works at this preset's image size."""

@@ -53,9 +53,14 @@ def _read(path: Path) -> np.ndarray:
 def segment(scan: Path, bundle: str | None, out: Path) -> None:
     """Segment the lungs of SCAN (any size); labels are written at the scan's native size."""
     from pcl_viewer.data.readers import write_labels
+    from pcl_viewer.data.scan import ScanReadError
+    from pcl_viewer.models.bundle import BundleError
 
-    model, size, info = load_segmenter(bundle)
-    image = _read(scan)
+    try:
+        model, size, info = load_segmenter(bundle)
+        image = _read(scan)
+    except (BundleError, ScanReadError) as exc:
+        raise click.ClickException(str(exc)) from exc
     labels = segment_image(image, model, size)
     write_labels(out, labels)
     area = {k: float((labels == v).mean()) for k, v in (("right", 1), ("left", 2))}

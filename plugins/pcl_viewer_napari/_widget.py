@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
     QSlider,
     QTableWidget,
@@ -40,6 +39,7 @@ from pcl_viewer.pipeline import FACTUAL, MAX_STRENGTH, STAGES, PipelineResult, S
 from pcl_viewer_napari import _workers
 from pcl_viewer_napari._layers import LayerBuilder, is_derived, layer_key, scan_from_layer
 from pcl_viewer_napari._plot import EmbeddingPlot
+from pcl_viewer_napari._progress import ProgressBar
 from pcl_viewer_napari._settings import Settings
 from pcl_viewer_napari._state import AppState
 
@@ -216,8 +216,7 @@ class PCLViewerWidget(QWidget):
         root.addWidget(box)
 
         row = QHBoxLayout()
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
+        self.progress = ProgressBar(maximum=1000)
         self.progress.setValue(0)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)

@@ -26,7 +26,7 @@ def _cache_path(ds, fingerprint: str, size: int) -> Path:
     return Path(ds.cache_dir) / f"cf_views_{fingerprint}_{size}_{key}.npy"
 
 
-def precompute_views(ds, model, batch_size: int = 128,
+def precompute_views(ds, model, batch_size: int = 32,
                      progress: Callable[[int, int, float], None] | None = None) -> np.ndarray:
     """Model counterfactual views ``(N, 3, 1, S, S)`` float32 of every image of ``ds``.
 
@@ -55,7 +55,7 @@ def precompute_views(ds, model, batch_size: int = 128,
     return out
 
 
-def write_views(ds, model, batch_size: int = 128, progress=None) -> tuple[Path, float]:
+def write_views(ds, model, batch_size: int = 32, progress=None) -> tuple[Path, float]:
     """Compute and cache the model views; returns the cache path and images per second."""
     t0 = time.perf_counter()
     views = precompute_views(ds, model, batch_size, progress)

@@ -96,7 +96,7 @@ def test_a_parent_the_decoder_ignores_has_a_zero_residual():
     model = CounterfactualModel(hvae)
     x = torch.rand(4, 1, SIZE, SIZE)
     ab = model.abduct(x, Parents("philips", "female", "absent"))
-    assert float(model.residual(ab, {"sex": "male"}).abs().max()) == 0.0
+    assert float(model.residual(ab, {"sex": "male"}).abs().max()) < 1e-6  # float rounding only
     assert float(model.residual(ab, {"scanner": "imagingdynamics"}).abs().max()) > 0.0
 
 

@@ -14,6 +14,16 @@ from pcl_viewer.data.scan import Scan
 from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: the test machine is shared, and two threads on
+    two busy cores stall on oversubscription. Restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def synthetic_chest(h: int = 256, w: int = 224, seed: int = 0) -> np.ndarray:
     """``(h, w)`` float32 [0, 1]: a bright thorax with two dark lung fields."""
     rng = np.random.default_rng(seed)

@@ -7,10 +7,7 @@ import torch
 
 from pcl_viewer.models.hvae import HVAE, HVAEConfig, build_from_config, discretised_gaussian_nll
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_smoke_forward_returns_per_pixel_terms_and_full_size_mean():

@@ -17,13 +17,7 @@ from pcl_viewer.train.pretrain import METHODS, PretrainConfig, PretrainData, pre
 TINY = {"epochs": 1, "batch_size": 4, "pixels": 32, "max_steps_per_epoch": 1,
         "probe_train": 4, "probe_eval": 2, "probe_steps": 5}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

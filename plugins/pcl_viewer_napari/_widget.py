@@ -61,6 +61,11 @@ def _guard_none_refcount() -> list | None:
 
     if API_NAME != "PySide6" or sys.version_info >= (3, 12):  # 3.12+: None is immortal
         return None
+    import PySide6
+
+    # The project pins PySide6 < 6.12; the guard is for users whose napari brings 6.12.
+    if tuple(int(v) for v in PySide6.__version__.split(".")[:2]) < (6, 12):
+        return None
     return [None] * 2_000_000
 
 

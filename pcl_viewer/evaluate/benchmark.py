@@ -125,7 +125,7 @@ def bench_preset(name: str) -> BenchPreset:
         ft = FinetuneConfig(epochs=12, min_steps=80)
         return BenchPreset("cpu", 128, finetune=ft, seg_pretrain=FinetuneConfig(epochs=4),
                            gold_n=240, ood_n=100, pool_n=2000,
-                           pretrain_options={"epochs": 4, "max_steps_per_epoch": 100,
+                           pretrain_options={"epochs": 3, "max_steps_per_epoch": 100,
                                              "pixels": 250, "probe_steps": 100})
     if name == "paper":
         return BenchPreset("paper", 224, finetune=FinetuneConfig(epochs=100),

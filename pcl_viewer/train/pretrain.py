@@ -322,7 +322,11 @@ def pretrain(
     unet = build_unet(unet_cfg, heads=method.heads)
     net: nn.Module = ContrastiveNet(unet).to(device)
     opt = adamw(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.warmup_epochs * steps, cfg.epochs * steps, min_lr=cfg.min_lr)
+    # The reference warms up for 5 of 20 epochs; a shorter run keeps that quarter
+    # rather than ending inside its warm-up.
+    warm_epochs = min(cfg.warmup_epochs, cfg.epochs / 4)
+    sched = warmup_cosine(opt, max(1, round(warm_epochs * steps)), cfg.epochs * steps,
+                          min_lr=cfg.min_lr)
     loss_fn = build_loss(method, cfg)
     amp = device.type == "cuda"
 

@@ -109,6 +109,31 @@ def _write_csv(path: Path, header: list, rows: list) -> None:
         w.writerows(rows)
 
 
+def renderer_version() -> dict:
+    """What made the images: a SHA-256 over the phantom's source files and priors, and the
+    git commit when run from a checkout, so a cached dataset can be matched to its renderer."""
+    import hashlib
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    files = sorted(here.glob("*.py"))
+    from pcl_viewer.paths import resources_dir
+
+    priors = resources_dir() / "priors"
+    if priors.is_dir():
+        files += sorted(p for p in priors.rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                                capture_output=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"source_sha256": h.hexdigest()[:16], "commit": commit}
+
+
 def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactuals: bool = False,
              oversample: float = 1.0, styles: tuple[str, ...] = ("philips", "imagingdynamics"),
              severe: bool = False, studies_per_patient: int = 2, workers: int = 1,
@@ -167,6 +192,7 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
         "seconds": round(elapsed, 2), "images_per_second": round(n / elapsed, 1),
         "images_per_second_incl_cf": round(n * (4 if counterfactuals else 1) / elapsed, 1),
         "workers": workers,
+        "renderer": renderer_version(),
         "cpu_ms_per_image": round(1000 * cpu[0] / max(n, 1), 2),
         "images_per_cpu_second": round(n / max(cpu[0], 1e-9), 1),
     }

@@ -59,3 +59,20 @@ def test_cf_finetune_keeps_the_encoder_frozen_and_reports_its_constraint(tmp_pat
     assert summary["steps"] == 2 and summary["bound"] > summary["elbo_before"]
     assert torch.equal(run.ema.stem.weight, stem)  # encoder frozen
     assert not torch.equal(run.ema.out.weight, out_before)  # decoder trained
+
+
+def test_hvae_batches_balance_effusion_without_inventing_groups():
+    import numpy as np
+
+    from pcl_viewer.train.cf import _batch_indices
+
+    pa = np.zeros((100, 3), np.float32)
+    pa[:5, 2] = 1  # 5 % effusion
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([_batch_indices(rng, pa, 32, 0.5) for _ in range(50)])
+    assert abs(pa[idx, 2].mean() - 0.5) < 1e-6  # exactly half of every batch
+    assert set(idx[pa[idx, 2] > 0]) <= set(range(5))
+    # no effusion images at all (or no balancing): plain uniform draws
+    none = np.zeros((40, 3), np.float32)
+    assert _batch_indices(rng, none, 16, 0.5).shape == (16,)
+    assert _batch_indices(rng, pa, 16, None).shape == (16,)

@@ -38,13 +38,15 @@ def _threads(n: int | None) -> None:
               help="Then fine-tune the decoder so the classifiers recognise the interventions "
                    "(ELBO kept within 2 % by a Lagrange multiplier).")
 @click.option("--finetune-steps", type=int, default=200, show_default=True)
+@click.option("--finetune-minimality", type=float, default=10.0, show_default=True,
+              help="Weight of mean |x_cf - x| on effusion-only interventions while fine-tuning.")
 @click.option("--finetune-minutes", type=float, default=None,
               help="Stop the fine-tuning after this many minutes (not reproducible).")
 def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              classifier_steps: int | None, batch_size: int | None, seed: int,
              run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
-             finetune_minutes: float | None) -> None:
+             finetune_minimality: float, finetune_minutes: float | None) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
     _threads(threads)
     from pcl_viewer.models.hvae import HVAEConfig
@@ -71,7 +73,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
     run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None)
     finetune = None
     if cf_finetune:
-        finetune = finetune_cf(run, data, finetune_steps,
+        finetune = finetune_cf(run, data, finetune_steps, minimality=finetune_minimality,
                                max_seconds=None if finetune_minutes is None else 60 * finetune_minutes)
         click.echo(f"cf-finetune: {json.dumps(finetune)}", err=True)
     command = "pcl train-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])

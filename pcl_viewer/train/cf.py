@@ -47,6 +47,10 @@ class CFTrainConfig:
     kl_warmup: int = 300  # beta ramps from 10 % to 100 % over these steps
     ema_decay: float = 0.998
     grad_clip: float = 100.0
+    # Share of effusion images in each HVAE batch (None: uniform). Effusion is a rare,
+    # local change; balancing the batches gives the conditional prior and decoder as
+    # many effusion as normal examples without changing the mechanism p(x | pa).
+    effusion_fraction: float | None = 0.5
     cls_steps: int = 300
     cls_batch_size: int = 32
     cls_lr: float = 2e-3
@@ -153,9 +157,22 @@ def _classifier_step(run: _Run, data: TrainingData, pos_weight: torch.Tensor) ->
     return float(loss.detach())
 
 
+def _batch_indices(rng: np.random.Generator, pa: np.ndarray, batch: int,
+                   effusion_fraction: float | None) -> np.ndarray:
+    """``batch`` training indices; a share ``effusion_fraction`` of them with effusion
+    (column 2 of ``pa``), when both groups exist. Drawn with replacement."""
+    eff = np.flatnonzero(pa[:, 2] > 0.5)
+    normal = np.flatnonzero(pa[:, 2] <= 0.5)
+    if effusion_fraction is None or len(eff) == 0 or len(normal) == 0:
+        return rng.integers(0, len(pa), batch)
+    k = int(round(effusion_fraction * batch))
+    return np.concatenate([eff[rng.integers(0, len(eff), k)],
+                           normal[rng.integers(0, len(normal), batch - k)]])
+
+
 def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     cfg = run.cfg
-    idx = run.rng.integers(0, len(data.x_train), cfg.batch_size)
+    idx = _batch_indices(run.rng, data.pa_train, cfg.batch_size, cfg.effusion_fraction)
     x = torch.from_numpy(data.x_train[idx])
     pa = torch.from_numpy(data.pa_train[idx])
     for g in run.hvae_opt.param_groups:
@@ -312,13 +329,24 @@ def _is_encoder(name: str) -> bool:
 
 def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
                 batch_size: int = 24, margin: float = 0.02, lam_lr: float = 5.0,
-                max_seconds: float | None = None, progress: bool = True) -> dict:
+                minimality: float = 10.0, max_seconds: float | None = None,
+                progress: bool = True) -> dict:
     """Counterfactual fine-tuning (METHOD §2) of the EMA HVAE, in place.
 
     The encoder (stem, bottom-up blocks, posterior heads) is frozen; the decoder is trained
-    so that the frozen, calibrated classifiers recognise the intervened parents on
-    ``x_cf = x + mu(z, pa*) - mu(z, pa)``, under the constraint ``-ELBO <= (1 + margin) *
-    -ELBO_0`` enforced by a Lagrange multiplier (dual ascent). Returns a summary.
+    so that the frozen, calibrated classifiers read the counterfactual parents on
+    ``x_cf = x + mu(z, pa*) - mu(z, pa)``: the intervened attributes take their new value
+    and the others keep theirs (a do(effusion) must not change the scanner the classifier
+    sees). Two constraints keep the change honest:
+
+    - the ELBO stays within ``margin`` of its value before fine-tuning (a Lagrange
+      multiplier, dual ascent), so factual reconstructions do not degrade;
+    - minimality: ``minimality * mean |x_cf - x|`` on effusion-only interventions.
+      Effusion is a local opacity at the lung bases; without this the decoder satisfied
+      the classifier with global intensity changes (eval-cf MAE 0.14 vs 0.011 for the
+      identity). Scanner interventions are global by nature and are not penalised.
+
+    Returns a summary (steps, losses first/last, multiplier, seconds).
     """
     model, cls = run.ema, run.cls.eval()
     cls.requires_grad_(False)
@@ -330,8 +358,8 @@ def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
     opt = torch.optim.Adam(params, lr=lr)
     rng = np.random.default_rng(run.cfg.seed + 1)
     gen = torch.Generator().manual_seed(run.cfg.seed + 1)
-    elbo0 = validate_hvae(model, data.x_val, data.pa_val, n=128)["val_nll"]
-    elbo0 += validate_hvae(model, data.x_val, data.pa_val, n=128)["val_kl"] * model.cfg.beta
+    val = validate_hvae(model, data.x_val, data.pa_val, n=128)
+    elbo0 = val["val_nll"] + val["val_kl"] * model.cfg.beta
     bound = elbo0 * (1 + margin)
     lam, t0, hist = 1.0, time.perf_counter(), []
     flips = torch.tensor([[1, 0, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.float32)
@@ -339,37 +367,43 @@ def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
     for step in range(steps):
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             break
-        idx = rng.integers(0, len(data.x_train), batch_size)
+        idx = _batch_indices(rng, data.pa_train, batch_size, run.cfg.effusion_fraction)
         x, pa = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.pa_train[idx])
-        flip = flips[torch.randint(0, 3, (batch_size,), generator=gen)]
-        pa_cf = (pa + flip) % 2
+        kind = torch.randint(0, 3, (batch_size,), generator=gen)
+        pa_cf = (pa + flips[kind]) % 2
         model.eval()
         latents = model.abduct(x, pa)
         model.train()
-        mu = model.decode_train(latents, pa)
-        mu_cf = model.decode_train(latents, pa_cf)
-        logits = cls(torch.clamp(x + mu_cf - mu, 0, 1))
-        mask = flip.bool()  # only the intervened attributes are asked for
-        loss_cf = F.binary_cross_entropy_with_logits(logits[mask], pa_cf[mask])
+        residual = model.decode_train(latents, pa_cf) - model.decode_train(latents, pa)
+        x_cf = torch.clamp(x + residual, 0, 1)
+        loss_cf = F.binary_cross_entropy_with_logits(cls(x_cf), pa_cf)
+        local = kind == 1  # effusion-only interventions
+        loss_min = ((x_cf - x).abs()[local].mean() if local.any() else x.new_zeros(()))
         elbo = model(x, pa)["loss"]
-        total = loss_cf + lam * (elbo - bound)
+        total = loss_cf + minimality * loss_min + lam * (elbo - bound)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
         opt.step()
         lam = max(0.0, lam + lam_lr * float(elbo.detach() - bound) / max(abs(bound), 1e-6))
         hist.append({"step": step + 1, "loss_cf": float(loss_cf.detach()),
-                     "elbo": float(elbo.detach()), "lambda": lam})
+                     "loss_min": float(loss_min.detach()), "elbo": float(elbo.detach()),
+                     "lambda": lam})
         bar.update(1)
-        bar.set_postfix(loss_cf=f"{hist[-1]['loss_cf']:.3f}", elbo=f"{hist[-1]['elbo']:.3f}",
-                        lam=f"{lam:.2f}", refresh=False)
+        bar.set_postfix(loss_cf=f"{hist[-1]['loss_cf']:.3f}", mae=f"{hist[-1]['loss_min']:.4f}",
+                        elbo=f"{hist[-1]['elbo']:.3f}", lam=f"{lam:.2f}", refresh=False)
     bar.close()
     model.requires_grad_(False)
     model.eval()
-    tail = hist[-10:]
+
+    def mean(key: str, rows: list[dict]) -> float | None:
+        return float(np.mean([h[key] for h in rows])) if rows else None
+
+    head, tail = hist[:10], hist[-10:]
     return {"steps": len(hist), "lr": lr, "batch_size": batch_size, "margin": margin,
-            "elbo_before": elbo0, "bound": bound,
-            "loss_cf_first10": float(np.mean([h["loss_cf"] for h in hist[:10]])) if hist else None,
-            "loss_cf_last10": float(np.mean([h["loss_cf"] for h in tail])) if tail else None,
-            "elbo_last10": float(np.mean([h["elbo"] for h in tail])) if tail else None,
+            "minimality": minimality, "elbo_before": elbo0, "bound": bound,
+            "loss_cf_first10": mean("loss_cf", head), "loss_cf_last10": mean("loss_cf", tail),
+            "effusion_mae_first10": mean("loss_min", head),
+            "effusion_mae_last10": mean("loss_min", tail),
+            "elbo_last10": mean("elbo", tail),
             "lambda": lam, "seconds": round(time.perf_counter() - t0, 1)}

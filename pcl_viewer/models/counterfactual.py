@@ -75,7 +75,9 @@ class CounterfactualModel:
     def __init__(self, hvae, classifier=None, device: str = "cpu",
                  bundle: ModelBundle | None = None) -> None:
         self.device = torch.device(device)
-        self.hvae = hvae.to(self.device).eval()
+        # channels_last: the HVAE's narrow convolutions then run without layout reorders
+        # (precompute-cf 55 -> 85 images/s per core at 128 px; outputs equal to 3e-6).
+        self.hvae = hvae.to(self.device, memory_format=torch.channels_last).eval()
         self.classifier = classifier.to(self.device).eval() if classifier is not None else None
         self.bundle = bundle
 

@@ -37,6 +37,9 @@ def _threads(n: int | None) -> None:
 @click.option("--cf-finetune", is_flag=True,
               help="Then fine-tune the decoder so the classifiers recognise the interventions "
                    "(ELBO kept within 2 % by a Lagrange multiplier).")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cuda", "mps", "cpu"]),
+              help="Where to train (auto: CUDA, else MPS, else CPU).")
 @click.option("--finetune-steps", type=int, default=200, show_default=True)
 @click.option("--finetune-minimality", type=float, default=10.0, show_default=True,
               help="Weight of mean |x_cf - x| on effusion-only interventions while fine-tuning.")
@@ -46,9 +49,12 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              classifier_steps: int | None, batch_size: int | None, seed: int,
              run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
-             finetune_minimality: float, finetune_minutes: float | None) -> None:
+             finetune_minimality: float, finetune_minutes: float | None, device: str) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
     _threads(threads)
+    from pcl_viewer.device import choose_device
+
+    device = choose_device(device)
     from pcl_viewer.models.hvae import HVAEConfig
     from pcl_viewer.train.cf import (
         CFTrainConfig,
@@ -69,8 +75,8 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
     run_dir = run_dir or out.with_name(out.name + ".run")
     data = load_training_data(data_dir, HVAEConfig.for_preset(preset).image_size)
     click.echo(f"train-cf: {len(data.x_train)} train / {len(data.x_val)} val images from "
-               f"{data_dir}; run folder {run_dir}", err=True)
-    run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None)
+               f"{data_dir}; run folder {run_dir}; device {device}", err=True)
+    run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None, device=device)
     finetune = None
     if cf_finetune:
         finetune = finetune_cf(run, data, finetune_steps, minimality=finetune_minimality,

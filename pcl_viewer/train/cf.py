@@ -106,12 +106,15 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
 class _Run:
     """Live training state of one run, convertible to and from a checkpoint."""
 
-    def __init__(self, cfg: CFTrainConfig, hvae_cfg: HVAEConfig, cls_cfg: ClassifierConfig):
+    def __init__(self, cfg: CFTrainConfig, hvae_cfg: HVAEConfig, cls_cfg: ClassifierConfig,
+                 device: str | torch.device = "cpu"):
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.cls = AttributeClassifiers(cls_cfg)
-        self.hvae = HVAE(hvae_cfg)
-        self.ema = HVAE(hvae_cfg)
+        self.device = torch.device(device)
+        # Built on the CPU (same initial weights on any device), then moved.
+        self.cls = AttributeClassifiers(cls_cfg).to(self.device)
+        self.hvae = HVAE(hvae_cfg).to(self.device)
+        self.ema = HVAE(hvae_cfg).to(self.device)
         self.ema.load_state_dict(self.hvae.state_dict())
         self.ema.requires_grad_(False)
         self.cls_opt = torch.optim.AdamW(self.cls.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
@@ -127,7 +130,9 @@ class _Run:
                 "cls_opt": self.cls_opt.state_dict(), "hvae": self.hvae.state_dict(),
                 "hvae_opt": self.hvae_opt.state_dict(), "ema": self.ema.state_dict(),
                 "torch_rng": torch.get_rng_state(), "np_rng": self.rng.bit_generator.state,
-                "history": self.history, "skipped": self.skipped, "seconds": self.seconds}
+                "history": self.history, "skipped": self.skipped, "seconds": self.seconds,
+                **({"cuda_rng": torch.cuda.get_rng_state(self.device)}
+                   if self.device.type == "cuda" else {})}
 
     def restore(self, s: dict) -> None:
         self.stage, self.step = s["stage"], int(s["step"])
@@ -137,6 +142,8 @@ class _Run:
         self.hvae_opt.load_state_dict(s["hvae_opt"])
         self.ema.load_state_dict(s["ema"])
         torch.set_rng_state(s["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in s:
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
         self.rng.bit_generator.state = s["np_rng"]
         self.history, self.skipped = list(s["history"]), int(s["skipped"])
         self.seconds = float(s["seconds"])
@@ -145,8 +152,8 @@ class _Run:
 def _classifier_step(run: _Run, data: TrainingData, pos_weight: torch.Tensor) -> float:
     cfg = run.cfg
     idx = run.rng.integers(0, len(data.x_train), cfg.cls_batch_size)
-    x = torch.from_numpy(data.x_train[idx])
-    y = torch.from_numpy(data.pa_train[idx])
+    x = torch.from_numpy(data.x_train[idx]).to(run.device)
+    y = torch.from_numpy(data.pa_train[idx]).to(run.device)
     for g in run.cls_opt.param_groups:
         g["lr"] = _lr(run.step, cfg.cls_steps, cfg.cls_lr, 50)
     run.cls.train()
@@ -173,8 +180,8 @@ def _batch_indices(rng: np.random.Generator, pa: np.ndarray, batch: int,
 def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     cfg = run.cfg
     idx = _batch_indices(run.rng, data.pa_train, cfg.batch_size, cfg.effusion_fraction)
-    x = torch.from_numpy(data.x_train[idx])
-    pa = torch.from_numpy(data.pa_train[idx])
+    x = torch.from_numpy(data.x_train[idx]).to(run.device)
+    pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
     for g in run.hvae_opt.param_groups:
         g["lr"] = _lr(run.step, cfg.steps, cfg.lr, cfg.warmup)
     beta_scale = min(1.0, 0.1 + 0.9 * run.step / max(1, cfg.kl_warmup))
@@ -194,15 +201,20 @@ def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     return {k: float(out[k].detach()) for k in ("loss", "nll", "kl")}
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def validate_hvae(model: HVAE, x: np.ndarray, pa: np.ndarray, n: int = 64) -> dict[str, float]:
     """Negative ELBO terms (nats per pixel) and reconstruction MAE of the mean on ``n`` images."""
     model.eval()
-    xt, pt = torch.from_numpy(x[:n]), torch.from_numpy(pa[:n])
-    gen = torch.get_rng_state()
-    torch.manual_seed(1234)
-    out = model(xt, pt)
-    torch.set_rng_state(gen)  # validation must not move the training noise stream
+    dev = _device_of(model)
+    xt, pt = torch.from_numpy(x[:n]).to(dev), torch.from_numpy(pa[:n]).to(dev)
+    # validation must not move the training noise stream (CPU and, if used, CUDA)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(1234)
+        out = model(xt, pt)
     mu = model.abduct(xt, pt)["mu"]
     return {"val_nll": float(out["nll"]), "val_kl": float(out["kl"]),
             "val_recon_mae": float((mu - xt).abs().mean())}
@@ -213,7 +225,8 @@ def calibrate_classifiers(cls: AttributeClassifiers, x: np.ndarray, pa: np.ndarr
                           ) -> dict[str, dict[str, float]]:
     """Fit one temperature per attribute on validation images; return accuracy and ECE."""
     cls.eval()
-    logits = torch.cat([cls.raw_logits(torch.from_numpy(x[i:i + 256]))
+    dev = _device_of(cls)
+    logits = torch.cat([cls.raw_logits(torch.from_numpy(x[i:i + 256]).to(dev)).cpu()
                         for i in range(0, len(x), 256)])
     labels = torch.from_numpy(pa)
     metrics: dict[str, dict[str, float]] = {}
@@ -232,13 +245,18 @@ def calibrate_classifiers(cls: AttributeClassifiers, x: np.ndarray, pa: np.ndarr
             "ece": expected_calibration_error(p_cal, y),
             "temperature": t, "n_val": len(y), "positives": int(y.sum()),
         }
-    cls.temperature.copy_(torch.tensor(temps))
+    cls.temperature.copy_(torch.tensor(temps, device=cls.temperature.device))
     return metrics
 
 
 def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
-             stop_after: int | None = None, progress: bool = True) -> _Run:
+             stop_after: int | None = None, progress: bool = True,
+             device: str | torch.device = "cpu") -> _Run:
     """Train (or resume) classifiers then the HVAE; returns the finished run state.
+
+    ``device``: where the models train (a checkpoint resumes on any device; tensors are
+    saved on the CPU). The CPU and CUDA noise streams are checkpointed, so a resumed run
+    on the same device repeats an uninterrupted one.
 
     ``stop_after`` ends the process-level loop after that many optimisation steps in this
     call (tests use it to simulate a kill; the last checkpoint is at a multiple of
@@ -248,14 +266,14 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
     hvae_cfg = HVAEConfig.for_preset(cfg.preset)
     for key, value in cfg.hvae_overrides.items():
         setattr(hvae_cfg, key, value)
-    run = _Run(cfg, hvae_cfg, ClassifierConfig.for_preset(cfg.preset))
+    run = _Run(cfg, hvae_cfg, ClassifierConfig.for_preset(cfg.preset), device)
     state = load_checkpoint(run_dir / "checkpoint")
     if state is not None:
         run.restore(state)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     pos = data.pa_train.mean(axis=0).clip(1e-3, 1 - 1e-3)
-    pos_weight = torch.from_numpy(((1 - pos) / pos).astype(np.float32))
+    pos_weight = torch.from_numpy(((1 - pos) / pos).astype(np.float32)).to(run.device)
     done = 0
     for stage, total in (("classifier", cfg.cls_steps), ("hvae", cfg.steps)):
         if STAGES.index(run.stage) > STAGES.index(stage):
@@ -368,9 +386,11 @@ def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             break
         idx = _batch_indices(rng, data.pa_train, batch_size, run.cfg.effusion_fraction)
-        x, pa = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.pa_train[idx])
+        x = torch.from_numpy(data.x_train[idx]).to(run.device)
+        pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
         kind = torch.randint(0, 3, (batch_size,), generator=gen)
-        pa_cf = (pa + flips[kind]) % 2
+        pa_cf = (pa + flips[kind].to(run.device)) % 2
+        kind = kind.to(run.device)
         model.eval()
         latents = model.abduct(x, pa)
         model.train()

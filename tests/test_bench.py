@@ -159,3 +159,23 @@ def test_cached_pretraining_with_another_cf_model_is_refused(tmp_path, monkeypat
     with pytest.raises(RowUnavailable, match="pre-trained with CF model old"):
         init.check_cf_views(ROW_BY_SLUG["dvd-cl"])
     init.check_cf_views(ROW_BY_SLUG["dvd-cl-dagger"])  # no CF views: nothing to check
+
+
+def test_bench_refuses_to_mix_devices_in_one_grid(tmp_path):
+    """Cells fine-tuned on CUDA and on the CPU must not end up in one table."""
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench, check_cell_devices
+
+    cells = tmp_path / "cache" / "runs" / "smoke" / "cells"
+    cell = cells / "none" / "fold0-all.json"
+    cell.parent.mkdir(parents=True)
+    cell.write_text(json.dumps({"row": "none", "train_log": {"device": "cuda:0"}}))
+    r = CliRunner().invoke(bench, ["--preset", "smoke", "--out", str(tmp_path / "results"),
+                                   "--cache", str(tmp_path / "cache"), "--device", "cpu"])
+    assert r.exit_code == 1 and "1 finished cells" in r.output and "--device cuda" in r.output
+    assert not (tmp_path / "cache" / "data").exists()  # refused before generating any data
+    check_cell_devices([{"train_log": {"device": "cuda"}}], "cuda:0", cells)
+    check_cell_devices([{"train_log": {}}, {}], "cpu", cells)  # older cells: the CPU
+    with pytest.raises(Exception, match="fine-tuned on cpu"):
+        check_cell_devices([{"train_log": {"steps": 1}}], "cuda", cells)

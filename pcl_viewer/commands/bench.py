@@ -9,7 +9,38 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pcl_viewer.device import DEVICES
+
 DEFAULT_SEG = "seg-cpu"
+
+
+def _device(device: str) -> str:
+    """Resolve ``--device`` now, so an unavailable choice fails before any work."""
+    from pcl_viewer.train.finetune import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+
+
+def check_cell_devices(cells: list[dict], device: str, cells_dir: Path) -> None:
+    """Refuse to add cells fine-tuned on another kind of device than the finished ones.
+
+    A cell's device is ``train_log.device`` (cells written before devices existed ran on
+    the CPU). CPU and CUDA runs differ (bfloat16 autocast, other kernels), so one table
+    must not mix them.
+    """
+    kind = device.split(":")[0]
+    other = sorted({str(c.get("train_log", {}).get("device", "cpu")).split(":")[0]
+                    for c in cells} - {kind})
+    if other:
+        n = sum(str(c.get("train_log", {}).get("device", "cpu")).split(":")[0] != kind
+                for c in cells)
+        raise click.ClickException(
+            f"{n} finished cells in {cells_dir} were fine-tuned on {', '.join(other)}, this run "
+            f"would fine-tune on {kind}: one table must not mix devices. Pass --device "
+            f"{other[0]} to continue the grid, or delete those cells to redo them on {kind}.")
 
 
 def segment_image(image: np.ndarray, model, size: int) -> np.ndarray:
@@ -79,23 +110,31 @@ def segment(scan: Path, bundle: str | None, out: Path) -> None:
 @click.option("--effusion-oversample", default=8.0, show_default=True,
               help="Oversampling of effusion so the pe subgroup is large enough.")
 @click.option("--severe", is_flag=True, help="Severe effusion only.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where the network runs (auto: cuda, else mps, else cpu; bfloat16 on cuda).")
 def evaluate(bundle: str | None, n: int, seed: int, styles: tuple[str, ...],
-             effusion_oversample: float, severe: bool) -> None:
+             effusion_oversample: float, severe: bool, device: str) -> None:
     """Generate fresh phantom images and print Dice (%) overall / nf / pe, and HD95, ASD."""
+    dev = _device(device)
     model, size, info = load_segmenter(bundle)
     groups = [list(styles)] if styles else [["imagingdynamics", "philips"], ["portable"]]
-    click.echo(f"bundle {info.path} ({info.fingerprint}), {size} px, seed {seed}, n {n} per group")
-    for r in evaluate_on_phantom(model, size, n, seed, groups, effusion_oversample, severe):
+    click.echo(f"bundle {info.path} ({info.fingerprint}), {size} px, seed {seed}, n {n} per group"
+               f", device {dev}")
+    for r in evaluate_on_phantom(model, size, n, seed, groups, effusion_oversample, severe,
+                                 device=dev):
         click.echo(f"{r['styles']:28s} Dice % overall {r['dice']:.2f} (n={r['n']})  "
                    f"nf {r['dice_nf']:.2f} (n={r['n_nf']})  pe {r['dice_pe']:.2f} (n={r['n_pe']})"
                    f"  HD95 {r['hd95']:.2f} px  ASD {r['asd']:.2f} px")
 
 
 def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[str]],
-                        effusion_oversample: float = 8.0, severe: bool = False) -> list[dict]:
+                        effusion_oversample: float = 8.0, severe: bool = False,
+                        device: str = "auto") -> list[dict]:
     """Dice (%) overall/nf/pe, HD95 and ASD (px) of ``model`` on fresh phantom images.
 
-    One set of ``n`` images per style group, seed ``seed + 1000 * group index``.
+    One set of ``n`` images per style group, seed ``seed + 1000 * group index``; the
+    network runs on ``device`` (:func:`pcl_viewer.train.finetune.predict`), the metrics
+    on the CPU.
     """
     import tempfile
 
@@ -110,7 +149,7 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
             generate_phantom(root, n=n, seed=seed + 1000 * k, size=size, styles=group,
                              effusion_oversample=effusion_oversample, severe=severe)
             arr = load_arrays(root, size)
-            s = segmentation_scores(predict(model, arr["image"]), arr["gold"])
+            s = segmentation_scores(predict(model, arr["image"], device=device), arr["gold"])
             eff = arr["effusion"].astype(bool)
             m, nf, pe = s.mean(), s.mean(~eff), s.mean(eff)
             out.append({"styles": "+".join(group), "seed": seed + 1000 * k, "n": len(eff),
@@ -143,14 +182,19 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
 @click.option("--ship-n", default=2000, show_default=True, help="Gold-labelled pool size.")
 @click.option("--ship-seed", default=201, show_default=True, help="Seed of that pool.")
 @click.option("--ship-epochs", default=None, type=int, help="Epochs (default: the recipe's).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Fine-tuning and prediction device (cells, Segmentation rows, --ship): auto = "
+                   "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
+                   "its own device (CUDA when present).")
 def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
           cf_bundle: str | None, report_only: bool, max_cells: int | None, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
-          ship_epochs: int | None) -> None:
+          ship_epochs: int | None, device: str) -> None:
     """Fine-tuning benchmark: every row x fold x label budget that is not done yet.
 
     Resumable: finished cells (CACHE/runs/PRESET/cells/ROW/foldK-BUDGET.json) are never
-    recomputed; pre-training runs are cached under CACHE/runs/PRESET/ROW/.
+    recomputed; pre-training runs are cached under CACHE/runs/PRESET/ROW/. Each cell
+    records the device it was fine-tuned on (``train_log.device``).
     """
     import torch
 
@@ -158,6 +202,9 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, ROWS, bench_preset, load_cells, run_grid
     from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets, git_commit
     from pcl_viewer.evaluate.benchmark_report import write_report
+    from pcl_viewer.train.finetune import default_device
+
+    dev = _device(device)
 
     cfg = bench_preset(preset)
     chosen = ROWS if not rows else tuple(ROW_BY_SLUG[s.strip()] for s in rows.split(","))
@@ -170,15 +217,21 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
         from pcl_viewer.evaluate.ship import ship_segmentation
 
         init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)
-        ship_segmentation(cfg, ship, cache / "data" / preset, init, row=ship_row, n=ship_n,
-                          seed=ship_seed, epochs=ship_epochs, command=command, echo=click.echo)
+        with default_device(dev):  # the row initialiser's own fine-tuning (Segmentation rows)
+            ship_segmentation(cfg, ship, cache / "data" / preset, init, row=ship_row, n=ship_n,
+                              seed=ship_seed, epochs=ship_epochs, command=command,
+                              echo=click.echo, device=dev)
         click.echo(f"wrote {ship}")
         return
     if not report_only:
+        check_cell_devices(load_cells(cells_dir), dev, cells_dir)
         sets = bench_sets(cfg, cache / "data" / preset)
         init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)
-        res = run_grid(cfg, sets, cells_dir, init, rows=chosen, max_cells=max_cells,
-                       extra={"command": command, "commit": commit})
+        # run_grid and the row initialiser call finetune/predict with device="auto":
+        # inside this block that means --device.
+        with default_device(dev):
+            res = run_grid(cfg, sets, cells_dir, init, rows=chosen, max_cells=max_cells,
+                           extra={"command": command, "commit": commit})
         click.echo(f"cells: {res['done']} already done, {res['ran']} computed now, "
                    f"{res['left']} left")
         for slug, why in res["skipped_rows"].items():

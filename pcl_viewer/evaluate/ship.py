@@ -25,7 +25,8 @@ EVAL_SEED = 9001  # fresh images: no data set of the project uses this seed
 
 def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row: str = "none",
                       n: int = 2000, seed: int = 201, epochs: int | None = None,
-                      eval_n: int = 200, command: str = "", echo=print) -> Path:
+                      eval_n: int = 200, command: str = "", echo=print,
+                      device: str = "auto") -> Path:
     """Train and write the shipped "segmentation" bundle at ``out``.
 
     Args:
@@ -34,6 +35,8 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
         n, seed: size and seed of the gold-labelled training pool (effusion oversampled,
             both training scanners, up to two studies per patient).
         eval_n: fresh images per evaluation group (seed :data:`EVAL_SEED`).
+        device: where fine-tuning and prediction run ("auto": cuda, else mps, else cpu;
+            :func:`pcl_viewer.train.finetune.finetune`); the bundle holds CPU tensors.
     """
     from tqdm import tqdm
 
@@ -48,14 +51,15 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
     bar = tqdm(total=cfg.n_steps(len(arr["image"])), unit="step", desc="ship seg")
     t0 = time.perf_counter()
     model, log = finetune(arr["image"], arr["gold"], preset.unet_config(), cfg,
-                          pretrained=pretrained, progress=lambda s, t: bar.update(1))
+                          pretrained=pretrained, progress=lambda s, t: bar.update(1),
+                          device=device)
     bar.close()
-    echo(f"trained {log['steps']} steps in {time.perf_counter() - t0:.0f} s")
+    echo(f"trained {log['steps']} steps on {log['device']} in {time.perf_counter() - t0:.0f} s")
     groups = [["imagingdynamics", "philips"], ["portable"]]
-    results = evaluate_on_phantom(model, size, eval_n, EVAL_SEED, groups)
+    results = evaluate_on_phantom(model, size, eval_n, EVAL_SEED, groups, device=device)
     results += evaluate_on_phantom(model, size, eval_n // 2, EVAL_SEED + 500,
                                    [["imagingdynamics", "philips"]], severe=True,
-                                   effusion_oversample=1000.0)
+                                   effusion_oversample=1000.0, device=device)
     results[-1]["styles"] += " (severe effusion)"
     for r in results:
         echo(f"{r['styles']}: Dice {r['dice']:.2f} nf {r['dice_nf']:.2f} pe {r['dice_pe']:.2f} "

@@ -13,14 +13,24 @@ rotation +-15 deg, random resized crop scale (0.2, 1), brightness/contrast
 jitter, Gaussian blur. Geometric augmentations use one affine per sample,
 applied to the image (bilinear) and to the mask (nearest), so labels stay
 aligned with pixels.
+
+Devices: :func:`finetune` and :func:`predict` take ``device`` ("auto": cuda, else
+mps, else cpu; :func:`resolve_device`). On CUDA the network runs under bfloat16
+autocast (the loss in float32); on the CPU the computation is exactly the one of
+the CPU-only code before devices existed (same ops, same random numbers drawn in
+the same order from the same CPU generator), so CPU results stay bit-identical.
+Random numbers are always drawn on the CPU, so a CUDA run sees the same batches
+and augmentation parameters as a CPU run with the same seed. Models come back on
+the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +80,72 @@ class FinetuneConfig:
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
 
+# --- devices --------------------------------------------------------------------------
+
+_AUTO_DEVICE: str | None = None  # what "auto" means inside a ``default_device`` block
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device of a ``device`` argument (see :func:`pcl_viewer.device.choose_device`).
+
+    ``"auto"`` (or None) is cuda if available, else mps, else cpu, unless an enclosing
+    :func:`default_device` block names one. Explicit ``"cuda"``, ``"cuda:1"``, ``"mps"``,
+    ``"cpu"`` (or a ``torch.device``) must be available here.
+
+    Raises:
+        ValueError: unknown or unavailable device, with what is available.
+    """
+    from pcl_viewer.device import available_devices, choose_device
+
+    name = str(device) if device is not None else "auto"
+    if name.lower() == "auto" and _AUTO_DEVICE is not None:
+        name = _AUTO_DEVICE
+    base, _, index = name.lower().partition(":")
+    try:
+        chosen = choose_device(base)
+    except ValueError as exc:
+        hint = (" (a CUDA GPU needs the CUDA wheel of torch: README, 'GPU installation')"
+                if base == "cuda" else "")
+        raise ValueError(f"fine-tuning device: {exc}{hint}") from None
+    if not index:
+        return torch.device(chosen)
+    if chosen != "cuda" or not index.isdigit() or int(index) >= torch.cuda.device_count():
+        raise ValueError(f"fine-tuning device: {name!r} is not available here "
+                         f"(available: {', '.join(available_devices())}, "
+                         f"{torch.cuda.device_count()} CUDA device(s))")
+    return torch.device(chosen, int(index))
+
+
+@contextlib.contextmanager
+def default_device(device: str | torch.device | None) -> Iterator[torch.device]:
+    """Inside the block, :func:`finetune` / :func:`predict` calls left at ``device="auto"``
+    use ``device`` (resolved now, so an unavailable choice fails here).
+
+    How ``pcl bench --device`` reaches the fine-tuning done deep inside the benchmark
+    grid and the row initialiser. ``None`` or ``"auto"`` leave "auto" as it is.
+    """
+    global _AUTO_DEVICE
+    previous = _AUTO_DEVICE
+    dev = resolve_device(device)
+    _AUTO_DEVICE = str(dev)
+    try:
+        yield dev
+    finally:
+        _AUTO_DEVICE = previous
+
+
+def _plain(dev: torch.device) -> bool:
+    """True where the exact CPU-only code runs (no transfers, no autocast, no casts)."""
+    return dev.type == "cpu"
+
+
+def _autocast(dev: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA; nothing at all elsewhere (CPU numerics untouched)."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # --- augmentation ---------------------------------------------------------------------
 
 
@@ -93,11 +169,11 @@ def _affines(b: int, cfg: FinetuneConfig, g: torch.Generator) -> torch.Tensor:
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur each ``(1, H, W)`` image of ``x (B, 1, H, W)`` with its own ``sigma`` (pixels)."""
+    """Blur each ``(1, H, W)`` image of ``x (B, 1, H, W)`` with its own ``sigma (B,)`` (pixels)."""
     radius = int(math.ceil(3 * float(sigma.max())))
     if radius < 1:
         return x
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
     k = k / k.sum(1, keepdim=True)  # (B, K)
     b = x.shape[0]
@@ -113,10 +189,14 @@ def augment_batch(
     """Augment images ``x (B, 1, S, S)`` in [0, 1] and labels ``y (B, S, S)`` long, jointly.
 
     Geometry (rotation, resized crop) is one affine per sample for both; the
-    intensity part (jitter, blur) touches the image only.
+    intensity part (jitter, blur) touches the image only. ``x`` and ``y`` may live on
+    any device; the random numbers always come from the CPU generator ``g``.
+
+    Returns:
+        ``(x (B, 1, S, S) float32, y (B, S, S) long)`` on the device of ``x``.
     """
-    b = x.shape[0]
-    theta = _affines(b, cfg, g)
+    b, dev = x.shape[0], x.device
+    theta = _affines(b, cfg, g).to(dev)  # .to(cpu) of a cpu tensor is the tensor itself
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
@@ -124,7 +204,7 @@ def augment_batch(
     # Outside the source image every channel is 0 -> argmax gives background (0).
     y = onehot.argmax(1)
 
-    u = torch.rand(b, 5, generator=g)
+    u = torch.rand(b, 5, generator=g).to(dev)
     jit = (u[:, 0] < cfg.jitter_p).float()[:, None, None, None]
     bright = 1 + cfg.brightness * (2 * u[:, 1] - 1)
     contr = 1 + cfg.contrast * (2 * u[:, 2] - 1)
@@ -135,11 +215,11 @@ def augment_batch(
         xj = xj.clamp(0, 1) ** torch.exp(lg)[:, None, None, None]
     x = (jit * xj + (1 - jit) * x).clamp(0, 1)
     if cfg.noise > 0:
-        std = cfg.noise * torch.rand(b, 1, 1, 1, generator=g)
-        x = (x + std * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        std = (cfg.noise * torch.rand(b, 1, 1, 1, generator=g)).to(dev)
+        x = (x + std * torch.randn(x.shape, generator=g).to(dev)).clamp(0, 1)
     if cfg.blur_p > 0:
         lo, hi = cfg.blur_sigma
-        sigma = lo + (hi - lo) * torch.rand(b, generator=g)
+        sigma = (lo + (hi - lo) * torch.rand(b, generator=g)).to(dev)
         sigma = sigma * (x.shape[-1] / 128.0)  # the range is given for 128 px images
         blur = (u[:, 4] < cfg.blur_p).float()[:, None, None, None]
         x = blur * _gaussian_blur(x, sigma) + (1 - blur) * x
@@ -208,6 +288,7 @@ def finetune(
     cfg: FinetuneConfig,
     pretrained: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
+    device: str | torch.device | None = "auto",
 ) -> tuple[DenseUNet, dict]:
     """Train the whole U-Net with a new segmentation head.
 
@@ -218,14 +299,27 @@ def finetune(
         cfg: :class:`FinetuneConfig`.
         pretrained: a bundle folder to initialise the backbone from, or None (random).
         progress: called as ``progress(step, total)`` after every step.
+        device: "auto" (cuda, else mps, else cpu; see :func:`resolve_device`), "cuda",
+            "mps" or "cpu". The data, model and augmentation run there; on CUDA the
+            network is under bfloat16 autocast and the loss is float32. The weights
+            are initialised and the random numbers drawn on the CPU, so every device
+            starts from the same weights and sees the same batches.
 
     Returns:
-        the model in eval mode and a log ``{"steps", "seconds", "final_loss"}``.
+        the model in eval mode **on the CPU** and a log
+        ``{"steps", "seconds", "final_loss", "device"}``.
+
+    Raises:
+        ValueError: bad shapes, unknown loss, or an unavailable ``device``.
     """
     if images.ndim != 4 or images.shape[1] != 1 or masks.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"expected images (N,1,S,S) and masks (N,S,S), got {images.shape}, {masks.shape}")
+    dev = resolve_device(device)
+    plain = _plain(dev)
     torch.manual_seed(cfg.seed)
     model = init_unet(unet_cfg, pretrained)
+    if not plain:
+        model.to(dev)
     model.train()
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(images)
@@ -233,8 +327,8 @@ def finetune(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, total, cfg)
     loss_fn = _loss_fn(cfg.loss)
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    y_all = torch.from_numpy(np.ascontiguousarray(masks).astype(np.int64))
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(dev)
+    y_all = torch.from_numpy(np.ascontiguousarray(masks).astype(np.int64)).to(dev)
     bs = min(cfg.batch_size, n)
     order = torch.randperm(n, generator=g)
     pos, loss_ema, t0 = 0, float("nan"), time.perf_counter()
@@ -243,10 +337,17 @@ def finetune(
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos : pos + bs]
         pos += bs
+        if not plain:
+            idx = idx.to(dev)
         x, y = x_all[idx], y_all[idx]
         if cfg.augment:
             x, y = augment_batch(x, y, cfg, g)
-        loss = loss_fn(model(x), y)
+        if plain:  # exactly the CPU-only code: no autocast, no casts
+            loss = loss_fn(model(x), y)
+        else:
+            with _autocast(dev):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -257,24 +358,63 @@ def finetune(
         if progress is not None:
             progress(step + 1, total)
     model.eval()
-    return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": loss_ema}
+    if not plain:
+        model.to("cpu")
+    return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": loss_ema,
+                   "device": str(dev)}
 
 
 @torch.no_grad()
-def predict(model: DenseUNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """``(N, 1, S, S)`` float32 -> labels ``(N, S, S)`` uint8 (argmax of the seg logits)."""
+def predict(
+    model: DenseUNet,
+    images: np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device | None = "auto",
+    amp: bool = True,
+) -> np.ndarray:
+    """``(N, 1, S, S)`` float32 -> labels ``(N, S, S)`` uint8 (argmax of the seg logits).
+
+    Args:
+        model: the U-Net, on any device; it is moved to ``device`` for the call and
+            back to where it was afterwards.
+        images: ``(N, 1, S, S)`` float32 in [0, 1].
+        batch_size: images per forward pass.
+        device: as for :func:`finetune` ("auto": cuda, else mps, else cpu).
+        amp: bfloat16 autocast on CUDA (ignored elsewhere); ``False`` for float32 logits.
+
+    Returns:
+        ``(N, S, S)`` uint8 labels, a NumPy array (CPU).
+    """
+    dev = resolve_device(device)
     model.eval()
+    home = next(model.parameters()).device
+    moved = home != dev
+    if moved:
+        model.to(dev)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32))
-        out.append(model(x).argmax(1).to(torch.uint8).numpy())
+    try:
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32))
+            if _plain(dev):  # exactly the CPU-only code
+                out.append(model(x).argmax(1).to(torch.uint8).numpy())
+                continue
+            with _autocast(dev) if amp else contextlib.nullcontext():
+                logits = model(x.to(dev, non_blocking=True))
+            out.append(logits.float().argmax(1).to(torch.uint8).cpu().numpy())
+    finally:
+        if moved:
+            model.to(home)
     return np.concatenate(out) if out else np.zeros((0, *images.shape[2:]), np.uint8)
 
 
 def save_segmentation_bundle(
     path: str | os.PathLike, model: DenseUNet, card: dict
 ) -> Path:
-    """Write ``model`` as a "segmentation" bundle (component ``unet``, heads ``["seg"]``)."""
+    """Write ``model`` as a "segmentation" bundle (component ``unet``, heads ``["seg"]``).
+
+    The model may be on any device: the bundle always holds CPU tensors
+    (:func:`pcl_viewer.models.bundle.save_bundle` copies them to the CPU).
+    """
     from pcl_viewer.models.bundle import save_bundle
 
     full = {"kind": "segmentation", "input": {"size": model.cfg.image_size,

@@ -1,0 +1,164 @@
+"""Fine-tuning on a device: resolution, and CPU numerics unchanged by the device path."""
+
+import numpy as np
+import pytest
+import torch
+
+from pcl_viewer.device import available_devices
+from pcl_viewer.models.unet import UNetConfig
+from pcl_viewer.train import finetune as ft
+from pcl_viewer.train.finetune import (
+    FinetuneConfig,
+    default_device,
+    finetune,
+    predict,
+    resolve_device,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _toy(n: int = 10, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, 1, S, S)`` float32 images with two bright rectangles and their 0/1/2 labels."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.random((n, 1, size, size)).astype(np.float32) * 0.3
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[:, 6:26, 4:14], masks[:, 6:26, 18:28] = 1, 2
+    imgs[:, 0][masks > 0] += 0.5
+    return imgs, masks
+
+
+# Every augmentation on (gamma, noise, blur), so every random draw is exercised.
+CFG = FinetuneConfig(epochs=1, min_steps=3, batch_size=4, gamma=0.35, noise=0.03, loss="dicece")
+
+
+def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_auto_resolves_to_the_best_available_device():
+    assert resolve_device("auto") == torch.device(available_devices()[0])
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    if not HAS_CUDA and "mps" not in available_devices():
+        assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_unavailable_cuda_fails_with_a_clear_message():
+    with pytest.raises(ValueError, match=r"'cuda' is not available here \(available: .*cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not available"):
+        resolve_device("cuda:0")
+    imgs, masks = _toy(4)
+    with pytest.raises(ValueError, match="GPU installation"):
+        finetune(imgs, masks, UNetConfig.for_preset("smoke"), CFG, device="cuda")
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+
+
+def test_default_device_block_sets_what_auto_means_and_is_restored():
+    with default_device("cpu") as dev:
+        assert dev == torch.device("cpu")
+        assert resolve_device("auto") == torch.device("cpu")
+    assert ft._AUTO_DEVICE is None
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="not available"), default_device("cuda"):
+            pass
+        assert ft._AUTO_DEVICE is None
+
+
+def test_cpu_device_gives_bit_identical_weights_to_the_default_path():
+    """The half-done CPU benchmark grid must stay comparable: device="cpu", the default
+    ("auto" -> cpu on a CPU machine) and a ``default_device("cpu")`` block all give the
+    very same weights, loss and predictions."""
+    imgs, masks = _toy()
+    unet = UNetConfig.for_preset("smoke")
+    ref, ref_log = finetune(imgs, masks, unet, CFG)
+    explicit, log = finetune(imgs, masks, unet, CFG, device="cpu")
+    with default_device("cpu"):
+        blocked, _ = finetune(imgs, masks, unet, CFG)
+    assert _states_equal(ref, explicit) and _states_equal(ref, blocked)
+    assert log["final_loss"] == ref_log["final_loss"] and log["device"] == "cpu"
+    if not HAS_CUDA and "mps" not in available_devices():
+        assert ref_log["device"] == "cpu"
+    assert np.array_equal(predict(ref, imgs, device="cpu"), predict(explicit, imgs))
+
+
+def test_augmentation_is_unchanged_by_the_device_plumbing():
+    """The same generator state gives the same augmented batch, drawing the same numbers."""
+    imgs, masks = _toy(4)
+    x, y = torch.from_numpy(imgs), torch.from_numpy(masks.astype(np.int64))
+    outs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(3)
+        outs.append((*ft.augment_batch(x, y, CFG, g), torch.rand(1, generator=g)))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
+    assert outs[0][0].device.type == "cpu" and outs[0][1].dtype == torch.long
+
+
+def test_accelerator_branch_runs_under_bf16_autocast_and_returns_cpu_float32(monkeypatch):
+    """Without a GPU here, run the non-CPU branch on the CPU with bfloat16 autocast: the
+    loss must be float32, the model must come back float32 on the CPU, predictions uint8."""
+    seen = []
+
+    def fake_autocast(dev):
+        seen.append(dev)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(ft, "_plain", lambda dev: False)
+    monkeypatch.setattr(ft, "_autocast", fake_autocast)
+    imgs, masks = _toy(6)
+    model, log = finetune(imgs, masks, UNetConfig.for_preset("smoke"),
+                          FinetuneConfig(epochs=1, min_steps=2, batch_size=3), device="cpu")
+    assert seen and np.isfinite(log["final_loss"])
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    labels = predict(model, imgs, batch_size=4, device="cpu")
+    assert labels.shape == (6, 32, 32) and labels.dtype == np.uint8
+    plain = predict(model, imgs, device="cpu", amp=False)
+    assert plain.shape == labels.shape
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_finetune_returns_a_cpu_model_and_predict_restores_its_device(tmp_path):
+    from pcl_viewer.models.bundle import ModelBundle
+    from pcl_viewer.train.finetune import save_segmentation_bundle
+
+    imgs, masks = _toy()
+    model, log = finetune(imgs, masks, UNetConfig.for_preset("smoke"), CFG, device="cuda")
+    assert log["device"].startswith("cuda")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    labels = predict(model, imgs, device="cuda")
+    assert labels.dtype == np.uint8 and all(p.device.type == "cpu" for p in model.parameters())
+    model.to("cuda")
+    save_segmentation_bundle(tmp_path / "b", model, {"name": "t"})
+    state = ModelBundle.load(tmp_path / "b").state_dict("unet")
+    assert all(v.device.type == "cpu" for v in state.values())
+
+
+def test_cli_refuses_an_unavailable_device_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench, evaluate
+
+    if HAS_CUDA:
+        pytest.skip("needs a machine without CUDA")
+    r = CliRunner().invoke(bench, ["--preset", "smoke", "--out", str(tmp_path / "r"),
+                                   "--cache", str(tmp_path / "c"), "--device", "cuda"])
+    assert r.exit_code == 2 and "not available" in r.output
+    assert not (tmp_path / "c").exists()
+    r = CliRunner().invoke(evaluate, ["--device", "cuda"])
+    assert r.exit_code == 2 and "not available" in r.output

@@ -103,11 +103,16 @@ class LayerBuilder:
         key = (layer_key(scan_layer), view.key, kind)
         layer = self.get(scan_layer, view.key, kind)
         if layer is not None:
-            layer.data = data
-            layer.metadata = meta
+            # Each setter refreshes the layer (thumbnail, texture upload, canvas redraw) in
+            # the Qt thread, even for an unchanged value: touch only what changed. A view
+            # comes back after its labels and again after its CHRO-map with the same arrays.
+            if layer.data is not data:
+                layer.data = data
+            if layer.metadata != meta:
+                layer.metadata = meta
             if layer.name != name:
                 layer.name = name
-            if visible is not None:
+            if visible is not None and layer.visible != visible:
                 layer.visible = visible
             return layer
         common = {"name": name, "metadata": meta, "scale": tuple(scan_layer.scale),

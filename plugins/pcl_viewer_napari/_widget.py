@@ -73,6 +73,9 @@ _NONE_REFS = _guard_none_refcount()
 INTERVENTIONS = {"scanner": "do(scanner) flip", "effusion": "do(effusion) flip",
                  "both": "both", "sex": "do(sex) (explore)"}
 ALL_STAGES = ("load", *STAGES)
+# Progress is painted at most this often (ms): with napari's OpenGL canvas in the window,
+# any repaint composites the whole window (software GL: tens of ms of the Qt thread).
+PROGRESS_INTERVAL_MS = 200
 TABLE_COLUMNS = ("view", "Dice", "Dice R", "Dice L", "ΔArea R", "ΔArea L")
 
 
@@ -113,6 +116,9 @@ class PCLViewerWidget(QWidget):
         self._prewarm_timer.start()
         self._drain_timer = QTimer(self, singleShot=True, interval=0)
         self._drain_timer.timeout.connect(self._drain_one)
+        self._last_step: Step | None = None
+        self._progress_timer = QTimer(self, interval=PROGRESS_INTERVAL_MS)
+        self._progress_timer.timeout.connect(self._show_progress)
 
     # --------------------------------------------------------------- UI ---
 
@@ -352,6 +358,8 @@ class PCLViewerWidget(QWidget):
         self._set_busy(True)
         self.progress.setValue(0)
         self.status.setText(f"{mode}: starting…")
+        self._last_step = None
+        self._progress_timer.start()
         self._t0 = time.perf_counter()
         self.worker = _workers.start(lambda: self._job(scan, params),
                                      on_yield=self._enqueue_step, on_done=self._enqueue_done)
@@ -390,13 +398,20 @@ class PCLViewerWidget(QWidget):
             w.setEnabled(not busy)
         self.cancel_btn.setEnabled(busy)
 
-    # The worker can yield faster than layers are built. Each yielded item is queued and
+    # The worker can yield faster than layers are built. Each partial result is queued and
     # handled in its own event-loop turn (a 0 ms timer), so timers, paints and input run
-    # between two layer updates instead of after a burst of them.
+    # between two layer updates instead of after a burst of them. Steps without a result
+    # only record the progress, which a timer paints a few times a second.
 
     def _enqueue_step(self, step: Step) -> None:
-        self._ui_queue.append((self._on_step, (step,)))
-        self._schedule_drain()
+        if not isinstance(step, Step):
+            return
+        self._last_step = step
+        if _workers.synchronous():
+            self._show_progress()
+        if isinstance(step.item, PipelineResult | View | list):
+            self._ui_queue.append((self._on_step, (step,)))
+            self._schedule_drain()
 
     def _enqueue_done(self, status: str, value: Any) -> None:
         self._ui_queue.append((self._on_done, (status, value)))
@@ -423,13 +438,22 @@ class PCLViewerWidget(QWidget):
         if self._ui_queue:
             self._schedule_drain()
 
-    def _on_step(self, step: Step) -> None:
-        if not isinstance(step, Step) or self._running_layer is None:
+    def _show_progress(self) -> None:
+        """Show the last reported step on the progress bar and the status line."""
+        step = self._last_step
+        if step is None or self._running_layer is None:
             return
         k = ALL_STAGES.index(step.stage) if step.stage in ALL_STAGES else 0
         frac = (k + (step.i / step.n if step.n else 1.0)) / len(ALL_STAGES)
         self.progress.setValue(int(1000 * frac))
-        self.status.setText(f"{step.stage} {step.i}/{step.n}")
+        text = f"{step.stage} {step.i}/{step.n}"
+        if self.status.text() != text:
+            self.status.setText(text)
+
+    def _on_step(self, step: Step) -> None:
+        """Show a partial result: the parents, a view's layers or the consistency table."""
+        if self._running_layer is None:
+            return
         item = step.item
         try:
             if isinstance(item, PipelineResult):
@@ -461,6 +485,7 @@ class PCLViewerWidget(QWidget):
                                chromap_visible=chromap_visible)
 
     def _on_done(self, status: str, value: Any) -> None:
+        self._progress_timer.stop()
         layer, self._running_layer = self._running_layer, None
         self.last_outcome = (status, value)
         self.last_run_seconds = time.perf_counter() - self._t0

@@ -7,12 +7,21 @@ generator's return value), ``"cancelled"`` or ``"error"`` (value: the
 exception). Exceptions never escape the worker, so napari's traceback dialog
 never replaces our readable message. ``PCL_VIEWER_SYNC=1`` runs the same
 generator inline in the calling thread, for debugging and for timing.
+
+Either way the run uses :func:`worker_threads` torch threads (one fewer than the
+cores): on a 2-core machine two OpenMP threads beside the Qt thread and the
+software-GL raster threads are oversubscribed, and every one of the thousands of
+small parallel regions in a 128 px network waits at its barrier for a thread that
+lost its core. The same count in both modes keeps ``PCL_VIEWER_SYNC=1`` a faithful
+replay of a worker run (timing and numerics).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+import threading
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pcl_viewer.pipeline import Cancelled
@@ -22,6 +31,50 @@ Outcome = tuple[str, Any]
 
 def synchronous() -> bool:
     return os.environ.get("PCL_VIEWER_SYNC", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def worker_threads() -> int:
+    """Torch intra-op threads for a run started from the widget.
+
+    ``$PCL_VIEWER_WORKER_THREADS`` if set, else one fewer than the usable cores (at
+    least one, at most ``$PCL_VIEWER_THREADS``): the Qt thread keeps a core to paint.
+    """
+    env = os.environ.get("PCL_VIEWER_WORKER_THREADS", "").strip()
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        cores = os.cpu_count() or 1
+    cap = os.environ.get("PCL_VIEWER_THREADS", "").strip()
+    n = max(1, cores - 1)
+    return min(n, max(1, int(cap))) if cap else n
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """Run the block with ``n`` torch intra-op threads in the calling thread, then restore.
+
+    OpenMP's thread count is per calling thread: set in a worker thread it leaves the
+    Qt thread's count alone.
+    """
+    import torch
+
+    before, owner = torch.get_num_threads(), threading.get_ident()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        # a generator closed by the garbage collector may finish in another thread
+        if n != before and threading.get_ident() == owner:
+            torch.set_num_threads(before)
+
+
+def with_worker_threads(gen: Generator[Any, None, Any]) -> Generator[Any, None, Any]:
+    """``gen`` run with :func:`worker_threads` torch threads in the thread that iterates it."""
+    with torch_threads(worker_threads()):
+        return (yield from gen)
 
 
 def guarded(gen: Generator[Any, None, Any]) -> Generator[Any, None, Outcome]:
@@ -49,7 +102,7 @@ def start(gen_fn: Callable[[], Generator[Any, None, Any]], *,
     """Run ``gen_fn()`` in a worker thread (inline when :func:`synchronous`); returns the worker."""
     if synchronous():
         worker = SyncWorker()
-        gen = guarded(gen_fn())
+        gen = guarded(with_worker_threads(gen_fn()))
         while True:
             try:
                 on_yield(next(gen))
@@ -60,7 +113,7 @@ def start(gen_fn: Callable[[], Generator[Any, None, Any]], *,
     from napari.qt.threading import GeneratorWorker, create_worker
 
     def job():
-        return (yield from guarded(gen_fn()))
+        return (yield from guarded(with_worker_threads(gen_fn())))
 
     return create_worker(job, _worker_class=GeneratorWorker, _start_thread=True,
                          _connect={"yielded": on_yield,

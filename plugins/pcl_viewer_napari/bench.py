@@ -3,9 +3,10 @@
 Prints, on a 2048 x 2048 scan (parents, three counterfactuals, four
 segmentations, CHRO-maps with pca):
 - per-stage times of the pipeline called synchronously (no GUI);
-- the same run through the dock widget: synchronously (``PCL_VIEWER_SYNC=1``,
-  layers built inline) and in the napari worker, and their ratio;
-- the largest gap of a 10 ms QTimer heartbeat during the worker run.
+- the same run through the dock widget, synchronously (``PCL_VIEWER_SYNC=1``,
+  layers built inline) and in the napari worker, alternating so that both see the
+  same load: totals, per-stage times, the Qt thread's CPU time, and their ratio;
+- the largest gap of a 10 ms QTimer heartbeat during the worker runs.
 Needs a display (``xvfb-run -a`` on a server).
 """
 
@@ -15,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 
 def big_scan(size: int):
@@ -124,13 +126,44 @@ def main(argv: list[str] | None = None) -> int:
     return _gui(pipe, scan, cf, seg, sync_s, args.repeats)
 
 
+@dataclass
+class WidgetRun:
+    """One full run through the dock widget."""
+
+    seconds: float
+    max_gap_ms: float
+    stages: dict[str, float]  # the pipeline's wall time per stage (s)
+    qt_cpu: float  # CPU time of the Qt thread during the run (s): layers, paints, events
+    layer_updates: list[tuple[str, float]]  # (item, s) partial results shown in the Qt thread
+
+
+def _median(values) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
+
+
+def _widget_run(widget, pipe, sync: bool) -> WidgetRun:
+    from pcl_viewer_napari._timing import run_and_measure
+
+    os.environ["PCL_VIEWER_SYNC"] = "1" if sync else "0"
+    pipe._abductions.clear()  # time the full run, abduction included
+    cpu0 = time.thread_time()
+    timing = run_and_measure(widget, "all")
+    qt_cpu = time.thread_time() - cpu0
+    if timing.status != "ok":
+        raise RuntimeError(f"widget run ended with {timing.status}: {widget.last_outcome}")
+    result = widget.last_outcome[1]
+    return WidgetRun(timing.seconds, timing.max_gap_ms, dict(result.timings), qt_cpu,
+                     list(widget.ui_timings))
+
+
 def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
     import napari
 
     from pcl_viewer_napari._reader import scan_layer_data
     from pcl_viewer_napari._state import AppState
-    from pcl_viewer_napari._timing import run_and_measure
     from pcl_viewer_napari._widget import PCLViewerWidget
+    from pcl_viewer_napari._workers import worker_threads
 
     viewer = napari.Viewer(title="pcl-viewer bench")
     widget = PCLViewerWidget(viewer)
@@ -141,34 +174,44 @@ def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
     data, kwargs, _ = scan_layer_data(scan)
     widget.select_scan(viewer.add_image(data, **kwargs))
 
-    slowest: list[tuple[float, str]] = []
-
-    def measure(sync: bool):
-        os.environ["PCL_VIEWER_SYNC"] = "1" if sync else "0"
-        out = []
-        for _ in range(repeats):
-            pipe._abductions.clear()
-            out.append(run_and_measure(widget, "all"))
-            if not sync:
-                slowest.extend((sec, item) for item, sec in widget.ui_timings)
-        return sorted(out, key=lambda t: t.seconds)[len(out) // 2], max(t.max_gap_ms for t in out)
-
-    measure(False)  # warm-up: the first layers of each kind cost texture and shader set-up
-    slowest.clear()
-    widget_sync, _ = measure(True)
-    worker, worst_gap = measure(False)
+    # Warm-up: the first layers of each kind cost texture and shader set-up. Then the
+    # two modes alternate, so that both see the same load of a shared machine.
+    _widget_run(widget, pipe, sync=False)
+    _widget_run(widget, pipe, sync=True)
+    runs: dict[str, list[WidgetRun]] = {"synchronous": [], "worker": []}
+    for _ in range(repeats):
+        runs["synchronous"].append(_widget_run(widget, pipe, sync=True))
+        runs["worker"].append(_widget_run(widget, pipe, sync=False))
     os.environ.pop("PCL_VIEWER_SYNC", None)
-    print(f"widget, synchronous (PCL_VIEWER_SYNC=1): {widget_sync.seconds:.3f} s")
-    print(f"widget, napari worker:                   {worker.seconds:.3f} s "
-          f"({worker.status})")
-    print(f"worker / widget-synchronous: {worker.seconds / widget_sync.seconds:.2f}x; "
-          f"worker / pipeline-synchronous: {worker.seconds / sync_s:.2f}x")
-    print(f"heartbeat (10 ms QTimer) largest gap during worker runs: {worst_gap:.0f} ms "
-          f"(median run {worker.max_gap_ms:.0f} ms, {worker.beats} beats)")
-    print("slowest layer updates in the Qt thread: " + ", ".join(
-        f"{item} {1000 * sec:.0f} ms" for sec, item in sorted(slowest, reverse=True)[:4]))
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     viewer.close()
+
+    stages = list(runs["worker"][0].stages)
+    print(f"widget, run all, {repeats} alternating pairs (medians; torch threads in a "
+          f"widget run: {worker_threads()}):")
+    print(f"  {'mode':<12s} {'total s':>8s} {'Qt CPU s':>9s} {'layers s':>9s} "
+          + " ".join(f"{st[:8]:>8s}" for st in stages))
+    for mode, rs in runs.items():
+        print(f"  {mode:<12s} {_median(r.seconds for r in rs):8.3f} "
+              f"{_median(r.qt_cpu for r in rs):9.3f} "
+              f"{_median(sum(s for _, s in r.layer_updates) for r in rs):9.3f} "
+              + " ".join(f"{1000 * _median(r.stages.get(st, 0.0) for r in rs):8.0f}"
+                         for st in stages))
+    print("  (stages in ms; synchronously the layers are built inside the stages, "
+          "the chromap layers inside 'consistency')")
+    sync_med = _median(r.seconds for r in runs["synchronous"])
+    work_med = _median(r.seconds for r in runs["worker"])
+    pairs = [w.seconds / s.seconds for s, w in zip(runs["synchronous"], runs["worker"])]
+    print(f"worker / widget-synchronous: {work_med / sync_med:.2f}x (per pair: "
+          + ", ".join(f"{x:.2f}" for x in pairs) + f"); worker / pipeline-synchronous: "
+          f"{work_med / sync_s:.2f}x")
+    gaps = [r.max_gap_ms for r in runs["worker"]]
+    print(f"heartbeat (10 ms QTimer) largest gap during worker runs: {max(gaps):.0f} ms "
+          f"(median run {_median(gaps):.0f} ms)")
+    slowest = sorted(((sec, item) for r in runs["worker"] for item, sec in r.layer_updates),
+                     reverse=True)[:4]
+    print("slowest layer updates in the Qt thread: "
+          + ", ".join(f"{item} {1000 * sec:.0f} ms" for sec, item in slowest))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
 

@@ -97,9 +97,12 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
 @click.option("--figure", type=click.Path(path_type=Path), default=None,
               help="Also write the factual / model CF / true CF / difference figure.")
 @click.option("--write-card", is_flag=True, help="Store the results in the bundle's card.")
+@click.option("--judge", "judge_path", default=None,
+              help="Another bundle whose classifiers (other seed and images) also judge "
+                   "effectiveness, independently of the classifiers CF fine-tuning used.")
 @click.option("--threads", type=int, default=None)
 def eval_cf(bundle_path: str, data_dir: Path, out: Path, limit: int | None, figure: Path | None,
-            write_card: bool, threads: int | None) -> None:
+            write_card: bool, judge_path: str | None, threads: int | None) -> None:
     """Counterfactual quality against the phantom's true counterfactuals."""
     _threads(threads)
     import numpy as np
@@ -116,8 +119,14 @@ def eval_cf(bundle_path: str, data_dir: Path, out: Path, limit: int | None, figu
     x, pa = arr["image"][idx], arr["parents"][idx]
     true_cf = arr["true_cf"][idx] if "true_cf" in arr else None
     t0 = time.perf_counter()
-    report = evaluate_counterfactuals(model, x, pa, true_cf, keep=4 if figure else 0)
+    judge = CounterfactualModel.from_bundle(judge_path) if judge_path else None
+    if judge is not None and judge.classifier is None:
+        raise click.BadParameter(f"{judge_path} has no attribute classifiers", param_hint="--judge")
+    report = evaluate_counterfactuals(model, x, pa, true_cf, keep=4 if figure else 0,
+                                      judge=None if judge is None else judge.classifier)
     examples = report.pop("examples", None)
+    if judge is not None:
+        report["judge"] = {"bundle": str(judge.bundle.path), "fingerprint": judge.bundle.fingerprint}
     report.update({"bundle": str(model.bundle.path), "fingerprint": model.bundle.fingerprint,
                    "data": str(data_dir), "seconds": round(time.perf_counter() - t0, 1),
                    "command": "pcl eval-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])})

@@ -6,7 +6,11 @@ Per intervention (flip scanner, flip effusion, both):
   same for the identity baseline ``x_cf = x`` (``identity_*``) so the gain is visible;
 - ``effectiveness``: balanced accuracy of each intervened attribute on ``x_cf`` by the
   bundle's calibrated classifiers (targets are the intervened values);
-- ``reversibility_mae``: MAE between ``x`` and do(pa*) followed by do(pa) back.
+- ``reversibility_mae``: MAE between ``x`` and do(pa*) followed by do(pa) back;
+- ``judge_effectiveness`` (with ``judge``): the same balanced accuracy by an independent
+  classifier (another seed, other images). Counterfactual fine-tuning optimises against
+  the bundle's own classifiers, so their verdict alone can be flattered by changes that
+  fool one network; the judge's cannot.
 
 Over all images: ``composition_mae`` (the null intervention against ``x``; exact by
 construction of ``x + mu_cf - mu``) and ``recon_mae`` (``|mu - x|``, what the decoder itself
@@ -34,7 +38,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def _batch(model: CounterfactualModel, x: torch.Tensor, pa: torch.Tensor) -> dict[str, np.ndarray]:
+def _batch(model: CounterfactualModel, x: torch.Tensor, pa: torch.Tensor,
+           judge=None) -> dict[str, np.ndarray]:
     ab = model.abduct(x, pa)
     out: dict[str, np.ndarray] = {
         "null": (ab.x + model.residual(ab, {})).clamp(0, 1).numpy(),
@@ -50,22 +55,26 @@ def _batch(model: CounterfactualModel, x: torch.Tensor, pa: torch.Tensor) -> dic
         if model.classifier is not None:
             out[f"{kind}_probs"] = model.classifier.probs(x_cf).numpy()
             out[f"{kind}_id_probs"] = model.classifier.probs(x).numpy()
+        if judge is not None:
+            out[f"{kind}_judge_probs"] = judge.probs(x_cf).numpy()
         out[f"{kind}_target"] = pa_cf.numpy()
     return out
 
 
 def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents: np.ndarray,
                              true_cf: np.ndarray | None = None, batch_size: int = 64,
-                             keep: int = 0) -> dict:
+                             keep: int = 0, judge=None) -> dict:
     """Quality metrics of ``model`` on images ``x`` (N, 1, S, S) with parents (N, 3).
 
     ``true_cf`` (N, 3, 1, S, S), order scanner, effusion, both, enables the truth metrics.
     ``keep`` > 0 also returns the first ``keep`` images' views under ``"examples"``.
+    ``judge``: an independent :class:`AttributeClassifiers` (``probs(x) -> (B, 3)``) for
+    ``judge_effectiveness``.
     """
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(x), batch_size):
         res = _batch(model, torch.from_numpy(x[i:i + batch_size]),
-                     torch.from_numpy(parents[i:i + batch_size]))
+                     torch.from_numpy(parents[i:i + batch_size]), judge)
         for k, v in res.items():
             parts.setdefault(k, []).append(v)
     r = {k: np.concatenate(v) for k, v in parts.items()}
@@ -101,6 +110,12 @@ def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents:
                     r[f"{kind}_probs"][:, j] >= 0.5, target[:, j] >= 0.5)
                 m["identity_effectiveness"][name] = balanced_accuracy(
                     r[f"{kind}_id_probs"][:, j] >= 0.5, target[:, j] >= 0.5)
+        if judge is not None:
+            target = r[f"{kind}_target"]
+            m["judge_effectiveness"] = {
+                name: balanced_accuracy(r[f"{kind}_judge_probs"][:, PARENT_NAMES.index(name)] >= 0.5,
+                                        target[:, PARENT_NAMES.index(name)] >= 0.5)
+                for name in STANDARD_DOS[kind]}
         report["interventions"][kind] = m
     report["targets"] = TARGETS
     report["meets_targets"] = _check_targets(report)

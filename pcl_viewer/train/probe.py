@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pcl_viewer.evaluate.metrics import dice_scores
+
 
 @dataclass
 class ProbeResult:
@@ -37,18 +39,6 @@ def _features(model: nn.Module, images: torch.Tensor, device, batch: int) -> tor
         x = images[i : i + batch].to(device, torch.float32)
         out.append(model.features(x).float().cpu())
     return torch.cat(out)
-
-
-def dice_per_class(pred: torch.Tensor, target: torch.Tensor, classes=(1, 2)) -> torch.Tensor:
-    """``(N, H, W)`` label maps -> ``(N, len(classes))`` Dice; NaN where both are empty."""
-    rows = []
-    for c in classes:
-        p = (pred == c).flatten(1).float()
-        t = (target == c).flatten(1).float()
-        denom = p.sum(1) + t.sum(1)
-        d = 2 * (p * t).sum(1) / denom.clamp(min=1)
-        rows.append(torch.where(denom > 0, d, torch.nan))
-    return torch.stack(rows, dim=1)
 
 
 def linear_probe(
@@ -110,7 +100,10 @@ def linear_probe(
             f = _features(model, images[idx], device, batch)
             with torch.no_grad():
                 pred = conv(f).argmax(1)
-            scores.append(dice_per_class(pred, labels[idx].long()))
+            # (b, 2) float32 Dice of the two lungs; NaN where a lung is absent from both
+            # maps, so nanmean scores each lung on the images that show it.
+            scores.append(torch.from_numpy(
+                dice_scores(pred, labels[idx].long(), both_empty=float("nan"))))
         d = torch.cat(scores)
         per_class = torch.nanmean(d, dim=0)
         result = ProbeResult(

@@ -18,17 +18,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pcl_viewer.evaluate.metrics import dice_scores  # cheap: torch/MONAI load when called
+
 WORK_SIZE = 128  # the segmenter runs at this size; masks are resized to the dataset size
 
 
-def lung_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over the two lungs of the Dice between 0/1/2 label maps (empty-empty = 1)."""
-    out = []
-    for c in (1, 2):
-        x, y = a == c, b == c
-        s = x.sum() + y.sum()
-        out.append(1.0 if s == 0 else 2.0 * np.logical_and(x, y).sum() / s)
-    return float(np.mean(out))
+def _lung_dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean over the two lungs of the Dice of 0/1/2 label maps ``(N, H, W)`` or ``(H, W)``
+    -> ``(N,)`` float64 (:func:`~pcl_viewer.evaluate.metrics.dice_scores` in float64; a
+    lung absent from both maps scores 1, absent from one scores 0)."""
+    return dice_scores(a, b, both_empty=1.0, dtype="float64").mean(1)
 
 
 def _build_net():
@@ -130,10 +129,10 @@ def predict(net, imgs: np.ndarray, n_tta: int = 2, seed: int = 0,
                                                       borderMode=cv2.BORDER_REPLICATE), rng)
                                for i, m in enumerate(mats)])
                 pa = net(torch.from_numpy(xa)[:, None]).argmax(1).numpy().astype(np.uint8)
-                for i, m in enumerate(mats):
-                    back = cv2.warpAffine(pa[i], cv2.invertAffineTransform(m), (size, size),
-                                          flags=cv2.INTER_NEAREST)
-                    scores[i, t] = lung_dice(pred[i], back)
+                back = np.stack([cv2.warpAffine(pa[i], cv2.invertAffineTransform(m), (size, size),
+                                                flags=cv2.INTER_NEAREST)
+                                 for i, m in enumerate(mats)])
+                scores[:, t] = _lung_dice(pred, back)
             quality[s:s + batch] = scores.mean(1)
     return labels, quality
 
@@ -229,7 +228,7 @@ def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: 
         rows.append([rec.image_id, round(float(quality[i]), 4), r_rle, l_rle, native, native])
         if i in train_set:
             continue
-        d = lung_dice(lab, ds.gold_mask(i))
+        d = float(_lung_dice(lab, ds.gold_mask(i))[0])
         keys = ["overall", "effusion" if rec.effusion else "normal", f"scanner:{rec.style}"]
         if quality[i] > threshold:
             keys.append("kept (quality > threshold)")

@@ -93,6 +93,71 @@ def test_segment_adds_native_labels_a_consistency_table_and_toggleable_chromaps(
     assert widget.chromap_checks["scanner"].isChecked()
 
 
+def test_a_rerun_sets_each_layer_once_and_draws_the_embedding(app):
+    # A view comes back after its labels and after its CHRO-map with the same arrays;
+    # setting them again re-uploaded textures and redrew the canvas in the Qt thread.
+    viewer, widget, scan = app
+    assert run_and_measure(widget, "all").status == "ok"
+    derived = [ly for ly in viewer.layers if is_derived(ly)]
+    sets = {ly.name: 0 for ly in derived}
+    for ly in derived:
+        ly.events.data.connect(lambda e, name=ly.name: sets.__setitem__(name, sets[name] + 1))
+    assert run_and_measure(widget, "all").status == "ok"
+    assert len(derived) == 3 + 4 + 4 and set(sets.values()) == {1}, sets
+    pixels = widget.plot.pixels
+    assert pixels is not None and pixels.shape == (widget.plot.size_px, widget.plot.size_px, 3)
+    assert "factual" in widget.plot.legend.text() and "pca" in widget.plot.legend.text()
+
+
+def test_the_embedding_picture_puts_each_view_where_its_points_are():
+    from pcl_viewer_napari._plot import EXTENT, VIEW_COLOURS, disc_background, render_embedding
+
+    size = 101
+    emb = np.array([[0.0, 0.0]] * 5 + [[-0.7, 0.7]] * 5)  # view 0 at the centre, 1 top-left
+    img = render_embedding(emb, np.repeat([0, 1], 5), size=size, max_points=10)
+    bg = disc_background(size)
+    assert img.shape == (size, size, 3) and img.dtype == np.uint8
+    assert 4 <= np.any(img != bg, axis=-1).sum() <= 8  # two 2 x 2 px dots
+    scale = (size - 2) / (2 * EXTENT)
+    for (x, y), colour in (((0.0, 0.0), VIEW_COLOURS[0]), ((-0.7, 0.7), VIEW_COLOURS[1])):
+        r, c = int((EXTENT - y) * scale), int((x + EXTENT) * scale)
+        rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
+        assert np.abs(img[r, c] - rgb).sum() < np.abs(bg[r, c] - rgb).sum()
+    assert (bg[0, 0] == bg[-1, -1]).all()  # outside the disc: the panel colour
+
+
+def test_widget_runs_leave_a_core_to_the_qt_thread(qtbot, monkeypatch):
+    import threading
+
+    import torch
+    from pcl_viewer_napari import _workers
+
+    monkeypatch.delenv("PCL_VIEWER_WORKER_THREADS", raising=False)
+    monkeypatch.delenv("PCL_VIEWER_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert _workers.worker_threads() == max(1, cores - 1)
+    monkeypatch.setenv("PCL_VIEWER_WORKER_THREADS", "3")
+    assert _workers.worker_threads() == 3
+    before = torch.get_num_threads()
+    seen: list[tuple[int, int]] = []
+    done: list[tuple[str, object]] = []
+
+    def job():
+        seen.append((torch.get_num_threads(), threading.get_ident()))
+        yield "step"
+        return "value"
+
+    for sync in ("1", "0"):
+        monkeypatch.setenv("PCL_VIEWER_SYNC", sync)
+        done.clear()
+        _workers.start(job, on_yield=lambda _: None, on_done=lambda *out: done.append(out))
+        qtbot.waitUntil(lambda: bool(done), timeout=10_000)
+        assert done == [("ok", "value")]
+    assert [n for n, _ in seen] == [3, 3]
+    assert seen[0][1] == threading.get_ident() != seen[1][1]  # inline, then a worker thread
+    assert torch.get_num_threads() == before  # the Qt thread's count is left alone
+
+
 def test_strength_slider_updates_counterfactuals_live_and_labels_extrapolation(app, qtbot):
     viewer, widget, scan = app
     assert run_and_measure(widget, "generate").status == "ok"

@@ -59,6 +59,17 @@ def layer_name(scan: str, view: View, kind: str) -> str:
     return base + suffix
 
 
+def finished_part(view: View, stage: str) -> View:
+    """What of ``view`` the step of ``stage`` finished. The worker keeps filling the same
+    View while its earlier steps wait in the Qt thread's queue: show only this part."""
+    if stage == "decode" or (stage == "parents" and view.key == FACTUAL):
+        return View(view.key, view.do, view.strength, view.parents, view.image, view.residual)
+    if stage == "segment":
+        return View(view.key, view.do, view.strength, view.parents, view.image, view.residual,
+                    labels=view.labels)
+    return view
+
+
 class LayerBuilder:
     """Adds or updates the layers of one viewer."""
 
@@ -133,3 +144,14 @@ class LayerBuilder:
                                           **common)
         self._layers[key] = layer
         return layer
+
+
+def prewarm_labels() -> None:
+    """Build one throwaway Labels model while the user looks at the window: the first one
+    in a process pays seconds of imports and set-up, which would otherwise freeze the
+    window in the middle of the first segmentation."""
+    from napari.layers import Labels
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    Labels(np.zeros((2, 2), np.uint8),
+           colormap=CyclicLabelColormap(colors=LUNG_COLOURS, background_value=0))

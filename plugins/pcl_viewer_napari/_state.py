@@ -43,3 +43,12 @@ class AppState:
     def set(cls, pipeline: Pipeline, cf_bundle: str, seg_bundle: str, device: str) -> None:
         """Install a ready pipeline (tests, the benchmark)."""
         cls.pipeline, cls.key = pipeline, (cf_bundle, seg_bundle, device)
+
+    @classmethod
+    def load_notice(cls) -> str:
+        """The skipped bundles' errors of the loaded pipeline, one per line after a newline
+        (each cut to 300 characters), or ""."""
+        pipe = cls.pipeline
+        if pipe is not None and pipe.load_errors:
+            return "\n" + "\n".join(e if len(e) < 300 else e[:300] + "…" for e in pipe.load_errors)
+        return ""

@@ -126,6 +126,46 @@ def test_the_embedding_picture_puts_each_view_where_its_points_are():
     assert (bg[0, 0] == bg[-1, -1]).all()  # outside the disc: the panel colour
 
 
+def test_ui_queue_batches_cheap_items_and_paces_turns_until_the_last_item(qtbot, monkeypatch):
+    import time
+
+    from pcl_viewer_napari import _uiqueue
+
+    holder = _uiqueue.QObject()
+    turns: list[float] = []
+    queue = _uiqueue.UiQueue(holder, after_turn=lambda: turns.append(time.perf_counter()))
+    done: list[int] = []
+    queue.put("inline", done.append, -1, inline=True)
+    assert done == [-1] and turns == []  # inline: at once, no turn
+    for i in range(5):
+        queue.put(f"item {i}", done.append, i)
+    qtbot.waitUntil(lambda: len(done) == 6, timeout=5000)
+    assert done == [-1, 0, 1, 2, 3, 4] and len(turns) == 1  # cheap items share one turn
+    assert [label for label, _ in queue.timings] == ["inline", *(f"item {i}" for i in range(5))]
+
+    # One slow item per turn: the next turn waits until the Qt thread's share is GUI_SHARE,
+    # except once the last item is queued.
+    monkeypatch.setattr(_uiqueue, "TURN_BUDGET_S", 0.0)
+    monkeypatch.setattr(_uiqueue, "GUI_SHARE", 0.1)
+    turns.clear()
+    starts: list[float] = []
+
+    def slow(i: int) -> None:
+        starts.append(time.perf_counter())
+        time.sleep(0.05)
+        done.append(i)
+
+    for i in range(3):
+        queue.put("slow", slow, i)
+    qtbot.waitUntil(lambda: len(starts) == 2, timeout=5000)
+    queue.put("last", slow, 3, last=True)
+    qtbot.waitUntil(lambda: done[-1] == 3, timeout=5000)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[0] >= 0.05 / 0.1 - 0.02  # paced: the turn's 50 ms were a tenth of the time
+    assert max(gaps[1:]) < 0.4  # hurried once the last item is queued
+    assert done[-4:] == [0, 1, 2, 3]
+
+
 def test_widget_runs_leave_a_core_to_the_qt_thread(qtbot, monkeypatch):
     import threading
 

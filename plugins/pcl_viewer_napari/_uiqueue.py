@@ -1,12 +1,19 @@
-"""Handing a worker's partial results to the Qt thread in short event-loop turns.
+"""Handing a worker's partial results to the Qt thread in short, paced event-loop turns.
 
-A worker can yield faster than layers are built. Its results are queued and
-handled by a 0 ms timer, several per turn until :data:`TURN_BUDGET_S` of work is
-done, so that timers, paints and input run between turns instead of after a
-burst, and so that results arriving together cost one repaint. With napari's
-OpenGL canvas in the window every repaint of any widget composites the whole
-window through OpenGL: with software GL, tens of ms of the Qt thread and of the
-raster threads, taken from the worker on a 2-core machine.
+A worker can yield faster than layers are built, and every layer change costs a
+repaint: with napari's OpenGL canvas in the window, a repaint composites the whole
+window through OpenGL and redraws every visible layer. With software GL (llvmpipe)
+that is 50-300 ms of CPU, much of it in Python (napari's window ``event()``, vispy's
+draw) holding the GIL, so on a 2-core machine a worker stalls during each one.
+
+So results are queued and handled by a timer in turns. A turn handles queued items
+until :data:`TURN_BUDGET_S` of work is done (results that arrive together share one
+repaint). The next turn waits until the Qt thread's share of the time since the
+last turn began, its work and the repaint that followed, is down to
+:data:`GUI_SHARE`: with cheap repaints (a GPU) results show within ~0.1 s, with
+expensive ones the worker keeps most of the CPU. Between turns the event loop runs
+timers, input and paints. Once the last item of a run is queued the worker is done,
+and the turns follow each other at once.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from typing import Any
 
 from qtpy.QtCore import QObject, QTimer
 
-TURN_BUDGET_S = 0.03
+TURN_BUDGET_S = 0.05
+GUI_SHARE = 1 / 3
 
 
 class UiQueue(QObject):
@@ -33,20 +41,37 @@ class UiQueue(QObject):
         self._queue: deque[tuple[str, Callable[..., None], tuple[Any, ...]]] = deque()
         self._after_turn = after_turn
         self._scheduled = False
+        self._next_turn = 0.0  # perf_counter() before which no turn starts (unless hurried)
+        self._turn_start = 0.0
+        self._settling = 0  # event-loop iterations left to measure the last turn's repaint
+        self._hurry = False  # the last item is queued: no pacing until the queue is empty
         self.timings: list[tuple[str, float]] = []
-        # A timer object, not QTimer.singleShot(ms, callable): see _compat.
+        # Timer objects, not QTimer.singleShot(ms, callable): see _compat.
         self._timer = QTimer(self, singleShot=True, interval=0)
         self._timer.timeout.connect(self._turn)
+        self._settle_timer = QTimer(self, singleShot=True, interval=0)
+        self._settle_timer.timeout.connect(self._settle)
 
-    def put(self, label: str, func: Callable[..., None], *args: Any, inline: bool = False) -> None:
-        """Queue ``func(*args)``; ``inline``: run everything queued now, in order."""
+    def put(self, label: str, func: Callable[..., None], *args: Any, inline: bool = False,
+            last: bool = False) -> None:
+        """Queue ``func(*args)``; ``inline``: run everything queued now, in order; ``last``:
+        nothing more comes (the worker is done), so drain without spacing the turns."""
         self._queue.append((label, func, args))
+        self._hurry = self._hurry or last
+        if last and self._scheduled and not self._settling:
+            self._timer.start(0)
         if inline:
             while self._queue:
                 self._call(*self._queue.popleft())
-        elif not self._scheduled:
-            self._scheduled = True
-            self._timer.start()
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._settling or self._scheduled:  # _settle schedules when it is done
+            return
+        self._scheduled = True
+        wait = 0.0 if self._hurry else self._next_turn - time.perf_counter()
+        self._timer.start(max(0, int(1000 * wait)))
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -58,11 +83,26 @@ class UiQueue(QObject):
 
     def _turn(self) -> None:
         self._scheduled = False
-        start = time.perf_counter()
-        while self._queue and time.perf_counter() - start < TURN_BUDGET_S:
+        self._turn_start = start = time.perf_counter()
+        while self._queue:  # at least one item, then more while the budget lasts
             self._call(*self._queue.popleft())
+            if time.perf_counter() - start >= TURN_BUDGET_S:
+                break
         if self._after_turn is not None:
             self._after_turn()
-        if self._queue and not self._scheduled:
-            self._scheduled = True
-            self._timer.start()
+        # The repaint this turn asked for runs in a later event-loop iteration: two
+        # hops of a 0 ms timer see it done, whatever order Qt picks within one.
+        self._settling = 2
+        self._settle_timer.start()
+
+    def _settle(self) -> None:
+        self._settling -= 1
+        if self._settling > 0:
+            self._settle_timer.start()
+            return
+        busy = time.perf_counter() - self._turn_start  # the turn's work and its repaint
+        self._next_turn = self._turn_start + busy / GUI_SHARE
+        if self._queue:
+            self._schedule()
+        else:
+            self._hurry = False

@@ -254,7 +254,7 @@ class PCLViewerWidget(QWidget):
 
     def _enqueue_done(self, status: str, value: Any) -> None:
         self.queue.put(f"done ({status})", self._on_done, status, value,
-                       inline=_workers.synchronous())
+                       inline=_workers.synchronous(), last=True)
 
     def _show_progress(self) -> None:
         """Show the last reported step on the progress bar and the status line."""

@@ -10,8 +10,9 @@ So results are queued and handled by a timer in turns. A turn handles queued ite
 until :data:`TURN_BUDGET_S` of work is done (results that arrive together share one
 repaint). The next turn waits until the Qt thread's share of the time since the
 last turn began, its work and the repaint that followed, is down to
-:data:`GUI_SHARE`: with cheap repaints (a GPU) results show within ~0.1 s, with
-expensive ones the worker keeps most of the CPU. Between turns the event loop runs
+:data:`GUI_SHARE`: with cheap repaints (a GPU: ~20 ms a turn) results show every
+~0.2 s, with expensive ones (software GL under load: ~300 ms) every few seconds, and
+the worker keeps the CPU. Between turns the event loop runs
 timers, input and paints. Once the last item of a run is queued the worker is done,
 and the turns follow each other at once.
 """
@@ -26,7 +27,9 @@ from typing import Any
 from qtpy.QtCore import QObject, QTimer
 
 TURN_BUDGET_S = 0.05
-GUI_SHARE = 1 / 3
+# While the Qt thread repaints it holds the GIL and the worker stalls, so a run takes
+# about 1 / (1 - GUI_SHARE) times as long as with a frozen window: 0.1 keeps it ~1.1x.
+GUI_SHARE = 0.1
 
 
 class UiQueue(QObject):

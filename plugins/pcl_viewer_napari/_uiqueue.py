@@ -8,12 +8,12 @@ draw) holding the GIL, so on a 2-core machine a worker stalls during each one.
 
 So results are queued and handled by a timer in turns. A turn handles queued items
 until :data:`TURN_BUDGET_S` of work is done (results that arrive together share one
-repaint). The next turn waits until the Qt thread's share of the time since the
-last turn began, its work and the repaint that followed, is down to
-:data:`GUI_SHARE`: a turn of ~20 ms (hardware GL) allows one every ~0.2 s, one of
-~300 ms (software GL under load) one every ~3 s, and the worker keeps the CPU. Between turns the event loop runs
-timers, input and paints. Once the last item of a run is queued the worker is done,
-and the turns follow each other at once.
+repaint). The next turn waits until the Qt thread's share of the time since the last
+turn began, its work and the repaint that followed, is down to :data:`GUI_SHARE`: a
+turn of ~20 ms (hardware GL) allows one every ~0.2 s, one of ~300 ms (software GL
+under load) one every ~3 s, and the worker keeps the CPU. Between turns the event
+loop runs timers, input and paints. Once the last item of a run is queued the worker
+is done, and the turns follow each other at once.
 """
 
 from __future__ import annotations

@@ -179,3 +179,34 @@ def test_bench_refuses_to_mix_devices_in_one_grid(tmp_path):
     check_cell_devices([{"train_log": {}}, {}], "cpu", cells)  # older cells: the CPU
     with pytest.raises(Exception, match="fine-tuned on cpu"):
         check_cell_devices([{"train_log": {"steps": 1}}], "cuda", cells)
+
+
+def test_pretrain_first_initialises_every_row_before_any_cell(monkeypatch, tmp_path):
+    """With pretrain_first every row's initialisation runs before the first fine-tuning."""
+    import numpy as np
+
+    from pcl_viewer.evaluate import benchmark as bm
+
+    events: list[str] = []
+
+    def fake_finetune(images, masks, unet_cfg, cfg, pretrained=None, progress=None):
+        events.append("finetune")
+        return object(), {}
+
+    monkeypatch.setattr(bm, "finetune", fake_finetune)
+    monkeypatch.setattr(bm, "score_subsets", lambda *a, **k: {})
+    preset = bm.bench_preset("smoke")
+    n = 16
+    rng = np.random.default_rng(0)
+    sets = bm.BenchSets(rng.random((n, 1, 8, 8), dtype=np.float32), np.zeros((n, 8, 8), np.uint8),
+                        np.arange(n) % 3 == 0, np.array([f"p{i}" for i in range(n)]), {})
+    rows = [bm.ROW_BY_SLUG["none"], bm.ROW_BY_SLUG["vader"]]
+
+    def init_for(row):
+        events.append(f"init {row.slug}")
+        return None
+
+    res = bm.run_grid(preset, sets, tmp_path, init_for, rows=rows, show_progress=False,
+                      max_cells=3, pretrain_first=True)
+    assert res["ran"] == 3
+    assert events[:2] == ["init none", "init vader"] and events[2:] == ["finetune"] * 3

@@ -172,6 +172,8 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
 @click.option("--cf-bundle", default=None, help="Counterfactual bundle for the model views.")
 @click.option("--report-only", is_flag=True, help="Only aggregate the finished cells.")
 @click.option("--max-cells", default=None, type=int, help="Stop after this many new cells.")
+@click.option("--pretrain-first", is_flag=True,
+              help="Pre-train every row before fine-tuning any cell (probe scores early).")
 @click.option("--threads", default=1, show_default=True,
               help="torch threads. 1 by default: on a shared 2-core machine more threads spin "
                    "and run up to 10x slower (measured, docs/benchmark.md).")
@@ -187,7 +189,8 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
                    "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
                    "its own device (CUDA when present).")
 def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
-          cf_bundle: str | None, report_only: bool, max_cells: int | None, threads: int,
+          cf_bundle: str | None, report_only: bool, max_cells: int | None,
+          pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
           ship_epochs: int | None, device: str) -> None:
     """Fine-tuning benchmark: every row x fold x label budget that is not done yet.
@@ -231,6 +234,7 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
         # inside this block that means --device.
         with default_device(dev):
             res = run_grid(cfg, sets, cells_dir, init, rows=chosen, max_cells=max_cells,
+                           pretrain_first=pretrain_first,
                            extra={"command": command, "commit": commit})
         click.echo(f"cells: {res['done']} already done, {res['ran']} computed now, "
                    f"{res['left']} left")

@@ -221,6 +221,7 @@ def run_grid(
     show_progress: bool = True,
     extra: dict | None = None,
     max_cells: int | None = None,
+    pretrain_first: bool = False,
 ) -> dict[str, int]:
     """Run every cell whose result file is missing.
 
@@ -229,6 +230,9 @@ def run_grid(
             called lazily, once per row, only when a cell of that row must run.
         extra: fields stored in every new result (command, git commit ...).
         max_cells: stop after this many new cells (None: run them all).
+        pretrain_first: initialise (pre-train) every row with a missing cell before
+            fine-tuning any cell, so all pre-trainings (and their probe scores) finish
+            first. Results do not depend on the order.
 
     Returns:
         ``{"done": cells already present, "ran": computed now, "left": still missing}``.
@@ -248,17 +252,25 @@ def run_grid(
     inits: dict[str, Path | None] = {}
     skipped: dict[str, str] = {}
     ran = 0
+
+    def initialise(row: Row) -> None:
+        bar.set_postfix_str(f"pre-training {row.name}")
+        try:
+            inits[row.slug] = init_for(row)
+        except RowUnavailable as exc:
+            skipped[row.slug] = str(exc)
+            bar.write(f"skipping row {row.name}: {exc}")
+
+    if pretrain_first:
+        for row in {c.row.slug: c.row for c in todo}.values():
+            initialise(row)
     for i, c in enumerate(todo):
         if c.row.slug in skipped:
             bar.update(cfg.n_steps(len(c.train_idx)))
             continue
         if c.row.slug not in inits:
-            bar.set_postfix_str(f"pre-training {c.row.name}")
-            try:
-                inits[c.row.slug] = init_for(c.row)
-            except RowUnavailable as exc:
-                skipped[c.row.slug] = str(exc)
-                bar.write(f"skipping row {c.row.name}: {exc}")
+            initialise(c.row)
+            if c.row.slug in skipped:
                 bar.update(cfg.n_steps(len(c.train_idx)))
                 continue
         bar.set_postfix_str(f"{i + 1}/{len(todo)} {c.row.name} fold {c.fold} budget {c.budget}")

@@ -132,6 +132,24 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
     assert json.loads(bundle.read_text())["kind"] == "pretrained"
 
 
+def test_prepare_makes_the_shared_inputs_and_no_cells(tmp_path):
+    """`pcl bench --prepare`: gold/OOD sets and the silver-labelled pool, then stop."""
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    threads = torch.get_num_threads()
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(cache), "--prepare"])
+    torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    for name in ("gold", "portable", "severe", "pool"):
+        assert (cache / "data" / "smoke" / name / ".complete").is_file(), name
+    assert (cache / "data" / "smoke" / "pool" / "silver_masks.csv").is_file()
+    assert list((cache / "data" / "smoke" / "pool" / ".cache").glob("arrays_64_*.npz"))
+    assert not (cache / "runs" / "smoke" / "cells").exists()
+
+
 def test_unavailable_row_is_skipped_and_reported(tmp_path):
     from pcl_viewer.evaluate.benchmark import RowUnavailable
 
@@ -152,7 +170,7 @@ def test_cached_pretraining_with_another_cf_model_is_refused(tmp_path, monkeypat
     from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser
 
     init = RowInitialiser(bench_preset("smoke"), tmp_path / "data", tmp_path / "runs")
-    monkeypatch.setattr(init, "_has_cf_model", lambda: True)
+    monkeypatch.setattr(init, "has_cf_model", lambda: True)
     monkeypatch.setattr(init, "_cf_fingerprint", lambda: "new")
     (tmp_path / "runs" / "dvd-cl").mkdir(parents=True)
     (tmp_path / "runs" / "dvd-cl" / "cf_bundle.txt").write_text("old\n")

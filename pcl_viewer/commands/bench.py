@@ -159,6 +159,33 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
     return out
 
 
+def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None) -> None:
+    """Generate the gold/OOD sets and the pool, and cache the model views, once.
+
+    Several ``pcl bench --rows ...`` processes may then share the cache without racing
+    on the same files.
+    """
+    import time
+
+    from pcl_viewer.data.cf_views import load_views
+    from pcl_viewer.data.dataset import load_dataset
+    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets
+
+    t0 = time.perf_counter()
+    bench_sets(cfg, data_root)
+    click.echo(f"gold and OOD sets ready ({time.perf_counter() - t0:.0f} s)")
+    if all(r.kind == "none" for r in rows):
+        return
+    init = RowInitialiser(cfg, data_root, runs, cf_bundle=cf_bundle)
+    pool = init.pool()
+    ds = load_dataset(pool)
+    ds.arrays(cfg.image_size)  # the stacked-array cache every row process reads
+    click.echo(f"pool ready: {len(ds)} images ({time.perf_counter() - t0:.0f} s)")
+    if any(r.views == "model" for r in rows) and init.has_cf_model():
+        views = load_views(ds, "model", cf_bundle)
+        click.echo(f"model views ready: {views.shape} ({time.perf_counter() - t0:.0f} s)")
+
+
 @click.command()
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
               show_default=True)
@@ -171,6 +198,9 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
 @click.option("--rows", default=None, help="Comma-separated row slugs (default: all rows).")
 @click.option("--cf-bundle", default=None, help="Counterfactual bundle for the model views.")
 @click.option("--report-only", is_flag=True, help="Only aggregate the finished cells.")
+@click.option("--prepare", is_flag=True,
+              help="Only generate the data sets, the pool's silver labels and the model views "
+                   "(cached), then stop: run this once before starting several row processes.")
 @click.option("--max-cells", default=None, type=int, help="Stop after this many new cells.")
 @click.option("--pretrain-first", is_flag=True,
               help="Pre-train every row before fine-tuning any cell (probe scores early).")
@@ -189,7 +219,7 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
                    "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
                    "its own device (CUDA when present).")
 def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
-          cf_bundle: str | None, report_only: bool, max_cells: int | None,
+          cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
           pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
           ship_epochs: int | None, device: str) -> None:
@@ -225,6 +255,9 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
                               seed=ship_seed, epochs=ship_epochs, command=command,
                               echo=click.echo, device=dev)
         click.echo(f"wrote {ship}")
+        return
+    if prepare:
+        prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle)
         return
     if not report_only:
         check_cell_devices(load_cells(cells_dir), dev, cells_dir)

@@ -17,6 +17,7 @@ reused.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,7 +31,14 @@ TRAINING_STYLES = ("imagingdynamics", "philips")
 
 
 def git_commit() -> str:
-    """Short commit of the working tree (with ``-dirty`` when it has local changes)."""
+    """Short commit of the working tree (with ``-dirty`` when it has local changes).
+
+    ``PCL_GIT_COMMIT`` overrides it, for copies of the tree without ``.git`` (a lent
+    GPU machine gets the files, not the repository).
+    """
+    env = os.environ.get("PCL_GIT_COMMIT", "").strip()
+    if env:
+        return env
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -161,7 +169,7 @@ class RowInitialiser:
 
         views = row.views or "true"
         need_cf = METHODS[row.method].views != "real" and row.augment
-        if need_cf and views == "model" and not self._has_cf_model():
+        if need_cf and views == "model" and not self.has_cf_model():
             raise RowUnavailable(f"{row.name}: no counterfactual model bundle for model views "
                                  f"at {self.preset.image_size} px")
         cfg = PretrainConfig.for_preset(self.preset.name, method=row.method, dagger=not row.augment,
@@ -194,13 +202,13 @@ class RowInitialiser:
         ``cells/<row>`` to redo the row with the current model.
         """
         stamp = self.runs / row.slug / "cf_bundle.txt"
-        if row.views == "model" and stamp.is_file() and self._has_cf_model():
+        if row.views == "model" and stamp.is_file() and self.has_cf_model():
             old, now = stamp.read_text().strip(), self._cf_fingerprint()
             if old != now:
                 raise RowUnavailable(f"{row.name}: pre-trained with CF model {old}, the current "
                                      f"one is {now}; delete {self.runs / row.slug} and its cells")
 
-    def _has_cf_model(self) -> bool:
+    def has_cf_model(self) -> bool:
         """A counterfactual bundle exists and works at this preset's image size."""
         from pcl_viewer.models.bundle import BundleError, ModelBundle, find_bundle
 

@@ -201,4 +201,9 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
 
 
 def default_workers() -> int:
+    """Worker processes for phantom generation: ``PCL_WORKERS`` if set, else at most 2
+    (the 2-core development machine)."""
+    env = os.environ.get("PCL_WORKERS", "").strip()
+    if env:
+        return max(1, int(env))
     return max(1, min(2, os.cpu_count() or 1))

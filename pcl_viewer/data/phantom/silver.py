@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -197,7 +198,9 @@ def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: 
     from pcl_viewer.data import rle
     from pcl_viewer.data.dataset import load_dataset
 
-    torch.set_num_threads(1)  # oversubscribed shared cores: 2 threads spin-wait
+    # 1 thread by default: on the shared 2-core machine 2 threads spin-wait (measured);
+    # PCL_SILVER_THREADS lets a many-core machine use more.
+    torch.set_num_threads(max(1, int(os.environ.get("PCL_SILVER_THREADS", "1") or 1)))
     data = Path(data)
     n_train = min(int(n_train), 20)
     ds = load_dataset(data)

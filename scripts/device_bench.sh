@@ -14,6 +14,7 @@ DEADLINE=${2:-480}
 PRESET=${3:-cpu}
 DEVICE=${4:-cuda}
 CACHE=${BENCH_CACHE:-.cache}
+LOSS=${BENCH_LOSS:-ce}   # dicece: the Dice+CE grid (cells-dicece), reported to /tmp/pcl-dicece
 T0=$(date +%s)
 left() { echo $((DEADLINE - ($(date +%s) - T0))); }
 mkdir -p "$OUT/logs"
@@ -39,22 +40,24 @@ fi
 for r in $ROWS; do
   timeout "$(left)" pcl bench --preset "$PRESET" --cache "$CACHE" --out "/tmp/pcl-res-$r" \
     --figures "/tmp/pcl-res-$r/fig" --rows "$r" --pretrain-first --threads 1 \
-    --device "$DEVICE" >"$OUT/logs/$r.log" 2>&1 &
+    --device "$DEVICE" --loss "$LOSS" >"$OUT/logs/$r.log" 2>&1 &
 done
 wait
 echo "grid processes done at $(( $(date +%s) - T0 )) s"
 for r in $ROWS; do printf '%s: ' "$r"; grep -E "^cells:|Error|error" "$OUT/logs/$r.log" | tail -1; done
-pcl bench --preset "$PRESET" --cache "$CACHE" --out docs/results --report-only \
+RESULTS=docs/results FIGURES=docs/figures
+[ "$LOSS" = ce ] || { RESULTS=/tmp/pcl-$LOSS; FIGURES=$RESULTS/fig; }
+pcl bench --preset "$PRESET" --cache "$CACHE" --out "$RESULTS" --figures "$FIGURES" --report-only --loss "$LOSS" \
   >"$OUT/logs/report.log" 2>&1; echo "report rc=$?"; tail -2 "$OUT/logs/report.log"
 # The weights of the three best rows (by Dice at the full budget), to ship one of them.
-python3 - "$OUT" "$CACHE/runs/$PRESET" <<'PY'
+[ "$LOSS" = ce ] && python3 - "$OUT" "$CACHE/runs/$PRESET" "$RESULTS" <<'PY'
 import csv, shutil, sys
 from pathlib import Path
 from pcl_viewer.evaluate.benchmark import ROWS
 out, runs = Path(sys.argv[1]), Path(sys.argv[2])
 slug = {r.name: r.slug for r in ROWS}
 try:
-    rows = sorted(csv.DictReader(open("docs/results/benchmark.csv")), key=lambda r: -float(r["dsc"]))
+    rows = sorted(csv.DictReader(open(sys.argv[3] + "/benchmark.csv")), key=lambda r: -float(r["dsc"]))
 except (OSError, KeyError, ValueError) as exc:
     sys.exit(f"no ranking: {exc}")
 n = 0
@@ -65,7 +68,7 @@ for r in rows:
         n += 1
         print("kept weights of", r["method"], r["dsc"])
 PY
-tar czf "$OUT/bench.tgz" docs/results docs/figures "$OUT/logs" "$CACHE/runs/$PRESET/cells" \
+tar czf "$OUT/bench.tgz" "$RESULTS" "$FIGURES" "$OUT/logs" "$CACHE/runs/$PRESET"/cells* \
   $(ls "$CACHE/runs/$PRESET"/*/{log.jsonl,probe.json,config.json,cf_bundle.txt} \
        "$CACHE/runs/$PRESET"/*/bundle/card.json 2>/dev/null)
 echo "total $(( $(date +%s) - T0 )) s"

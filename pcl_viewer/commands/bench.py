@@ -4,6 +4,7 @@ the shipped segmentation model."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -202,6 +203,10 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
               help="Only generate the data sets, the pool's silver labels and the model views "
                    "(cached), then stop: run this once before starting several row processes.")
 @click.option("--max-cells", default=None, type=int, help="Stop after this many new cells.")
+@click.option("--loss", type=click.Choice(["ce", "dicece"]), default=None,
+              help="Fine-tuning loss of the cells (default: the preset's, cross-entropy). "
+                   "Another loss keeps its cells apart (cells-<loss>), for the CE vs Dice+CE "
+                   "comparison.")
 @click.option("--pretrain-first", is_flag=True,
               help="Pre-train every row before fine-tuning any cell (probe scores early).")
 @click.option("--threads", default=1, show_default=True,
@@ -220,6 +225,7 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
                    "its own device (CUDA when present).")
 def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
           cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
+          loss: str | None,
           pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
           ship_epochs: int | None, device: str) -> None:
@@ -240,9 +246,13 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     dev = _device(device)
 
     cfg = bench_preset(preset)
+    cells_name = "cells"
+    if loss is not None and loss != cfg.finetune.loss:
+        cfg = replace(cfg, finetune=replace(cfg.finetune, loss=loss))
+        cells_name = f"cells-{loss}"
     chosen = ROWS if not rows else tuple(ROW_BY_SLUG[s.strip()] for s in rows.split(","))
     runs = cache / "runs" / preset
-    cells_dir = runs / "cells"
+    cells_dir = runs / cells_name
     command = "pcl " + " ".join(sys.argv[1:]) if sys.argv and "pcl" in sys.argv[0] else \
         f"pcl bench --preset {preset} --out {out}"
     commit = git_commit()

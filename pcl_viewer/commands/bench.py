@@ -160,6 +160,21 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
     return out
 
 
+def benchmark_line(table: Path, slug: str) -> dict | None:
+    """The row ``slug``'s line of a ``benchmark.csv`` (strings as written), or None."""
+    import csv
+
+    from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG
+
+    if not table.is_file():
+        return None
+    with open(table, newline="") as fh:
+        for line in csv.DictReader(fh):
+            if line.get("method") == ROW_BY_SLUG[slug].name:
+                return dict(line) | {"table": str(table)}
+    return None
+
+
 def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None) -> None:
     """Generate the gold/OOD sets and the pool, and cache the model views, once.
 
@@ -263,7 +278,8 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
         with default_device(dev):  # the row initialiser's own fine-tuning (Segmentation rows)
             ship_segmentation(cfg, ship, cache / "data" / preset, init, row=ship_row, n=ship_n,
                               seed=ship_seed, epochs=ship_epochs, command=command,
-                              echo=click.echo, device=dev)
+                              echo=click.echo, device=dev,
+                              benchmark=benchmark_line(out / "benchmark.csv", ship_row))
         click.echo(f"wrote {ship}")
         return
     if prepare:

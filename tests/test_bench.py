@@ -19,7 +19,9 @@ from pcl_viewer.evaluate.benchmark import (
 from pcl_viewer.evaluate.benchmark_report import (
     EFFICIENCY_COLUMNS,
     MAIN_COLUMNS,
+    loss_comparison,
     paired_difference,
+    provenance,
     write_report,
 )
 from pcl_viewer.models.unet import build_unet
@@ -108,6 +110,34 @@ def test_paired_difference_verdicts():
     assert paired_difference(cells, "a", "missing") is None
 
 
+def _cell(row, fold, dsc, budget="all", command="pcl bench --rows ROWX", device="cpu"):
+    return {"row": row, "fold": fold, "budget": budget, "seconds": 10.0,
+            "command": command.replace("ROWX", row), "commit": "abc",
+            "train_log": {"device": device},
+            "scores": {"overall": {"dice": dsc}, "pe": {"dice": dsc - 1}}}
+
+
+def test_loss_comparison_pairs_cells_by_row_fold_and_budget():
+    ce = [_cell("none", k, 90.0 + k) for k in range(3)] + [_cell("vader", 0, 80.0)]
+    other = [_cell("none", k, 91.0 + k) for k in range(2)] + [_cell("vader", 0, 79.0),
+                                                                _cell("vader", 1, 99.0)]
+    rows = {r["method"]: r for r in loss_comparison(ce, other)}
+    assert rows["None"]["n_pairs"] == 2 and rows["None"]["diff"] == pytest.approx(1.0)
+    assert rows["None"]["dsc_ce"] == pytest.approx(90.5)
+    assert rows["VADeR"]["n_pairs"] == 1 and rows["VADeR"]["diff"] == pytest.approx(-1.0)
+    assert rows["all rows"]["n_pairs"] == 3
+    assert rows["all rows"]["diff"] == pytest.approx(1 / 3)
+    assert np.isnan(rows["all rows"]["diff_portable"])  # no portable scores in these cells
+
+
+def test_provenance_groups_row_processes_of_one_run():
+    cells = [_cell(r, 0, 90.0) for r in ("none", "vader")] + [_cell("none", 1, 90.0,
+                                                                    device="cuda:0")]
+    text = provenance(cells)
+    assert "2 cells: `pcl bench --rows ROW` at commit `abc` on cpu, 20 s" in text
+    assert "1 cells: `pcl bench --rows ROW` at commit `abc` on cuda:0" in text
+
+
 def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
     """`pcl bench --preset smoke`: phantom sets, silver labels, pre-training, fine-tuning,
     MONAI scores, report; a second run computes nothing."""
@@ -130,6 +160,26 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
     assert [r["method"] for r in table] == ["None", "Segmentation (silver)", "S-MVD-CL (oracle CF)"]
     bundle = tmp_path / "cache" / "runs" / "smoke" / "s-mvd-cl-oracle" / "bundle" / "card.json"
     assert json.loads(bundle.read_text())["kind"] == "pretrained"
+    # Another fine-tuning loss keeps its cells apart and is compared in the report.
+    dice = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(tmp_path / "cache"),
+                                      "--rows", "none", "--loss", "dicece",
+                                      "--out", str(tmp_path / "dc")])
+    torch.set_num_threads(threads)
+    assert dice.exit_code == 0, dice.output + repr(dice.exception)
+    assert "0 already done, 6 computed now, 0 left" in dice.output
+    runs = tmp_path / "cache" / "runs" / "smoke"
+    assert len(load_cells(runs / "cells-dicece")) == 6 and len(load_cells(runs / "cells")) == 18
+    assert json.loads(next((runs / "cells-dicece" / "none").glob("*.json")).read_text())[
+        "finetune"]["loss"] == "dicece"
+    again = CliRunner().invoke(bench, [*args, "--report-only"])
+    torch.set_num_threads(threads)
+    assert "## Fine-tuning loss: Dice+CE vs cross-entropy" in (
+        tmp_path / "results" / "benchmark.md").read_text()
+    with open(tmp_path / "results" / "loss_comparison.csv") as fh:
+        none = [r for r in csv.DictReader(fh) if r["method"] == "None"]
+    assert len(none) == len(bench_preset("smoke").budgets)
+    assert all(r["n_pairs"] == "2" for r in none)
+    assert again.exit_code == 0
 
 
 def test_prepare_makes_the_shared_inputs_and_no_cells(tmp_path):

@@ -255,7 +255,7 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     torch.set_num_threads(threads)
     from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, ROWS, bench_preset, load_cells, run_grid
     from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets, git_commit
-    from pcl_viewer.evaluate.benchmark_report import write_report
+    from pcl_viewer.evaluate.benchmark_report import provenance, write_report
     from pcl_viewer.train.finetune import default_device
 
     dev = _device(device)
@@ -302,8 +302,13 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     cells = load_cells(cells_dir)
     expected = len(chosen) * cfg.n_folds * len(cfg.budgets)
     status = "" if len(cells) >= expected else " **PARTIAL: not a final table.**"
-    header = (f"# Fine-tuning benchmark, preset `{preset}`\n\nProduced by `{command}` at commit "
-              f"`{commit}` from {len(cells)} of {expected} cells (row x fold x budget).{status}")
-    info = write_report(cells, out, figures or out.parent / "figures", header)
+    title = f"# Fine-tuning benchmark, preset `{preset}`" + (
+        "" if cells_name == "cells" else f", fine-tuning loss {cfg.finetune.loss}")
+    header = (f"{title}\n\nReport written by `{command}` at commit `{commit}` from {len(cells)} "
+              f"of {expected} cells (row x fold x budget).{status}\n\n{provenance(cells)}")
+    other = None
+    if cells_name == "cells" and (runs / "cells-dicece").is_dir():
+        other = ("Dice+CE", load_cells(runs / "cells-dicece"))
+    info = write_report(cells, out, figures or out.parent / "figures", header, other_loss=other)
     click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, benchmark.md "
                f"({info['methods']} methods, {info['cells']} cells)")

@@ -8,6 +8,7 @@ its distances are about 1.75x ours for the same relative error).
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +23,9 @@ MAIN_COLUMNS: tuple[str, ...] = (
     "hd95", "hd95_std", "asd", "asd_std", "n_folds",
 )
 EFFICIENCY_COLUMNS: tuple[str, ...] = ("method", "budget", "dsc", "dsc_std", "dsc_pe", "n_folds")
+# loss_comparison.csv: one row per method and budget with paired cells of both losses.
+LOSS_COLUMNS: tuple[str, ...] = ("method", "budget", "n_pairs", "dsc_ce", "dsc_other",
+                                 "diff", "diff_std", "diff_pe", "diff_portable")
 _METRIC_OF = {"dsc": ("overall", "dice"), "dsc_nf": ("nf", "dice"), "dsc_pe": ("pe", "dice"),
               "dsc_portable": ("portable", "dice"), "dsc_severe": ("severe", "dice"),
               "hd95": ("overall", "hd95"), "asd": ("overall", "asd")}
@@ -128,6 +132,73 @@ def claims(cells: list[dict]) -> list[tuple[str, dict | None]]:
     return out
 
 
+def provenance(cells: list[dict]) -> str:
+    """Which commands, commits and devices computed the cells (markdown lines)."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for c in cells:
+        dev = str(c.get("train_log", {}).get("device", "cpu"))
+        # One process per row (scripts/device_bench.sh) differs only in the row slug.
+        cmd = re.sub(rf"\b{re.escape(str(c.get('row', '')))}\b", "ROW", str(c.get("command", "?")))
+        groups[(cmd, str(c.get("commit", "?")), dev)].append(float(c.get("seconds", float("nan"))))
+    lines = ["Cells computed by:"]
+    for (cmd, commit, dev), secs in sorted(groups.items()):
+        lines.append(f"- {len(secs)} cells: `{cmd}` at commit `{commit}` on {dev}, "
+                     f"{np.nansum(secs):.0f} s of fine-tuning and scoring in all")
+    return "\n".join(lines)
+
+
+def loss_comparison(ce: list[dict], other: list[dict]) -> list[dict]:
+    """Paired (same row, fold, budget) Dice of cells fine-tuned with another loss vs CE.
+
+    ``diff`` = other - CE in Dice %, mean (and std) over the pairs; rows in ROWS order,
+    then a pooled line (method "all rows") per budget.
+    """
+    a, b = _by(ce), _by(other)
+    out, pooled = [], defaultdict(lambda: defaultdict(list))
+    for row in ROWS:
+        for budget in sorted({k for (r, k) in b if r == row.slug}, key=_budget_key):
+            fa, fb = a.get((row.slug, budget), {}), b.get((row.slug, budget), {})
+            folds = sorted(set(fa) & set(fb))
+            if not folds:
+                continue
+            rec: dict = {"method": row.name, "budget": budget, "n_pairs": len(folds),
+                         "dsc_ce": _stat([_value(fa[k], "dsc") for k in folds])[0],
+                         "dsc_other": _stat([_value(fb[k], "dsc") for k in folds])[0]}
+            for key, col in (("dsc", "diff"), ("dsc_pe", "diff_pe"),
+                             ("dsc_portable", "diff_portable")):
+                d = [vb - va for k in folds
+                     if (va := _value(fa[k], key)) is not None
+                     and (vb := _value(fb[k], key)) is not None]
+                pooled[budget][col] += d
+                rec[col], std = _stat(d)
+                if col == "diff":
+                    rec["diff_std"] = std
+            out.append(rec)
+    for budget in sorted(pooled, key=_budget_key):
+        p = pooled[budget]
+        mean, std = _stat(p["diff"])
+        out.append({"method": "all rows", "budget": budget, "n_pairs": len(p["diff"]),
+                    "dsc_ce": float("nan"), "dsc_other": float("nan"), "diff": mean,
+                    "diff_std": std, "diff_pe": _stat(p["diff_pe"])[0],
+                    "diff_portable": _stat(p["diff_portable"])[0]})
+    return out
+
+
+def loss_markdown(rows: list[dict], other: str) -> str:
+    """The CE vs ``other`` section of benchmark.md."""
+    lines = [f"## Fine-tuning loss: {other} vs cross-entropy", "",
+             f"Paired cells (same row, fold, budget); difference = {other} - CE in Dice %, "
+             "mean (std over pairs). The rows other than None were pre-trained again for the "
+             f"{other} cells, so their differences also hold pre-training run-to-run noise.", "",
+             "| method | budget | pairs | DSC CE | DSC " + other + " | difference | pe diff. "
+             "| portable diff. |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget']} | {r['n_pairs']} | {_fmt(r['dsc_ce'])} | "
+                     f"{_fmt(r['dsc_other'])} | {_fmt(r['diff'], r['diff_std'])} | "
+                     f"{_fmt(r['diff_pe'])} | {_fmt(r['diff_portable'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v: float | None, std: float | None = None, digits: int = 2) -> str:
     if v is None or not np.isfinite(v):
         return "-"
@@ -205,19 +276,34 @@ def plot_label_efficiency(eff: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     methods = list(dict.fromkeys(e["method"] for e in eff))
     budgets = sorted({e["budget"] for e in eff}, key=_budget_key)
     pos = {b: i for i, b in enumerate(budgets)}
-    for m in methods:
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    vals = np.array([e["dsc"] for e in eff if np.isfinite(e["dsc"])])
+    # Far outliers (a collapsed fold) would squash every other line: clip them to the
+    # axis and print their value instead.
+    lo = max(float(vals.min()) - 1, float(np.median(vals)) - 10) if vals.size else 0.0
+    off = []
+    for i, m in enumerate(methods):
         es = sorted((e for e in eff if e["method"] == m), key=lambda e: _budget_key(e["budget"]))
-        ax.errorbar([pos[e["budget"]] for e in es], [e["dsc"] for e in es],
-                    yerr=[e["dsc_std"] for e in es], marker="o", capsize=2, label=m,
+        xs = np.array([pos[e["budget"]] for e in es], float) + 0.012 * (i - len(methods) / 2)
+        ys = np.array([e["dsc"] for e in es], float)
+        err = np.where(ys < lo, 0.0, [e["dsc_std"] for e in es])
+        ax.errorbar(xs, np.maximum(ys, lo + 0.3), yerr=err, marker="o",
+                    ms=4, capsize=2, label=m, color=colours[i % 20],
                     linestyle="--" if "†" in m else "-")
+        off += [(x, m, e) for x, y, e in zip(xs, ys, es) if y < lo]
+    for k, (x, m, e) in enumerate(off):
+        ax.annotate(f"{m}: {e['dsc']:.1f} ({e['dsc_std']:.1f}) below axis", (x, lo + 0.3),
+                    xytext=(5, 8 + 10 * k), textcoords="offset points", fontsize=7,
+                    arrowprops={"arrowstyle": "->", "lw": 0.6})
+    ax.set_ylim(lo, 100)
     ax.set_xticks(range(len(budgets)), [f"{b} images" if b != "all" else "all" for b in budgets])
     ax.set_xlabel("labelled training images per fold")
-    ax.set_ylabel("Dice (%)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("Dice (%), mean (std) over folds")
+    ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,13 +311,23 @@ def plot_label_efficiency(eff: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header: str) -> dict:
-    """Write benchmark.csv, label_efficiency.csv, benchmark.md and both figures."""
+def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header: str,
+                 other_loss: tuple[str, list[dict]] | None = None) -> dict:
+    """Write benchmark.csv, label_efficiency.csv, benchmark.md and both figures.
+
+    ``other_loss``: (loss name, its cells), compared with ``cells`` (cross-entropy) in
+    loss_comparison.csv and a section of benchmark.md.
+    """
     main, eff = aggregate(cells)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_csv(results_dir / "benchmark.csv", main, MAIN_COLUMNS)
     write_csv(results_dir / "label_efficiency.csv", eff, EFFICIENCY_COLUMNS)
-    (results_dir / "benchmark.md").write_text(markdown(main, eff, cells, header))
+    text = markdown(main, eff, cells, header)
+    if other_loss is not None and other_loss[1]:
+        comp = loss_comparison(cells, other_loss[1])
+        write_csv(results_dir / "loss_comparison.csv", comp, LOSS_COLUMNS)
+        text += "\n" + loss_markdown(comp, other_loss[0])
+    (results_dir / "benchmark.md").write_text(text)
     if main:
         plot_benchmark(main, figures_dir / "benchmark.png")
     if eff:

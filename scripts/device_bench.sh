@@ -16,7 +16,8 @@ DEVICE=${4:-cuda}
 CACHE=${BENCH_CACHE:-.cache}
 LOSS=${BENCH_LOSS:-ce}   # dicece: the Dice+CE grid (cells-dicece), reported to /tmp/pcl-dicece
 T0=$(date +%s)
-left() { echo $((DEADLINE - ($(date +%s) - T0))); }
+# Seconds left before the deadline, at least 1 (`timeout 0` would mean no limit).
+left() { local l=$((DEADLINE - ($(date +%s) - T0))); echo $((l > 1 ? l : 1)); }
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 ROWS="none simclr vader seg-silver ssdcl dvd-cl mvd-cl s-dvd-cl s-mvd-cl dvd-cl-dagger \
@@ -48,7 +49,8 @@ for r in $ROWS; do printf '%s: ' "$r"; grep -E "^cells:|Error|error" "$OUT/logs/
 RESULTS=docs/results FIGURES=docs/figures
 [ "$LOSS" = ce ] || { RESULTS=/tmp/pcl-$LOSS; FIGURES=$RESULTS/fig; }
 pcl bench --preset "$PRESET" --cache "$CACHE" --out "$RESULTS" --figures "$FIGURES" --report-only --loss "$LOSS" \
-  >"$OUT/logs/report.log" 2>&1; echo "report rc=$?"; tail -2 "$OUT/logs/report.log"
+  >"$OUT/logs/report.log" 2>&1
+REPORT=$?; echo "report rc=$REPORT"; tail -2 "$OUT/logs/report.log"
 # The weights of the three best rows (by Dice at the full budget), to ship one of them.
 [ "$LOSS" = ce ] && python3 - "$OUT" "$CACHE/runs/$PRESET" "$RESULTS" <<'PY'
 import csv, shutil, sys
@@ -72,3 +74,4 @@ tar czf "$OUT/bench.tgz" "$RESULTS" "$FIGURES" "$OUT/logs" "$CACHE/runs/$PRESET"
   $(ls "$CACHE/runs/$PRESET"/*/{log.jsonl,probe.json,config.json,cf_bundle.txt} \
        "$CACHE/runs/$PRESET"/*/bundle/card.json 2>/dev/null)
 echo "total $(( $(date +%s) - T0 )) s"
+exit "$REPORT"

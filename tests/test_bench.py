@@ -128,14 +128,31 @@ def test_loss_comparison_pairs_cells_by_row_fold_and_budget():
     assert rows["all rows"]["n_pairs"] == 3
     assert rows["all rows"]["diff"] == pytest.approx(1 / 3)
     assert np.isnan(rows["all rows"]["diff_portable"])  # no portable scores in these cells
+    assert rows["None"]["same_init"] == "yes"  # random init on both sides
+    assert rows["VADeR"]["same_init"] == "yes"  # _cell records no init: random on both sides
+    for c in ce + other:
+        c["init"] = "bundle" if c["row"] == "vader" else None
+    rows = {r["method"]: r for r in loss_comparison(ce, other)}
+    assert rows["VADeR"]["same_init"] == "unknown"  # a bundle, but no fingerprint recorded
+
+
+def test_loss_comparison_skips_pairs_without_a_finite_dice_and_compares_inits():
+    ce = [_cell("vader", k, 90.0) for k in range(3)]
+    other = [_cell("vader", 0, 91.0), _cell("vader", 1, float("nan")), _cell("vader", 2, 93.0)]
+    for c in ce + other:
+        c["init"], c["init_fingerprint"] = "bundle", "f1"
+    other[2]["init_fingerprint"] = "f2"
+    (row,) = [r for r in loss_comparison(ce, other) if r["method"] == "VADeR"]
+    assert row["n_pairs"] == 2 and row["diff"] == pytest.approx(2.0)
+    assert row["dsc_other"] == pytest.approx(92.0) and row["same_init"] == "no"
 
 
 def test_provenance_groups_row_processes_of_one_run():
     cells = [_cell(r, 0, 90.0) for r in ("none", "vader")] + [_cell("none", 1, 90.0,
                                                                     device="cuda:0")]
     text = provenance(cells)
-    assert "2 cells: `pcl bench --rows ROW` at commit `abc` on cpu, 20 s" in text
-    assert "1 cells: `pcl bench --rows ROW` at commit `abc` on cuda:0" in text
+    assert "2 cells: `pcl bench --rows ROWS` at commit `abc` on cpu, 20 s" in text
+    assert "1 cells: `pcl bench --rows ROWS` at commit `abc` on cuda:0" in text
 
 
 def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
@@ -198,6 +215,19 @@ def test_prepare_makes_the_shared_inputs_and_no_cells(tmp_path):
     assert (cache / "data" / "smoke" / "pool" / "silver_masks.csv").is_file()
     assert list((cache / "data" / "smoke" / "pool" / ".cache").glob("arrays_64_*.npz"))
     assert not (cache / "runs" / "smoke" / "cells").exists()
+
+
+def test_another_loss_never_overwrites_the_main_tables_by_default(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(tmp_path / "c"),
+                                   "--report-only", "--loss", "dicece"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (tmp_path / "docs" / "results" / "dicece" / "benchmark.md").is_file()
+    assert not (tmp_path / "docs" / "results" / "benchmark.md").exists()
 
 
 def test_unavailable_row_is_skipped_and_reported(tmp_path):

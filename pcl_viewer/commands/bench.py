@@ -205,8 +205,9 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
 @click.command()
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
               show_default=True)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("docs/results"), show_default=True, help="Results folder.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder [default: docs/results; docs/results/<loss> with --loss "
+                   "other than the preset's].")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Figures folder (default: docs/figures beside the results folder).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache"),
@@ -238,7 +239,7 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
               help="Fine-tuning and prediction device (cells, Segmentation rows, --ship): auto = "
                    "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
                    "its own device (CUDA when present).")
-def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str | None,
+def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows: str | None,
           cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
           loss: str | None,
           pretrain_first: bool, threads: int,
@@ -265,6 +266,8 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     if loss is not None and loss != cfg.finetune.loss:
         cfg = replace(cfg, finetune=replace(cfg.finetune, loss=loss))
         cells_name = f"cells-{loss}"
+    if out is None:  # another loss never overwrites the main tables by default
+        out = Path("docs/results") if cells_name == "cells" else Path("docs/results") / loss
     chosen = ROWS if not rows else tuple(ROW_BY_SLUG[s.strip()] for s in rows.split(","))
     runs = cache / "runs" / preset
     cells_dir = runs / cells_name
@@ -279,7 +282,8 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
             ship_segmentation(cfg, ship, cache / "data" / preset, init, row=ship_row, n=ship_n,
                               seed=ship_seed, epochs=ship_epochs, command=command,
                               echo=click.echo, device=dev,
-                              benchmark=benchmark_line(out / "benchmark.csv", ship_row))
+                              benchmark=benchmark_line(out / "benchmark.csv", ship_row),
+                              commit=commit)
         click.echo(f"wrote {ship}")
         return
     if prepare:
@@ -309,6 +313,8 @@ def bench(preset: str, out: Path, figures: Path | None, cache: Path, rows: str |
     other = None
     if cells_name == "cells" and (runs / "cells-dicece").is_dir():
         other = ("Dice+CE", load_cells(runs / "cells-dicece"))
-    info = write_report(cells, out, figures or out.parent / "figures", header, other_loss=other)
+    if figures is None:
+        figures = out.parent / "figures" if cells_name == "cells" else out / "figures"
+    info = write_report(cells, out, figures, header, other_loss=other)
     click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, benchmark.md "
                f"({info['methods']} methods, {info['cells']} cells)")

@@ -285,12 +285,26 @@ def run_grid(
             "n_train": int(len(c.train_idx)), "n_test": int(len(c.test_idx)),
             "scores": scores, "finetune": ft.to_dict(), "train_log": log,
             "init": None if inits[c.row.slug] is None else str(inits[c.row.slug]),
+            "init_fingerprint": init_fingerprint(inits[c.row.slug]),
             "seconds": time.perf_counter() - t0, "preset": preset.name, **(extra or {}),
         })
         ran += 1
     bar.close()
     return {"done": len(cells) - len(missing), "ran": ran, "left": len(missing) - ran,
             "skipped_rows": skipped}
+
+
+def init_fingerprint(bundle: Path | None) -> str | None:
+    """Fingerprint of a row's starting weights, from its card (``None``: random init)."""
+    if bundle is None:
+        return None
+    from pcl_viewer.models.bundle import CARD, ModelBundle
+
+    try:
+        card = json.loads((Path(bundle) / CARD).read_text())
+        return ModelBundle(Path(bundle), card).fingerprint
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_cells(cells_dir: str | os.PathLike) -> list[dict]:

@@ -130,7 +130,7 @@ class RowInitialiser:
         if row.kind == "none":
             return None
         out = self.runs / row.slug / "bundle"
-        if (out / "card.json").is_file():
+        if (out / "card.json").is_file() and any(out.glob("*.safetensors")):
             self.check_cf_views(row)
             return out
         if row.kind == "segmentation":

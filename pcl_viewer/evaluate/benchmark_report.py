@@ -24,8 +24,8 @@ MAIN_COLUMNS: tuple[str, ...] = (
 )
 EFFICIENCY_COLUMNS: tuple[str, ...] = ("method", "budget", "dsc", "dsc_std", "dsc_pe", "n_folds")
 # loss_comparison.csv: one row per method and budget with paired cells of both losses.
-LOSS_COLUMNS: tuple[str, ...] = ("method", "budget", "n_pairs", "dsc_ce", "dsc_other",
-                                 "diff", "diff_std", "diff_pe", "diff_portable")
+LOSS_COLUMNS: tuple[str, ...] = ("method", "budget", "n_pairs", "same_init", "dsc_ce",
+                                 "dsc_other", "diff", "diff_std", "diff_pe", "diff_portable")
 _METRIC_OF = {"dsc": ("overall", "dice"), "dsc_nf": ("nf", "dice"), "dsc_pe": ("pe", "dice"),
               "dsc_portable": ("portable", "dice"), "dsc_severe": ("severe", "dice"),
               "hd95": ("overall", "hd95"), "asd": ("overall", "asd")}
@@ -94,10 +94,11 @@ def paired_difference(cells: list[dict], a: str, b: str, key: str = "dsc",
     """
     by = _by(cells)
     fa, fb = by.get((a, budget), {}), by.get((b, budget), {})
-    common = sorted(set(fa) & set(fb))
-    if not common:
+    d = np.array([va - vb for k in sorted(set(fa) & set(fb))
+                  if _finite(va := _value(fa[k], key)) and _finite(vb := _value(fb[k], key))],
+                 float)
+    if d.size == 0:  # no common fold, or the metric was not scored (OOD at small budgets)
         return None
-    d = np.array([_value(fa[k], key) - _value(fb[k], key) for k in common], float)
     std = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
     se = std / np.sqrt(len(d)) if len(d) > 1 else float("inf")
     mean = float(d.mean())
@@ -110,35 +111,45 @@ def paired_difference(cells: list[dict], a: str, b: str, key: str = "dsc",
             "verdict": verdict}
 
 
-def claims(cells: list[dict]) -> list[tuple[str, dict | None]]:
-    """The paper's claims as paired comparisons on our folds."""
+def claims(cells: list[dict], budget: str = "all") -> list[tuple[str, dict | None]]:
+    """The paper's claims as paired comparisons on our folds, at one label budget.
+
+    OOD (portable) scores exist only for full-budget cells, so the portable claims are
+    ``None`` (not measured) at the small budgets.
+    """
+    def diff(a: str, b: str, key: str = "dsc") -> dict | None:
+        return paired_difference(cells, a, b, key, budget=budget)
+
     out: list[tuple[str, dict | None]] = [
         ("DVD-CL beats VADeR (counterfactual dense CL beats plain dense CL)",
-         paired_difference(cells, "dvd-cl", "vader")),
-        ("S-MVD-CL beats Segmentation (silver)",
-         paired_difference(cells, "s-mvd-cl", "seg-silver")),
+         diff("dvd-cl", "vader")),
+        ("S-MVD-CL beats Segmentation (silver)", diff("s-mvd-cl", "seg-silver")),
         ("S-MVD-CL beats Segmentation (silver) on effusion (pe)",
-         paired_difference(cells, "s-mvd-cl", "seg-silver", "dsc_pe")),
+         diff("s-mvd-cl", "seg-silver", "dsc_pe")),
     ]
     for cf, dag in DAGGER_PAIRS:
         name, dname = ROW_BY_SLUG[cf].name, ROW_BY_SLUG[dag].name
-        out.append((f"{name} beats {dname}", paired_difference(cells, cf, dag)))
-        out.append((f"{name} beats {dname} on effusion (pe)",
-                    paired_difference(cells, cf, dag, "dsc_pe")))
+        out.append((f"{name} beats {dname}", diff(cf, dag)))
+        out.append((f"{name} beats {dname} on effusion (pe)", diff(cf, dag, "dsc_pe")))
         out.append((f"{name} beats {dname} on the portable scanner",
-                    paired_difference(cells, cf, dag, "dsc_portable")))
+                    diff(cf, dag, "dsc_portable")))
     out.append(("Oracle counterfactual views beat model views (S-MVD-CL)",
-                paired_difference(cells, "s-mvd-cl-oracle", "s-mvd-cl")))
+                diff("s-mvd-cl-oracle", "s-mvd-cl")))
     return out
 
 
 def provenance(cells: list[dict]) -> str:
-    """Which commands, commits and devices computed the cells (markdown lines)."""
+    """Which commands, commits and devices computed the cells (markdown lines).
+
+    A cell without a recorded device predates ``train_log.device``; those ran on the CPU
+    (the convention of ``pcl bench``'s device check).
+    """
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for c in cells:
         dev = str(c.get("train_log", {}).get("device", "cpu"))
-        # One process per row (scripts/device_bench.sh) differs only in the row slug.
-        cmd = re.sub(rf"\b{re.escape(str(c.get('row', '')))}\b", "ROW", str(c.get("command", "?")))
+        # Processes of one grid split by rows (scripts/device_bench.sh) differ only there.
+        cmd = re.sub(r"--rows[ =]\S+", "--rows ROWS", str(c.get("command", "?")))
+        cmd = re.sub(r"pcl-res-[\w.-]+", "pcl-res-ROWS", cmd)
         groups[(cmd, str(c.get("commit", "?")), dev)].append(float(c.get("seconds", float("nan"))))
     lines = ["Cells computed by:"]
     for (cmd, commit, dev), secs in sorted(groups.items()):
@@ -147,28 +158,52 @@ def provenance(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
+def _inits(cells: list[dict]) -> dict[str, set]:
+    """Row -> the starting-weight fingerprints its cells recorded ("random"; None: unknown)."""
+    out: dict[str, set] = defaultdict(set)
+    for c in cells:
+        out[c["row"]].add(c.get("init_fingerprint") if c.get("init") else "random")
+    return out
+
+
+def _same_init(a: set | None, b: set | None) -> str:
+    """"yes" when both sides started every cell from the same weights, "no" when not,
+    "unknown" when a side's cells did not record their starting weights."""
+    if not a or not b or None in a or None in b:
+        return "unknown"
+    return "yes" if a == b and len(a) == 1 else "no"
+
+
 def loss_comparison(ce: list[dict], other: list[dict]) -> list[dict]:
     """Paired (same row, fold, budget) Dice of cells fine-tuned with another loss vs CE.
 
-    ``diff`` = other - CE in Dice %, mean (and std) over the pairs; rows in ROWS order,
-    then a pooled line (method "all rows") per budget.
+    Only pairs whose Dice is finite on both sides count; ``diff`` = other - CE in Dice %,
+    mean (and std) over the pairs; ``same_init`` says whether both sides started from
+    the same weights. Rows in ROWS order, then a pooled line ("all rows") per budget.
     """
     a, b = _by(ce), _by(other)
-    out, pooled = [], defaultdict(lambda: defaultdict(list))
+    ia, ib = _inits(ce), _inits(other)
+    out: list[dict] = []
+    pooled: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in ROWS:
         for budget in sorted({k for (r, k) in b if r == row.slug}, key=_budget_key):
             fa, fb = a.get((row.slug, budget), {}), b.get((row.slug, budget), {})
-            folds = sorted(set(fa) & set(fb))
-            if not folds:
+            pairs = [(fa[k], fb[k]) for k in sorted(set(fa) & set(fb))
+                     if _finite(_value(fa[k], "dsc")) and _finite(_value(fb[k], "dsc"))]
+            if not pairs:
                 continue
-            rec: dict = {"method": row.name, "budget": budget, "n_pairs": len(folds),
-                         "dsc_ce": _stat([_value(fa[k], "dsc") for k in folds])[0],
-                         "dsc_other": _stat([_value(fb[k], "dsc") for k in folds])[0]}
+            rec: dict = {"method": row.name, "budget": budget, "n_pairs": len(pairs),
+                         "same_init": _same_init(ia.get(row.slug), ib.get(row.slug)),
+                         "dsc_ce": _stat([_value(x, "dsc") for x, _ in pairs])[0],
+                         "dsc_other": _stat([_value(y, "dsc") for _, y in pairs])[0]}
             for key, col in (("dsc", "diff"), ("dsc_pe", "diff_pe"),
                              ("dsc_portable", "diff_portable")):
-                d = [vb - va for k in folds
-                     if (va := _value(fa[k], key)) is not None
-                     and (vb := _value(fb[k], key)) is not None]
+                d = [vy - vx for x, y in pairs
+                     if _finite(vx := _value(x, key)) and _finite(vy := _value(y, key))]
                 pooled[budget][col] += d
                 rec[col], std = _stat(d)
                 if col == "diff":
@@ -178,24 +213,28 @@ def loss_comparison(ce: list[dict], other: list[dict]) -> list[dict]:
         p = pooled[budget]
         mean, std = _stat(p["diff"])
         out.append({"method": "all rows", "budget": budget, "n_pairs": len(p["diff"]),
-                    "dsc_ce": float("nan"), "dsc_other": float("nan"), "diff": mean,
-                    "diff_std": std, "diff_pe": _stat(p["diff_pe"])[0],
+                    "same_init": "", "dsc_ce": float("nan"), "dsc_other": float("nan"),
+                    "diff": mean, "diff_std": std, "diff_pe": _stat(p["diff_pe"])[0],
                     "diff_portable": _stat(p["diff_portable"])[0]})
     return out
 
 
-def loss_markdown(rows: list[dict], other: str) -> str:
+def loss_markdown(rows: list[dict], other: str, other_cells: list[dict]) -> str:
     """The CE vs ``other`` section of benchmark.md."""
     lines = [f"## Fine-tuning loss: {other} vs cross-entropy", "",
              f"Paired cells (same row, fold, budget); difference = {other} - CE in Dice %, "
-             "mean (std over pairs). The rows other than None were pre-trained again for the "
-             f"{other} cells, so their differences also hold pre-training run-to-run noise.", "",
-             "| method | budget | pairs | DSC CE | DSC " + other + " | difference | pe diff. "
-             "| portable diff. |", "|---|---|---|---|---|---|---|---|"]
+             "mean (std over pairs; the pooled std treats cells of different rows as "
+             "independent). 'same init': both sides fine-tuned the same starting weights "
+             "(else pre-training run-to-run differences are part of the difference; "
+             "'unknown' for cells that predate the recorded fingerprint).", "",
+             provenance(other_cells), "",
+             "| method | budget | pairs | same init | DSC CE | DSC " + other + " | difference "
+             "| pe diff. | portable diff. |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['budget']} | {r['n_pairs']} | {_fmt(r['dsc_ce'])} | "
-                     f"{_fmt(r['dsc_other'])} | {_fmt(r['diff'], r['diff_std'])} | "
-                     f"{_fmt(r['diff_pe'])} | {_fmt(r['diff_portable'])} |")
+        lines.append(f"| {r['method']} | {r['budget']} | {r['n_pairs']} | {r['same_init']} | "
+                     f"{_fmt(r['dsc_ce'])} | {_fmt(r['dsc_other'])} | "
+                     f"{_fmt(r['diff'], r['diff_std'])} | {_fmt(r['diff_pe'])} | "
+                     f"{_fmt(r['diff_portable'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,13 +271,20 @@ def markdown(main: list[dict], eff: list[dict], cells: list[dict], header: str) 
                      f"{_fmt(e['dsc'], e['dsc_std'])} | {_fmt(e['dsc_pe'])} |")
     lines += ["", "## The paper's claims on our data", "",
               "Paired per-fold differences (A - B), mean (std over folds). 'holds' = mean > 0; "
-              "'clear' = beyond two standard errors of the fold differences.", "",
-              "| claim | A - B | folds | verdict |", "|---|---|---|---|"]
-    for text, c in claims(cells):
-        if c is None:
-            lines.append(f"| {text} | - | 0 | not measured |")
-        else:
-            lines.append(f"| {text} | {_fmt(c['mean'], c['std'])} | {c['folds']} | {c['verdict']} |")
+              "'clear' = beyond two standard errors of the fold differences. The paper's "
+              "claims are at the full budget; the small budgets follow.", ""]
+    budgets = sorted({c["budget"] for c in cells}, key=lambda b: (b != "all", _budget_key(b)))
+    for budget in budgets:
+        title = "all training labels" if budget == "all" else f"{budget} labelled images"
+        lines += [f"### {title}", "", "| claim | A - B | folds | verdict |", "|---|---|---|---|"]
+        for text, c in claims(cells, budget):
+            if c is None:
+                if budget == "all" or "portable" not in text:
+                    lines.append(f"| {text} | - | 0 | not measured |")
+            else:
+                lines.append(f"| {text} | {_fmt(c['mean'], c['std'])} | {c['folds']} | "
+                             f"{c['verdict']} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +372,9 @@ def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header
     if other_loss is not None and other_loss[1]:
         comp = loss_comparison(cells, other_loss[1])
         write_csv(results_dir / "loss_comparison.csv", comp, LOSS_COLUMNS)
-        text += "\n" + loss_markdown(comp, other_loss[0])
+        text += "\n" + loss_markdown(comp, other_loss[0], other_loss[1])
+    else:  # no stale comparison beside a table it was not made from
+        (results_dir / "loss_comparison.csv").unlink(missing_ok=True)
     (results_dir / "benchmark.md").write_text(text)
     if main:
         plot_benchmark(main, figures_dir / "benchmark.png")

@@ -25,7 +25,8 @@ EVAL_SEED = 9001  # fresh images: no data set of the project uses this seed
 def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row: str = "none",
                       n: int = 2000, seed: int = 201, epochs: int | None = None,
                       eval_n: int = 200, command: str = "", echo=print,
-                      device: str = "auto", benchmark: dict | None = None) -> Path:
+                      device: str = "auto", benchmark: dict | None = None,
+                      commit: str | None = None) -> Path:
     """Train and write the shipped "segmentation" bundle at ``out``.
 
     Args:
@@ -38,6 +39,7 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
             :func:`pcl_viewer.train.finetune.finetune`); the bundle holds CPU tensors.
         benchmark: the row's line of ``benchmark.csv`` (Dice % etc. over the folds), kept
             in the card; ``None`` when the grid has not been run.
+        commit: the code's commit, taken when the command started (default: now).
     """
     from tqdm import tqdm
 
@@ -71,10 +73,11 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
                        f"the initialisation of the benchmark row {ROW_BY_SLUG[row].name!r} "
                        "fine-tuned on a gold-labelled phantom pool"
                        + ("" if benchmark is None else
-                          f" (that row's cross-validated Dice in the {preset.name} benchmark: "
-                          f"{float(benchmark['dsc']):.2f} %)") + ".",
+                          f" (that row's cross-validated Dice in the {preset.name} benchmark, "
+                          "fine-tuned there on each fold's training images with the benchmark "
+                          f"recipe: {float(benchmark['dsc']):.2f} %)") + ".",
         "labels": {"0": "background", "1": "right lung (image left)", "2": "left lung"},
-        "training": {"command": command, "seed": cfg.seed, "commit": git_commit(),
+        "training": {"command": command, "seed": cfg.seed, "commit": commit or git_commit(),
                      "data": f"phantom pool n={n} seed={seed} {size}px, effusion oversample 6, "
                              "styles imagingdynamics+philips, <=2 studies/patient, gold masks",
                      "init_row": row, "init_bundle": None if pretrained is None else str(pretrained),

@@ -120,8 +120,9 @@ def bench_preset(name: str) -> BenchPreset:
                                              "probe_eval": 2, "probe_steps": 2},
                            silver_steps=3, silver_min_quality=0.0)
     if name == "cpu":
-        # Sized from measured CPU time per step (1 thread): fine-tune 0.40 s/step at batch 8;
-        # see docs/benchmark.md for the projection (about 7 h for the whole grid).
+        # Sized from measured CPU time per step (1 thread): fine-tune 0.40 CPU-s/step at batch 8
+        # (0.59 s wall on the quiet machine in session 3); docs/benchmark.md projects the grid
+        # at about 8.5 h of one core, 4.3 h as two processes.
         ft = FinetuneConfig(epochs=12, min_steps=80)
         return BenchPreset("cpu", 128, finetune=ft, seg_pretrain=FinetuneConfig(epochs=4),
                            gold_n=240, ood_n=100, pool_n=2000,

@@ -217,6 +217,33 @@ def test_prepare_makes_the_shared_inputs_and_no_cells(tmp_path):
     assert not (cache / "runs" / "smoke" / "cells").exists()
 
 
+def test_jobs_runs_rows_in_worker_processes_and_reports_once(tmp_path):
+    """`pcl bench --jobs 2`: inputs prepared once, one process per row, one report."""
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    threads = torch.get_num_threads()
+    args = ["--preset", "smoke", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+            "--rows", "none,dvd-cl-dagger", "--jobs", "2"]
+    r = CliRunner().invoke(bench, args)
+    torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "rows: 2 finished, 0 failed" in r.output
+    runs = tmp_path / "c" / "runs" / "smoke"
+    cells = load_cells(runs / "cells")
+    assert len(cells) == 2 * len(bench_preset("smoke").budgets) * bench_preset("smoke").n_folds
+    # Every row process records the parent's command (here CliRunner's fallback text).
+    assert {c["command"] for c in cells} == {f"pcl bench --preset smoke --out {tmp_path / 'r'}"}
+    assert sorted(p.name for p in (runs / "logs").iterdir()) == ["dvd-cl-dagger.log", "none.log"]
+    with open(tmp_path / "r" / "benchmark.csv") as fh:
+        assert [row["method"] for row in csv.DictReader(fh)] == ["None", "DVD-CL†"]
+    again = CliRunner().invoke(bench, args)  # resumable: nothing left to compute
+    torch.set_num_threads(threads)
+    assert again.exit_code == 0 and "rows: 2 finished" in again.output
+    assert len(load_cells(runs / "cells")) == len(cells)
+
+
 def test_another_loss_never_overwrites_the_main_tables_by_default(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

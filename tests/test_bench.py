@@ -244,6 +244,18 @@ def test_jobs_runs_rows_in_worker_processes_and_reports_once(tmp_path):
     assert len(load_cells(runs / "cells")) == len(cells)
 
 
+def test_a_failing_row_process_is_reported_with_its_log(tmp_path):
+    from pcl_viewer.evaluate.parallel import run_rows_in_processes
+
+    said = []
+    status = run_rows_in_processes(["none"], 1, ["--preset", "smoke", "--no-such-option"],
+                                   tmp_path / "cells", 6, tmp_path / "logs", "pcl bench",
+                                   echo=said.append, poll_s=0.2, show_progress=False)
+    assert status == {"none": 2}
+    assert said and "row none failed (exit 2)" in said[0]
+    assert "no-such-option" in (tmp_path / "logs" / "none.log").read_text()
+
+
 def test_another_loss_never_overwrites_the_main_tables_by_default(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

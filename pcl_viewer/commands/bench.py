@@ -296,10 +296,12 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle)
         return
     failed: list[str] = []
-    if not report_only and jobs > 1:
-        if max_cells is not None:
+    expected = len(chosen) * cfg.n_folds * len(cfg.budgets)
+    if not report_only:
+        if jobs > 1 and max_cells is not None:
             raise click.BadParameter("--max-cells needs --jobs 1", param_hint="--max-cells")
         check_cell_devices(load_cells(cells_dir), dev, cells_dir)
+    if not report_only and jobs > 1:
         prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle)
         child = ["--preset", preset, "--cache", str(cache), "--threads", str(threads),
                  "--device", device, "--pretrain-first"]
@@ -308,14 +310,12 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         from pcl_viewer.evaluate.parallel import run_rows_in_processes
 
         status = run_rows_in_processes(
-            [r.slug for r in chosen], jobs, child, cells_dir,
-            len(chosen) * cfg.n_folds * len(cfg.budgets), runs / "logs", command,
+            [r.slug for r in chosen], jobs, child, cells_dir, expected, runs / "logs", command,
             echo=click.echo)
         failed = sorted(s for s, rc in status.items() if rc)
         click.echo(f"rows: {len(status) - len(failed)} finished, {len(failed)} failed"
                    + (f" ({', '.join(failed)}; logs in {runs / 'logs'})" if failed else ""))
     elif not report_only:
-        check_cell_devices(load_cells(cells_dir), dev, cells_dir)
         sets = bench_sets(cfg, cache / "data" / preset)
         init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)
         # run_grid and the row initialiser call finetune/predict with device="auto":
@@ -329,7 +329,6 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         for slug, why in res["skipped_rows"].items():
             click.echo(f"skipped row {slug}: {why}")
     cells = load_cells(cells_dir)
-    expected = len(chosen) * cfg.n_folds * len(cfg.budgets)
     status = "" if len(cells) >= expected else " **PARTIAL: not a final table.**"
     title = f"# Fine-tuning benchmark, preset `{preset}`" + (
         "" if cells_name == "cells" else f", fine-tuning loss {cfg.finetune.loss}")

@@ -93,10 +93,7 @@ def paired_difference(cells: list[dict], a: str, b: str, key: str = "dsc",
     two standard errors of the paired fold differences.
     """
     by = _by(cells)
-    fa, fb = by.get((a, budget), {}), by.get((b, budget), {})
-    d = np.array([va - vb for k in sorted(set(fa) & set(fb))
-                  if _finite(va := _value(fa[k], key)) and _finite(vb := _value(fb[k], key))],
-                 float)
+    d = np.array(_pair_diffs(by.get((a, budget), {}), by.get((b, budget), {}), key), float)
     if d.size == 0:  # no common fold, or the metric was not scored (OOD at small budgets)
         return None
     std = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
@@ -115,7 +112,7 @@ def claims(cells: list[dict], budget: str = "all") -> list[tuple[str, dict | Non
     """The paper's claims as paired comparisons on our folds, at one label budget.
 
     OOD (portable) scores exist only for full-budget cells, so the portable claims are
-    ``None`` (not measured) at the small budgets.
+    listed at the full budget only.
     """
     def diff(a: str, b: str, key: str = "dsc") -> dict | None:
         return paired_difference(cells, a, b, key, budget=budget)
@@ -131,8 +128,9 @@ def claims(cells: list[dict], budget: str = "all") -> list[tuple[str, dict | Non
         name, dname = ROW_BY_SLUG[cf].name, ROW_BY_SLUG[dag].name
         out.append((f"{name} beats {dname}", diff(cf, dag)))
         out.append((f"{name} beats {dname} on effusion (pe)", diff(cf, dag, "dsc_pe")))
-        out.append((f"{name} beats {dname} on the portable scanner",
-                    diff(cf, dag, "dsc_portable")))
+        if budget == "all":
+            out.append((f"{name} beats {dname} on the portable scanner",
+                        diff(cf, dag, "dsc_portable")))
     out.append(("Oracle counterfactual views beat model views (S-MVD-CL)",
                 diff("s-mvd-cl-oracle", "s-mvd-cl")))
     return out
@@ -160,6 +158,12 @@ def provenance(cells: list[dict]) -> str:
 
 def _finite(v) -> bool:
     return v is not None and bool(np.isfinite(v))
+
+
+def _pair_diffs(fa: dict[int, dict], fb: dict[int, dict], key: str) -> list[float]:
+    """``fa[k] - fb[k]`` of ``key`` over the folds ``k`` both have, where both are finite."""
+    return [va - vb for k in sorted(set(fa) & set(fb))
+            if _finite(va := _value(fa[k], key)) and _finite(vb := _value(fb[k], key))]
 
 
 def _inits(cells: list[dict]) -> dict[str, set]:
@@ -192,18 +196,19 @@ def loss_comparison(ce: list[dict], other: list[dict]) -> list[dict]:
     for row in ROWS:
         for budget in sorted({k for (r, k) in b if r == row.slug}, key=_budget_key):
             fa, fb = a.get((row.slug, budget), {}), b.get((row.slug, budget), {})
-            pairs = [(fa[k], fb[k]) for k in sorted(set(fa) & set(fb))
+            # The pairs: folds where both sides have a finite Dice.
+            folds = [k for k in sorted(set(fa) & set(fb))
                      if _finite(_value(fa[k], "dsc")) and _finite(_value(fb[k], "dsc"))]
-            if not pairs:
+            if not folds:
                 continue
-            rec: dict = {"method": row.name, "budget": budget, "n_pairs": len(pairs),
+            fa, fb = {k: fa[k] for k in folds}, {k: fb[k] for k in folds}
+            rec: dict = {"method": row.name, "budget": budget, "n_pairs": len(folds),
                          "same_init": _same_init(ia.get(row.slug), ib.get(row.slug)),
-                         "dsc_ce": _stat([_value(x, "dsc") for x, _ in pairs])[0],
-                         "dsc_other": _stat([_value(y, "dsc") for _, y in pairs])[0]}
+                         "dsc_ce": _stat([_value(fa[k], "dsc") for k in folds])[0],
+                         "dsc_other": _stat([_value(fb[k], "dsc") for k in folds])[0]}
             for key, col in (("dsc", "diff"), ("dsc_pe", "diff_pe"),
                              ("dsc_portable", "diff_portable")):
-                d = [vy - vx for x, y in pairs
-                     if _finite(vx := _value(x, key)) and _finite(vy := _value(y, key))]
+                d = _pair_diffs(fb, fa, key)
                 pooled[budget][col] += d
                 rec[col], std = _stat(d)
                 if col == "diff":
@@ -279,8 +284,7 @@ def markdown(main: list[dict], eff: list[dict], cells: list[dict], header: str) 
         lines += [f"### {title}", "", "| claim | A - B | folds | verdict |", "|---|---|---|---|"]
         for text, c in claims(cells, budget):
             if c is None:
-                if budget == "all" or "portable" not in text:
-                    lines.append(f"| {text} | - | 0 | not measured |")
+                lines.append(f"| {text} | - | 0 | not measured |")
             else:
                 lines.append(f"| {text} | {_fmt(c['mean'], c['std'])} | {c['folds']} | "
                              f"{c['verdict']} |")

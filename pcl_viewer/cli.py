@@ -16,8 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "precompute-cf": ("pcl_viewer.commands.cf:precompute_cf", "Write counterfactual views of a pool into the cache."),
     "pretrain": ("pcl_viewer.commands.pretrain:pretrain", "Dense contrastive pre-training (DVD-CL, MVD-CL, ...)."),
     "bench": ("pcl_viewer.commands.bench:bench", "Fine-tuning benchmark over all pre-training methods."),
-    "segment": ("pcl_viewer.commands.bench:segment", "Segment the lungs of one scan."),
-    "evaluate": ("pcl_viewer.commands.bench:evaluate", "Evaluate a segmentation bundle on fresh phantom data."),
+    "segment": ("pcl_viewer.commands.segment:segment", "Segment the lungs of one scan."),
+    "evaluate": ("pcl_viewer.commands.evaluate:evaluate", "Evaluate a segmentation bundle on fresh phantom data."),
     "chromap": ("pcl_viewer.commands.chromap:chromap", "CHRO-map figure of one scan and its counterfactuals."),
     "review": ("pcl_viewer.commands.review:review", "Batch robustness review of a folder or CSV of scans."),
 }

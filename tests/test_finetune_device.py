@@ -152,7 +152,8 @@ def test_cuda_finetune_returns_a_cpu_model_and_predict_restores_its_device(tmp_p
 def test_cli_refuses_an_unavailable_device_before_any_work(tmp_path):
     from click.testing import CliRunner
 
-    from pcl_viewer.commands.bench import bench, evaluate
+    from pcl_viewer.commands.bench import bench
+    from pcl_viewer.commands.evaluate import evaluate
 
     if HAS_CUDA:
         pytest.skip("needs a machine without CUDA")

@@ -4,7 +4,8 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from pcl_viewer.commands.bench import segment, segment_image
+from pcl_viewer.commands.segment import segment
+from pcl_viewer.evaluate.phantom_eval import segment_image
 from pcl_viewer.models.unet import build_unet
 from pcl_viewer.train.finetune import save_segmentation_bundle
 

@@ -1,5 +1,4 @@
-"""``pcl bench``, ``pcl segment`` and ``pcl evaluate``: the fine-tuning benchmark and
-the shipped segmentation model."""
+"""``pcl bench``: the fine-tuning benchmark and the shipped segmentation model."""
 
 from __future__ import annotations
 
@@ -9,11 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-import numpy as np
 
 from pcl_viewer.device import DEVICES
-
-DEFAULT_SEG = "seg-cpu"
 
 
 def _device(device: str) -> str:
@@ -43,122 +39,6 @@ def check_cell_devices(cells: list[dict], device: str, cells_dir: Path) -> None:
             f"{n} finished cells in {cells_dir} were fine-tuned on {', '.join(other)}, this run "
             f"would fine-tune on {kind}: one table must not mix devices. Pass --device "
             f"{other[0]} to continue the grid, or delete those cells to redo them on {kind}.")
-
-
-def segment_image(image: np.ndarray, model, size: int) -> np.ndarray:
-    """``(H, W)`` float32 [0, 1] scan of any size -> ``(H, W)`` uint8 labels at native size."""
-    import torch
-
-    from pcl_viewer.data.preprocess import to_model
-
-    small, geometry = to_model(image, size)
-    with torch.no_grad():
-        labels = model(torch.from_numpy(small)[None, None]).argmax(1)[0].to(torch.uint8).numpy()
-    return geometry.to_native(labels, nearest=True)
-
-
-def load_segmenter(bundle: str | None):
-    """(model, image size, bundle) of a "segmentation" bundle (default: the shipped one)."""
-    from pcl_viewer.models.bundle import ModelBundle, find_bundle
-
-    info = ModelBundle.load(find_bundle(bundle or DEFAULT_SEG), kind="segmentation")
-    model = info.build("unet")
-    return model, int(info.card.get("input", {}).get("size", model.cfg.image_size)), info
-
-
-def _read(path: Path) -> np.ndarray:
-    try:
-        from pcl_viewer.data.readers import read_scan
-    except ImportError:  # minimal fallback: 8/16-bit grey images through PIL
-        from PIL import Image
-
-        a = np.asarray(Image.open(path)).astype(np.float32)
-        a = a.mean(-1) if a.ndim == 3 else a
-        return (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
-    return read_scan(path).image
-
-
-@click.command()
-@click.argument("scan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--bundle", default=None, help="Segmentation bundle folder or name (default seg-cpu).")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Label image to write (.png or .nii.gz): 0 background, 1 right, 2 left lung.")
-def segment(scan: Path, bundle: str | None, out: Path) -> None:
-    """Segment the lungs of SCAN (any size); labels are written at the scan's native size."""
-    from pcl_viewer.data.readers import write_labels
-    from pcl_viewer.data.scan import ScanReadError
-    from pcl_viewer.models.bundle import BundleError
-
-    try:
-        model, size, info = load_segmenter(bundle)
-        image = _read(scan)
-    except (BundleError, ScanReadError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    labels = segment_image(image, model, size)
-    write_labels(out, labels)
-    area = {k: float((labels == v).mean()) for k, v in (("right", 1), ("left", 2))}
-    click.echo(f"{scan.name}: {image.shape[1]}x{image.shape[0]} px, bundle {info.name} "
-               f"({info.fingerprint}); lung area right {100 * area['right']:.1f} % "
-               f"left {100 * area['left']:.1f} % -> {out}")
-
-
-@click.command()
-@click.option("--bundle", default=None, help="Segmentation bundle folder or name (default seg-cpu).")
-@click.option("--phantom-n", "n", default=120, show_default=True, help="Images per style.")
-@click.option("--seed", default=7, show_default=True, help="Phantom seed (use one never trained on).")
-@click.option("--style", "styles", multiple=True,
-              help="Scanner style(s): imagingdynamics, philips, portable. Default: the two "
-                   "training scanners together, then portable.")
-@click.option("--effusion-oversample", default=8.0, show_default=True,
-              help="Oversampling of effusion so the pe subgroup is large enough.")
-@click.option("--severe", is_flag=True, help="Severe effusion only.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Where the network runs (auto: cuda, else mps, else cpu; bfloat16 on cuda).")
-def evaluate(bundle: str | None, n: int, seed: int, styles: tuple[str, ...],
-             effusion_oversample: float, severe: bool, device: str) -> None:
-    """Generate fresh phantom images and print Dice (%) overall / nf / pe, and HD95, ASD."""
-    dev = _device(device)
-    model, size, info = load_segmenter(bundle)
-    groups = [list(styles)] if styles else [["imagingdynamics", "philips"], ["portable"]]
-    click.echo(f"bundle {info.path} ({info.fingerprint}), {size} px, seed {seed}, n {n} per group"
-               f", device {dev}")
-    for r in evaluate_on_phantom(model, size, n, seed, groups, effusion_oversample, severe,
-                                 device=dev):
-        click.echo(f"{r['styles']:28s} Dice % overall {r['dice']:.2f} (n={r['n']})  "
-                   f"nf {r['dice_nf']:.2f} (n={r['n_nf']})  pe {r['dice_pe']:.2f} (n={r['n_pe']})"
-                   f"  HD95 {r['hd95']:.2f} px  ASD {r['asd']:.2f} px")
-
-
-def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[str]],
-                        effusion_oversample: float = 8.0, severe: bool = False,
-                        device: str = "auto") -> list[dict]:
-    """Dice (%) overall/nf/pe, HD95 and ASD (px) of ``model`` on fresh phantom images.
-
-    One set of ``n`` images per style group, seed ``seed + 1000 * group index``; the
-    network runs on ``device`` (:func:`pcl_viewer.train.finetune.predict`), the metrics
-    on the CPU.
-    """
-    import tempfile
-
-    from pcl_viewer.evaluate.benchmark_inputs import generate_phantom, load_arrays
-    from pcl_viewer.evaluate.metrics import segmentation_scores
-    from pcl_viewer.train.finetune import predict
-
-    out = []
-    with tempfile.TemporaryDirectory(prefix="pcl-eval-") as tmp:
-        for k, group in enumerate(groups):
-            root = Path(tmp) / f"set{k}"
-            generate_phantom(root, n=n, seed=seed + 1000 * k, size=size, styles=group,
-                             effusion_oversample=effusion_oversample, severe=severe)
-            arr = load_arrays(root, size)
-            s = segmentation_scores(predict(model, arr["image"], device=device), arr["gold"])
-            eff = arr["effusion"].astype(bool)
-            m, nf, pe = s.mean(), s.mean(~eff), s.mean(eff)
-            out.append({"styles": "+".join(group), "seed": seed + 1000 * k, "n": len(eff),
-                        "n_nf": int((~eff).sum()), "n_pe": int(eff.sum()),
-                        "dice": 100 * m["dice"], "dice_nf": 100 * nf["dice"],
-                        "dice_pe": 100 * pe["dice"], "hd95": m["hd95"], "asd": m["asd"]})
-    return out
 
 
 def benchmark_line(table: Path, slug: str) -> dict | None:

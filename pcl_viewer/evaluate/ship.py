@@ -43,7 +43,7 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
     """
     from tqdm import tqdm
 
-    from pcl_viewer.commands.bench import evaluate_on_phantom
+    from pcl_viewer.evaluate.phantom_eval import evaluate_on_phantom
 
     cfg = SHIP_FINETUNE if epochs is None else replace(SHIP_FINETUNE, epochs=epochs)
     size = preset.image_size

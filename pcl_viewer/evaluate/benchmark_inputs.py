@@ -53,21 +53,28 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
                      styles: list[str] | tuple[str, ...] = TRAINING_STYLES,
                      effusion_oversample: float = 1.0, severe: bool = False,
                      studies_per_patient: int = 1, true_cf: bool = False,
-                     silver: bool = False, silver_steps: int = 150) -> Path:
+                     silver: bool = False, silver_steps: int = 150,
+                     regime: str | None = None) -> Path:
     """Generate a phantom data set at ``root`` once (a ``.complete`` marker makes it reusable).
 
     ``silver``: also label it with the CheXmask-like silver segmenter (``pcl phantom silver``).
+    ``regime``: the phantom's look (default :data:`pcl_viewer.data.phantom.DEFAULT_REGIME`).
+    The marker names the phantom version and regime, so a set rendered by another
+    version or regime is generated again rather than reused.
     """
+    from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
     from pcl_viewer.data.phantom.generate import default_workers, generate
 
     root = Path(root)
-    if (root / ".complete").is_file():
+    regime = regime or DEFAULT_REGIME
+    marker = f"phantom_version={PHANTOM_VERSION} regime={regime}\n"
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
         return root
     if root.exists():
         shutil.rmtree(root)
     generate(root, n, size, seed, counterfactuals=true_cf, oversample=effusion_oversample,
              styles=tuple(styles), severe=severe, studies_per_patient=studies_per_patient,
-             workers=default_workers())
+             workers=default_workers(), regime=regime)
     if silver:
         import torch
 
@@ -76,7 +83,7 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
         threads = torch.get_num_threads()  # make_silver sets its own thread count
         make_silver(root, seed=seed, steps=silver_steps, echo=lambda *a, **k: None)
         torch.set_num_threads(threads)
-    (root / ".complete").write_text("ok\n")
+    (root / ".complete").write_text(marker)
     return root
 
 

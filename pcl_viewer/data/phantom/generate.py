@@ -137,7 +137,7 @@ def renderer_version() -> dict:
 def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactuals: bool = False,
              oversample: float = 1.0, styles: tuple[str, ...] = ("philips", "imagingdynamics"),
              severe: bool = False, studies_per_patient: int = 2, workers: int = 1,
-             progress=None) -> dict:
+             progress=None, regime: str | None = None) -> dict:
     """Sample and write ``n`` images; returns the summary written to ``dataset.json``.
 
     ``progress`` is an optional callable ``(done, total)``.

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pcl_viewer.commands.evaluate:evaluate", "Evaluate a segmentation bundle on fresh phantom data."),
     "chromap": ("pcl_viewer.commands.chromap:chromap", "CHRO-map figure of one scan and its counterfactuals."),
     "review": ("pcl_viewer.commands.review:review", "Batch robustness review of a folder or CSV of scans."),
+    "domain": ("pcl_viewer.commands.domain:domain", "Domain check: calibrate on held-out phantom scans, score scans."),
 }
 
 

@@ -82,6 +82,30 @@ def test_dagger_views_are_the_real_image(pool):
     assert torch.equal(simclr[:, 1], pool.counterfactuals[idx, 1])  # the effusion CF
 
 
+def test_augmented_views_control_uses_real_copies_with_augmentation(pool, tmp_path):
+    """views="real": the counterfactual method's loss and V, real copies for the CF views,
+    augmented exactly as the counterfactual views would be (unlike dagger)."""
+    from pcl_viewer.data.views import make_views
+    from pcl_viewer.train.pretrain import stack_views
+
+    idx = torch.tensor([1, 2])
+    stacks = stack_views(pool, idx, METHODS["mvd-cl"], dagger=False, real_views=True)
+    assert stacks.shape == (2, 4, 1, 64, 64)
+    assert all(torch.equal(stacks[:, k], pool.images[idx]) for k in range(4))
+    cf = stack_views(pool, idx, METHODS["mvd-cl"], dagger=False)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    v_real, th_real = make_views(stacks, augment=True, generator=g1, min_visible=32)
+    v_cf, th_cf = make_views(cf, augment=True, generator=g2, min_visible=32)
+    assert torch.equal(th_real, th_cf)  # the same geometry as the counterfactual row's views
+    assert not torch.equal(v_real[:, 1], v_real[:, 2])  # augmented, not identical copies
+    assert torch.allclose(v_real[:, 0], v_cf[:, 0])  # view 0 is the real image in both
+    cfg = PretrainConfig.for_preset("smoke", method="mvd-cl", views="real", **TINY)
+    real_only = PretrainData(images=pool.images, silver=pool.silver, has_silver=pool.has_silver)
+    summary = pretrain(cfg, real_only, tmp_path, progress=False, echo=lambda *_: None)
+    card = json.loads((tmp_path / "bundle" / "card.json").read_text())
+    assert card["views"] == "real" and summary["method"] == "mvd-cl"
+
+
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory) -> Path:
     from pcl_viewer.data.phantom.generate import generate

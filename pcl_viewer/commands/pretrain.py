@@ -33,9 +33,11 @@ def _command_line(ctx: click.Context) -> str:
 @click.command("pretrain")
 @click.option("--method", type=click.Choice(METHOD_NAMES), required=True)
 @click.option("--dagger", is_flag=True, help="No counterfactuals (real image instead) and no augmentation.")
-@click.option("--views", "views", type=click.Choice(["model", "true"]), default="model",
+@click.option("--views", "views", type=click.Choice(["model", "true", "real"]), default="model",
               show_default=True,
-              help="Counterfactual views: the CF model's precomputed views, or the phantom's true ones.")
+              help="Counterfactual views: the CF model's precomputed views, the phantom's true "
+                   "ones, or 'real': augmented copies of the real image in their place (the "
+                   "augmented-views control: same loss, number of views and augmentation).")
 @click.option("--cf-bundle", default=None, help="CF model bundle for --views model (default: shipped).")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True)
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
@@ -57,7 +59,7 @@ def pretrain(method, dagger, views, cf_bundle, data_dir, preset, out, epochs, se
                                     epochs=epochs, seed=seed, batch_size=batch_size,
                                     pixels=pixels, max_steps_per_epoch=max_steps)
     m = METHODS[method]
-    need_cf = m.views != "real" and not dagger
+    need_cf = m.views != "real" and not dagger and views != "real"
     try:
         data = PretrainData.from_dataset(data_dir, IMAGE_SIZE[preset], views=views, bundle=cf_bundle,
                                          need_counterfactuals=need_cf)

@@ -76,7 +76,10 @@ class PretrainConfig:
 
     method: str = "dvd-cl"
     dagger: bool = False
-    views: str = "true"  # where counterfactuals come from: "model" or "true"
+    # Where the counterfactual views come from: "model" (the CF model), "true" (the
+    # phantom's), or "real": augmented copies of the real image in their place (the
+    # augmented-views control of a counterfactual method: same loss, V and augmentation).
+    views: str = "true"
     preset: str = "cpu"
     epochs: int = 20
     batch_size: int = 8  # global, images (each with V views)
@@ -141,12 +144,18 @@ class PretrainData:
         """Load a pool with ``load_dataset`` (silver kept where quality > min_quality).
 
         ``views="true"``: the phantom's true counterfactuals; ``"model"``: the
-        counterfactual model's views from ``pcl_viewer.data.cf_views.load_views``.
+        counterfactual model's views from ``pcl_viewer.data.cf_views.load_views``;
+        ``"real"``: none (augmented copies of the real image stand in for them).
+        ``root`` may also be a loaded :class:`~pcl_viewer.data.dataset.CXRDataset`
+        (e.g. the pre-training part of a real PadChest folder, ``ds.subset(...)``).
         """
-        from pcl_viewer.data.dataset import load_dataset
+        from pcl_viewer.data.dataset import CXRDataset, load_dataset
 
-        ds = load_dataset(root)
+        ds = root if isinstance(root, CXRDataset) else load_dataset(root)
+        root = ds.root
         arr = ds.arrays(size)
+        if views == "real":
+            need_counterfactuals = False
         cf = None
         if need_counterfactuals:
             if views == "true":
@@ -161,8 +170,8 @@ class PretrainData:
                     raise ValueError(
                         f"the counterfactual model makes {cf.shape[-1]} px views; preset needs {size} px"
                     )
-            else:
-                raise ValueError(f"views must be 'model' or 'true', got {views!r}")
+            elif views != "real":
+                raise ValueError(f"views must be 'model', 'true' or 'real', got {views!r}")
         silver = has = None
         if "silver" in arr:
             silver = torch.from_numpy(arr["silver"])
@@ -244,13 +253,15 @@ def build_loss(method: Method, cfg: PretrainConfig) -> nn.Module:
     return cls(temperature=cfg.temperature, **kw)
 
 
-def stack_views(data: PretrainData, idx: torch.Tensor, method: Method, dagger: bool) -> torch.Tensor:
+def stack_views(data: PretrainData, idx: torch.Tensor, method: Method, dagger: bool,
+                real_views: bool = False) -> torch.Tensor:
     """``(B, V, 1, S, S)`` un-augmented views of images ``idx``.
 
-    Dagger: every counterfactual view is replaced by the real image.
+    Dagger, or ``real_views`` (the augmented-views control): every counterfactual view
+    is replaced by the real image; the caller augments them (not for dagger).
     """
     real = data.images[idx].float()
-    if method.views == "real" or dagger:
+    if method.views == "real" or dagger or real_views:
         return real[:, None].expand(-1, method.n_views, -1, -1, -1)
     if data.counterfactuals is None:
         raise ValueError(f"method {method.name} needs counterfactual views; none were loaded")
@@ -372,7 +383,7 @@ def pretrain(
         for step in bar:
             g = _generator(cfg.seed, epoch, step, rank)
             idx = batches[step]
-            stacks = stack_views(data, idx, method, cfg.dagger)
+            stacks = stack_views(data, idx, method, cfg.dagger, cfg.views == "real")
             views, theta = make_views(stacks, augment=not cfg.dagger, generator=g,
                                       min_visible=cfg.pixels)
             views = views.to(device, non_blocking=True)

@@ -104,3 +104,49 @@ def test_every_sample_is_a_grey_scan_with_known_parents(key):
     assert 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0.02
     parents = kwargs["metadata"]["true_parents"]
     assert parents["scanner"] == SAMPLES[key][0] or parents.get("style") == SAMPLES[key][0]
+
+
+def test_labels_of_a_dicom_scan_are_written_as_dicom_seg(tmp_path):
+    from pcl_viewer.data.dicom_seg import SEG_SOP_CLASS, read_dicom_seg
+
+    src = pydicom.data.get_testdata_file("CT_small.dcm")
+    _, kwargs, _ = _read(src)
+    assert kwargs["metadata"]["pcl_scan"]["path"] == str(src)
+    assert kwargs["metadata"]["pcl_scan"]["spacing_source"] == "PixelSpacing"
+    lab = np.zeros((128, 128), np.uint8)
+    lab[20:100, 10:50], lab[20:100, 70:120] = 1, 2
+    # as the pipeline's labels layers carry it: scan_path
+    meta = {"scale": kwargs["scale"], "metadata": {"view": "factual", "scan_path": str(src)}}
+    out, side = write_labels(str(tmp_path / "lungs.dcm"), lab, meta)
+    assert pydicom.dcmread(out).SOPClassUID == SEG_SOP_CLASS
+    np.testing.assert_array_equal(read_dicom_seg(out), lab)
+    assert json.loads(open(side).read())["view"] == "factual"
+    # as the reader's own layer metadata carries it: pcl_scan.path
+    out2, _ = write_labels(str(tmp_path / "again.dcm"), lab, {"metadata": kwargs["metadata"]})
+    np.testing.assert_array_equal(read_dicom_seg(out2), lab)
+
+
+def test_labels_without_a_dicom_source_refuse_dicom_seg_in_one_line(tmp_path):
+    png = tmp_path / "scan.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(png)
+    lab = np.zeros((40, 30), np.uint8)
+    for metadata in ({}, {"scan_path": str(png)}, {"pcl_scan": {"path": None}}):
+        with pytest.raises(ValueError, match="needs the labels' source DICOM scan") as info:
+            write_labels(str(tmp_path / "lungs.dcm"), lab, {"metadata": metadata})
+        assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.png"]
+
+
+def test_layer_metadata_says_which_spacing_was_used(tmp_path):
+    src = pydicom.data.get_testdata_file("MR_small.dcm")
+    ds = pydicom.dcmread(src)
+    del ds.PixelSpacing
+    ds.ImagerPixelSpacing = [0.4, 0.4]
+    ds.EstimatedRadiographicMagnificationFactor = 1.25
+    ds.save_as(tmp_path / "dx.dcm")
+    _, kwargs, _ = _read(tmp_path / "dx.dcm")
+    assert kwargs["scale"] == pytest.approx((0.32, 0.32))
+    assert kwargs["metadata"]["pcl_scan"]["spacing_source"] == "ImagerPixelSpacing/ERMF"
+    assert kwargs["metadata"]["spacing_source"] == "ImagerPixelSpacing/ERMF"

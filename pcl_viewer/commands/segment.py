@@ -6,26 +6,59 @@ from pathlib import Path
 
 import click
 
+OUT_SUFFIXES = (".png", ".nii", ".nii.gz", ".dcm")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
 
 @click.command()
-@click.argument("scan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("scan", type=click.Path(path_type=Path))
 @click.option("--bundle", default=None, help="Segmentation bundle folder or name (default seg-cpu).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Label image to write (.png or .nii.gz): 0 background, 1 right, 2 left lung.")
+              help="Label file to write: .png or .nii/.nii.gz (0 background, 1 right, 2 left "
+                   "lung), or .dcm: a DICOM SEG referencing SCAN (SCAN must be DICOM).")
 def segment(scan: Path, bundle: str | None, out: Path) -> None:
-    """Segment the lungs of SCAN (any size); labels are written at the scan's native size."""
+    """Segment the lungs of SCAN (any size); labels are written at the scan's native size.
+
+    Every user error (missing or unreadable scan, bad bundle, unsupported output)
+    is one line on stderr and exit status 1.
+    """
     from pcl_viewer.data.readers import read_scan, write_labels
     from pcl_viewer.data.scan import ScanReadError
+
+    name = out.name.lower()
+    if not name.endswith(OUT_SUFFIXES):
+        raise click.ClickException(f"{out}: unsupported output extension; supported: "
+                                   f"{', '.join(OUT_SUFFIXES)}")
+    try:
+        the_scan = read_scan(scan)
+    except ScanReadError as exc:
+        raise click.ClickException(str(exc)) from None
+    dicom_out = name.endswith(".dcm")
+    if dicom_out and the_scan.metadata.get("format") != "dicom":
+        raise click.ClickException(f"{out}: a DICOM SEG references its source image, but {scan} "
+                                   "is not DICOM; write .png or .nii.gz instead")
     from pcl_viewer.evaluate.phantom_eval import load_segmenter, segment_image
-    from pcl_viewer.models.bundle import BundleError
 
     try:
         model, size, info = load_segmenter(bundle)
-        image = read_scan(scan).image
-    except (BundleError, ScanReadError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:  # BundleError and whatever a malformed bundle raises: one line
+        raise click.ClickException(f"cannot load the segmentation bundle "
+                                   f"{bundle or '(default)'}: {_first_line(exc)}") from None
+    image = the_scan.image
     labels = segment_image(image, model, size)
-    write_labels(out, labels)
+    try:
+        if dicom_out:
+            from pcl_viewer.data.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(out, labels, scan)
+        else:
+            write_labels(out, labels, spacing=the_scan.spacing)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{out}: cannot write: {_first_line(exc)}") from None
     area = {k: float((labels == v).mean()) for k, v in (("right", 1), ("left", 2))}
     click.echo(f"{scan.name}: {image.shape[1]}x{image.shape[0]} px, bundle {info.name} "
                f"({info.fingerprint}); lung area right {100 * area['right']:.1f} % "

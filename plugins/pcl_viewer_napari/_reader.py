@@ -3,6 +3,10 @@
 Reading is :func:`pcl_viewer.data.readers.read_scan`; this module only maps a
 :class:`Scan` to napari layer data: pixel spacing -> layer scale (mm), the
 reader's metadata kept, notices (colour converted to grey ...) shown to the user.
+``metadata["pcl_scan"]`` holds the source path (the labels writer uses it to
+reference a DICOM source in a SEG) and ``spacing_source`` (PixelSpacing,
+ImagerPixelSpacing, ImagerPixelSpacing/ERMF, pixdim or None): detector spacing
+is not patient spacing.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def read_layers(path: str | list[str]) -> list[tuple[Any, dict, str]]:
 def scan_layer_data(scan: Scan, **extra_meta: Any) -> tuple[Any, dict, str]:
     """``(data, kwargs, "image")`` of a scan: grey, contrast [0, 1], scale = spacing in mm."""
     meta = {"pcl_scan": {"name": scan.name, "path": scan.path,
-                         "spacing": list(scan.spacing) if scan.spacing else None},
+                         "format": scan.metadata.get("format"),
+                         "spacing": list(scan.spacing) if scan.spacing else None,
+                         "spacing_source": scan.metadata.get("spacing_source")},
             **_json_safe(scan.metadata), **extra_meta}
     kwargs = {"name": scan.name, "metadata": meta, "colormap": "gray",
               "contrast_limits": (0.0, 1.0)}

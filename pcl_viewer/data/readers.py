@@ -239,8 +239,9 @@ def _check_shape(path: Path, shape: tuple[int, ...], max_pixels: int | None,
 def _to_grey(path: Path, arr: np.ndarray, notices: list[str], alpha: bool) -> np.ndarray:
     """``(H, W, S)`` samples -> ``(H, W)`` grey; S = 1, 2 (grey + alpha), 3 (RGB), 4 (RGBA).
 
-    Unsigned input stays unsigned (rounded luma) so normalisation uses the bit depth;
-    computed one channel at a time in float32 (no ``(H, W, S)`` float copy).
+    Unsigned input stays unsigned (rounded luma) so normalisation uses the bit depth.
+    Computed in row chunks (numpy has no chunked weighted channel sum), so the only
+    full-size allocation is the ``(H, W)`` result.
     """
     s = arr.shape[-1]
     if s in (2, 4) and alpha:
@@ -252,15 +253,16 @@ def _to_grey(path: Path, arr: np.ndarray, notices: list[str], alpha: bool) -> np
         raise ScanReadError(path, f"{s} samples per pixel; expected grey, RGB or RGBA")
     notices.append("colour image converted to grey (ITU-R 601 luma)")
     ftype = np.float64 if arr.dtype.itemsize >= 4 else np.float32  # 32-bit samples need 53 bits
-    luma = arr[..., 0].astype(ftype)
-    luma *= _LUMA[0]
-    for c in (1, 2):
-        luma += _LUMA[c] * arr[..., c].astype(ftype)
-    if arr.dtype.kind == "u":
-        np.rint(luma, out=luma)
-        np.clip(luma, 0, np.iinfo(arr.dtype).max, out=luma)
-        return luma.astype(arr.dtype)
-    return luma
+    out = np.empty(arr.shape[:2], arr.dtype if arr.dtype.kind == "u" else np.float32)
+    rows = max(1, _CHUNK // max(1, arr.shape[1]))
+    weights = np.asarray(_LUMA, ftype)
+    for i in range(0, arr.shape[0], rows):
+        luma = arr[i: i + rows, :, :3].astype(ftype) @ weights
+        if arr.dtype.kind == "u":
+            np.rint(luma, out=luma)
+            np.clip(luma, 0, np.iinfo(arr.dtype).max, out=luma)
+        out[i: i + rows] = luma
+    return out
 
 
 def _rescale(arr: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:

@@ -571,7 +571,10 @@ def _dicom_grey(path: Path, arr: np.ndarray, ds, notices: list[str], modality_lu
     voi_seq = bool(ds.get("VOILUTSequence"))
     window = None if voi_seq else _voi_window(ds)
     if voi_seq:
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64).ravel()
+        # the LUT's output range: every input it maps, through pydicom's own LUT decoding
+        entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        probe = np.arange(first, first + (entries or 65536), dtype=np.float64)
+        lut = np.asarray(voi_lut(probe, ds), dtype=np.float64)
         lo, hi = float(lut.min()), float(lut.max())
         how = f"VOI LUT sequence, output {lo:g}..{hi:g}"
 

@@ -258,3 +258,180 @@ def test_lzw_tiff_written_by_pillow(tmp_path):
     img = (synthetic_cxr(40, 30) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "l.tif", compression="tiff_lzw")
     np.testing.assert_allclose(read_scan(tmp_path / "l.tif").image, img / 255.0, atol=1e-6)
+
+
+# ------------------------------------------------------------ hardening ---
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
+       b"/f (MARKER) (w) file def f (pwned) writestring f closefile\n{ } loop\nshowpage\n")
+
+
+def _png16(path, array: np.ndarray, colour_type: int):
+    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour / grey+alpha)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = array.shape[:2]
+    raw = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_eps_named_png_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    import subprocess
+
+    marker = tmp_path / "gs_ran"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "gs").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (fake / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    spawned = []
+    real = subprocess.Popen
+
+    def record(*args, **kwargs):
+        spawned.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", record)
+    monkeypatch.chdir(tmp_path)
+    for name in ("scan001.png", "hang.png", "x.jpg", "x.tif"):
+        (tmp_path / name).write_bytes(EPS)
+        t0 = time.perf_counter()
+        with pytest.raises(ScanReadError, match="looks like PostScript/EPS") as info:
+            read_scan(tmp_path / name)
+        assert time.perf_counter() - t0 < 2.0
+        assert "\n" not in info.value.reason
+    assert spawned == [] and not marker.exists()
+    assert not (tmp_path / "MARKER").exists()
+
+
+@pytest.mark.parametrize("fmt,ext,looks", [("BMP", ".png", "BMP"), ("GIF", ".png", "GIF"),
+                                           ("PNG", ".jpg", "PNG"), ("JPEG", ".tif", "JPEG"),
+                                           ("TIFF", ".png", "TIFF"), ("WEBP", ".jpg", "RIFF")])
+def test_other_formats_under_a_scan_extension_are_refused(tmp_path, fmt, ext, looks):
+    from PIL import Image
+
+    path = tmp_path / f"a{ext}"
+    Image.fromarray((synthetic_cxr(32, 32) * 255).astype(np.uint8)).convert(
+        "RGB" if fmt == "WEBP" else "L").save(path, format=fmt)
+    with pytest.raises(ScanReadError, match=f"looks like {looks}"):
+        read_scan(path)
+
+
+def test_extensionless_files_only_as_dicom(tmp_path):
+    dcm = write_dicom(tmp_path / "a.dcm", (synthetic_cxr(20, 20) * 4095).astype(np.uint16))
+    uid = tmp_path / "1.2.840.113619.2.55.3.604688119"
+    uid.write_bytes(dcm.read_bytes())
+    assert read_scan(uid).metadata["format"] == "dicom"
+    png = write_png(tmp_path / "p.png", np.zeros((20, 20), np.uint8))
+    bare = tmp_path / "IMG0001"
+    bare.write_bytes(png.read_bytes())
+    with pytest.raises(ScanReadError, match="only DICOM files are read without an extension"):
+        read_scan(bare)
+    other = tmp_path / "scan.bmp"
+    other.write_bytes(dcm.read_bytes())
+    with pytest.raises(ScanReadError, match="unsupported file type '.bmp'"):
+        read_scan(other)
+
+
+def test_pixel_budget_counts_channels_and_gives_the_size(tmp_path):
+    from pcl_viewer.data.readers import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == 2**26
+    path = huge_png_header(tmp_path / "big.png", 9000, 9000)
+    t0 = time.perf_counter()
+    with pytest.raises(ScanReadError, match="9000 x 9000 pixels = 81,000,000 samples: too many"):
+        read_scan(path)
+    assert time.perf_counter() - t0 < 1.0
+    rgba = np.zeros((40, 30, 4), np.uint8)
+    p = write_png(tmp_path / "rgba.png", rgba)
+    with pytest.raises(ScanReadError, match="x 4 channels = 4,800 samples"):
+        read_scan(p, max_pixels=4000)
+    assert read_scan(p, max_pixels=4800).shape == (40, 30)
+    with pytest.raises(ScanReadError) as info:  # no budget: the header passes, the data is short
+        read_scan(path, max_pixels=None)
+    assert "too many" not in info.value.reason and "cannot decode" in info.value.reason
+
+
+def test_float64_tiff_with_extreme_values_has_no_nan(tmp_path):
+    img = np.zeros((32, 32), np.float64)
+    img[:16], img[16:, :8] = 1e308, -1e308
+    scan = read_scan(write_tiff(tmp_path / "f.tif", img))
+    assert np.isfinite(scan.image).all()
+    assert scan.image.max() == 1.0 and scan.image.min() == 0.0
+    np.testing.assert_allclose(scan.image[20, 20], 0.5, atol=1e-6)  # 0 is midway
+
+
+@pytest.mark.parametrize("colour_type,channels", [(2, 3), (4, 2), (6, 4)])
+def test_16_bit_colour_and_grey_alpha_png_keep_16_bits(tmp_path, colour_type, channels):
+    grey = (np.linspace(0, 65535, 40 * 32).reshape(40, 32)).astype(np.uint16)
+    arr = np.stack([grey] * channels, -1)
+    if channels in (2, 4):
+        arr[..., -1] = 65535 - grey  # alpha, ignored
+    scan = read_scan(_png16(tmp_path / "c.png", arr, colour_type))
+    np.testing.assert_allclose(scan.image, grey / 65535.0, atol=1e-6)
+    assert len(np.unique(scan.image)) == grey.size  # 8 bits would leave at most 256 levels
+
+
+def test_fifo_and_device_symlink_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.png"
+    link.symlink_to("/dev/zero")
+    for timeout in (None, 10.0):
+        t0 = time.perf_counter()
+        with pytest.raises(ScanReadError, match="not a regular file: FIFO"):
+            read_scan(fifo, timeout_s=timeout)
+        with pytest.raises(ScanReadError,
+                           match=r"not a regular file: character device \(symlink to /dev/zero\)"):
+            read_scan(link, timeout_s=timeout)
+        assert time.perf_counter() - t0 < 5.0
+    dangling = tmp_path / "gone.png"
+    dangling.symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(ScanReadError, match="symlink to a missing file"):
+        read_scan(dangling)
+
+
+def test_time_limited_read_equals_the_plain_read_and_kills_a_slow_decode(tmp_path):
+    from pcl_viewer.data import readers
+
+    small = write_dicom(tmp_path / "a.dcm", (synthetic_cxr(40, 30) * 4095).astype(np.uint16),
+                        photometric="MONOCHROME1")
+    plain = read_scan(small)
+    timed = read_scan(small, timeout_s=60)
+    np.testing.assert_array_equal(timed.image, plain.image)
+    assert timed.spacing == plain.spacing and timed.metadata == plain.metadata
+    assert timed.image.flags.writeable
+    with pytest.raises(ScanReadError, match="too small"):
+        read_scan(write_png(tmp_path / "t.png", np.zeros((4, 4), np.uint8)), timeout_s=60)
+    # a decode that needs far longer than the limit: noise does not compress
+    noise = np.random.default_rng(0).integers(0, 65535, (3000, 3000), dtype=np.uint16)
+    big = write_png(tmp_path / "noise.png", noise)
+    pid = readers._WORKER.pid
+    t0 = time.perf_counter()
+    with pytest.raises(ScanReadError, match="longer than the time limit of 0.001 s"):
+        read_scan(big, timeout_s=0.001)
+    assert time.perf_counter() - t0 < 10.0
+    assert readers._WORKER.pid is None and pid is not None  # the helper was killed
+    np.testing.assert_array_equal(read_scan(small, timeout_s=60).image, plain.image)  # restarted
+
+
+def test_a_dead_helper_is_replaced_on_the_next_timed_read(tmp_path):
+    import os
+    import signal
+
+    from pcl_viewer.data import readers
+
+    path = write_png(tmp_path / "a.png", (synthetic_cxr(32, 32) * 255).astype(np.uint8))
+    first = read_scan(path, timeout_s=60)
+    os.kill(readers._WORKER.pid, signal.SIGKILL)
+    readers._WORKER._proc.join(5)
+    np.testing.assert_array_equal(read_scan(path, timeout_s=60).image, first.image)

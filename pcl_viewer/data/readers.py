@@ -754,17 +754,19 @@ class _DecodeWorker:
                     raise ScanReadError(p, f"decoding took longer than the time limit of "
                                            f"{timeout_s:g} s; stopped")
                 head = json.loads(conn.recv_bytes())
-                if not head["ok"]:
-                    raise ScanReadError(p, head["reason"])
-                h, w = head["shape"]
+                h, w = head["shape"] if head["ok"] else (0, 0)
                 buf = bytearray(h * w * 4)
                 if h * w:
                     conn.recv_bytes_into(buf)
-            except (EOFError, OSError, ValueError, KeyError):
+            except (EOFError, OSError):
+                if self._proc is not None:
+                    self._proc.join(1)
                 code = self._proc.exitcode if self._proc is not None else None
                 self.stop()
                 raise ScanReadError(p, f"the decoder process died while decoding "
                                        f"(exit code {code})") from None
+        if not head["ok"]:
+            raise ScanReadError(p, head["reason"])
         image = np.frombuffer(buf, np.float32).reshape(h, w)
         spacing = tuple(head["spacing"]) if head["spacing"] else None
         return Scan(image=image, spacing=spacing, name=head["name"], path=str(p),

@@ -76,3 +76,36 @@ def test_hvae_batches_balance_effusion_without_inventing_groups():
     none = np.zeros((40, 3), np.float32)
     assert _batch_indices(rng, none, 16, 0.5).shape == (16,)
     assert _batch_indices(rng, pa, 16, None).shape == (16,)
+
+
+def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(tmp_path):
+    from pcl_viewer.models.bundle import save_bundle
+    from pcl_viewer.models.classifiers import build_classifiers
+    from pcl_viewer.models.hvae import HVAE, HVAEConfig
+
+    torch.manual_seed(0)
+    cfg = HVAEConfig.for_preset("smoke")
+    for key, value in TOY_HVAE.items():
+        setattr(cfg, key, value)
+    src, clf = HVAE(cfg), build_classifiers("smoke")
+    for p in src.parameters():  # no zero-initialised layers, so outputs depend on every weight
+        torch.nn.init.normal_(p, std=0.2)
+    save_bundle(tmp_path / "b", {"name": "b", "version": "0", "kind": "counterfactual"},
+                {"hvae": ("hvae", {"hvae": cfg.to_dict()}, src),
+                 "classifier": ("attribute-classifier", {"classifier": clf.cfg.to_dict()}, clf)})
+    c = _cfg()
+    c.hvae_overrides = {**TOY_HVAE, "fluid_dim": 2}
+    c.init_bundle = str(tmp_path / "b")
+    c.steps, c.cls_steps = 0, 0
+    run = train_cf(toy_data(n=64), c, tmp_path / "run", progress=False)
+    assert run.init_info["widened"] == 1 and run.init_info["fresh"] > 0
+    x = torch.rand(4, 1, 32, 32)
+    pa = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    src.eval()
+    ref = src.abduct(x, pa)["mu"]
+    out = run.ema.eval().abduct(x, pa)["mu"]
+    assert torch.allclose(out, ref, atol=1e-5)  # the effusion noise enters at zero weight
+    assert torch.equal(run.cls.state_dict()["temperature"], clf.state_dict()["temperature"])
+    with torch.no_grad():  # and from here on it is a parameter like any other
+        run.ema.parent_embed[0].weight[:, 3:] = 1.0
+    assert not torch.allclose(run.ema.abduct(x, pa)["mu"][1:3], ref[1:3], atol=1e-4)

@@ -45,11 +45,30 @@ def _threads(n: int | None) -> None:
               help="Weight of mean |x_cf - x| on effusion-only interventions while fine-tuning.")
 @click.option("--finetune-minutes", type=float, default=None,
               help="Stop the fine-tuning after this many minutes (not reproducible).")
+@click.option("--fluid-dim", type=int, default=0, show_default=True,
+              help="Dimensions of the global effusion-noise latent (side and severity of the "
+                   "fluid; enters the decoder as effusion * u_f). 0: none.")
+@click.option("--cf-pair-weight", type=float, default=0.0, show_default=True,
+              help="Weight of counterfactual supervision: MAE between the model counterfactual "
+                   "and the dataset's true counterfactual (needs --counterfactuals data).")
+@click.option("--cf-pair-batch", type=int, default=16, show_default=True)
+@click.option("--init", "init_bundle", default=None,
+              help="Warm start from this counterfactual bundle's HVAE and classifiers "
+                   "(effusion-noise inputs added at zero).")
+@click.option("--lr", type=float, default=None, help="HVAE learning rate (default 2e-3).")
+@click.option("--kl-warmup", type=int, default=None,
+              help="Steps over which the KL weight ramps up (default 300; 0 with --init).")
+@click.option("--classifiers-only", is_flag=True,
+              help="Train only the attribute classifiers and write a classifier-only bundle "
+                   "(an independent judge for eval-cf).")
 def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              classifier_steps: int | None, batch_size: int | None, seed: int,
              run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
-             finetune_minimality: float, finetune_minutes: float | None, device: str) -> None:
+             finetune_minimality: float, finetune_minutes: float | None, device: str,
+             fluid_dim: int, cf_pair_weight: float, cf_pair_batch: int,
+             init_bundle: str | None, lr: float | None, kl_warmup: int | None,
+             classifiers_only: bool) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
     _threads(threads)
     from pcl_viewer.device import choose_device
@@ -59,6 +78,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
     from pcl_viewer.train.cf import (
         CFTrainConfig,
         export_bundle,
+        export_classifiers,
         finetune_cf,
         load_training_data,
         train_cf,
@@ -68,21 +88,38 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
                 "cpu": dict(steps=1000, cls_steps=300, batch_size=32, checkpoint_every=100),
                 "paper": dict(steps=200_000, cls_steps=5000, batch_size=16, checkpoint_every=1000)}
     d = defaults[preset]
+    if classifiers_only:
+        steps = 0
     cfg = CFTrainConfig(preset=preset, seed=seed, steps=steps if steps is not None else d["steps"],
                         batch_size=batch_size or d["batch_size"],
                         cls_steps=classifier_steps if classifier_steps is not None else d["cls_steps"],
-                        checkpoint_every=checkpoint_every or d["checkpoint_every"])
+                        checkpoint_every=checkpoint_every or d["checkpoint_every"],
+                        cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
+                        hvae_overrides={"fluid_dim": fluid_dim} if fluid_dim else {},
+                        init_bundle=init_bundle or "")
+    if lr is not None:
+        cfg.lr = lr
+    if kl_warmup is not None or init_bundle:
+        cfg.kl_warmup = kl_warmup if kl_warmup is not None else 0
     run_dir = run_dir or out.with_name(out.name + ".run")
     data = load_training_data(data_dir, HVAEConfig.for_preset(preset).image_size)
+    if cf_pair_weight > 0 and data.cf_train is None:
+        raise click.BadParameter(f"{data_dir} has no true counterfactuals",
+                                 param_hint="--cf-pair-weight")
     click.echo(f"train-cf: {len(data.x_train)} train / {len(data.x_val)} val images from "
                f"{data_dir}; run folder {run_dir}; device {device}", err=True)
     run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None, device=device)
+    command = "pcl train-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    if classifiers_only:
+        bundle = export_classifiers(run, data, out, command=command)
+        click.echo(json.dumps(bundle.card["metrics"], indent=1))
+        click.echo(f"wrote {out} (fingerprint {bundle.fingerprint})")
+        return
     finetune = None
     if cf_finetune:
         finetune = finetune_cf(run, data, finetune_steps, minimality=finetune_minimality,
                                max_seconds=None if finetune_minutes is None else 60 * finetune_minutes)
         click.echo(f"cf-finetune: {json.dumps(finetune)}", err=True)
-    command = "pcl train-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     bundle = export_bundle(run, data, out, command=command, finetune=finetune)
     click.echo(json.dumps(bundle.card["metrics"], indent=1))
     click.echo(f"wrote {out} (fingerprint {bundle.fingerprint})")
@@ -95,20 +132,25 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON report.")
 @click.option("--n", "limit", type=int, default=None, help="Use only the first N images.")
 @click.option("--figure", type=click.Path(path_type=Path), default=None,
-              help="Also write the factual / model CF / true CF / difference figure.")
+              help="Also write the figure: do(effusion) added and removed on several sides "
+                   "and severities and do(scanner), model beside truth.")
 @click.option("--write-card", is_flag=True, help="Store the results in the bundle's card.")
-@click.option("--judge", "judge_path", default=None,
-              help="Another bundle whose classifiers (other seed and images) also judge "
-                   "effectiveness, independently of the classifiers CF fine-tuning used.")
+@click.option("--judge", "judge_path", default="judge-cpu", show_default=True,
+              help="A bundle of independent attribute classifiers (other seed and images) "
+                   "that also judges effectiveness; 'none' to skip.")
+@click.option("--segmenter", "seg_path", default="seg-cpu", show_default=True,
+              help="Segmentation bundle scored on model vs true effusion counterfactuals "
+                   "(Dice against the true counterfactual's gold mask); 'none' to skip.")
 @click.option("--threads", type=int, default=None)
 def eval_cf(bundle_path: str, data_dir: Path, out: Path, limit: int | None, figure: Path | None,
-            write_card: bool, judge_path: str | None, threads: int | None) -> None:
+            write_card: bool, judge_path: str, seg_path: str, threads: int | None) -> None:
     """Counterfactual quality against the phantom's true counterfactuals."""
     _threads(threads)
     import numpy as np
 
     from pcl_viewer.data.dataset import load_dataset
-    from pcl_viewer.evaluate.cf_quality import counterfactual_figure, evaluate_counterfactuals
+    from pcl_viewer.evaluate.cf_quality import effusion_figure, evaluate_counterfactuals
+    from pcl_viewer.models.bundle import BundleError, ModelBundle, find_bundle
     from pcl_viewer.models.counterfactual import CounterfactualModel
 
     model = CounterfactualModel.from_bundle(bundle_path)
@@ -119,31 +161,85 @@ def eval_cf(bundle_path: str, data_dir: Path, out: Path, limit: int | None, figu
     x, pa = arr["image"][idx], arr["parents"][idx]
     true_cf = arr["true_cf"][idx] if "true_cf" in arr else None
     t0 = time.perf_counter()
-    judge = CounterfactualModel.from_bundle(judge_path) if judge_path else None
-    if judge is not None and judge.classifier is None:
-        raise click.BadParameter(f"{judge_path} has no attribute classifiers", param_hint="--judge")
-    report = evaluate_counterfactuals(model, x, pa, true_cf, keep=4 if figure else 0,
-                                      judge=None if judge is None else judge.classifier)
+    judge = judge_info = None
+    if judge_path and judge_path.lower() != "none":
+        try:
+            judge_info = ModelBundle.load(find_bundle(judge_path))
+        except (BundleError, FileNotFoundError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--judge") from exc
+        if "classifier" not in judge_info.components:
+            raise click.BadParameter(f"{judge_path} has no attribute classifiers",
+                                     param_hint="--judge")
+        judge = judge_info.build("classifier").eval()
+    segmenter = masks = None
+    seg_info = None
+    if true_cf is not None and seg_path and seg_path.lower() != "none":
+        segmenter, seg_info = _segmenter(seg_path, model.image_size)
+        masks = _true_cf_masks(ds, idx, "effusion", model.image_size)
+    report = evaluate_counterfactuals(model, x, pa, true_cf, judge=judge, segmenter=segmenter,
+                                      true_cf_masks=masks, keep_all=figure is not None)
     examples = report.pop("examples", None)
-    if judge is not None:
-        report["judge"] = {"bundle": str(judge.bundle.path), "fingerprint": judge.bundle.fingerprint}
+    if judge_info is not None:
+        report["judge"] = {"bundle": str(judge_info.path), "fingerprint": judge_info.fingerprint}
+    if seg_info is not None:
+        report["segmenter"] = {"bundle": str(seg_info.path), "fingerprint": seg_info.fingerprint}
     report.update({"bundle": str(model.bundle.path), "fingerprint": model.bundle.fingerprint,
                    "data": str(data_dir), "seconds": round(time.perf_counter() - t0, 1),
                    "command": "pcl eval-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     click.echo(json.dumps({k: v for k, v in report.items() if k != "targets"}, indent=1))
-    if figure and examples is not None:
-        # Two examples: one with and one without effusion when available.
-        pick = [int(np.argmax(pa[:, 2] == 0)), int(np.argmax(pa[:, 2] == 1))]
-        pick = [p for p in pick if p < 4] or [0, 1]
+    if figure and examples is not None and true_cf is not None:
         figure.parent.mkdir(parents=True, exist_ok=True)
-        counterfactual_figure(figure, x[pick], None if true_cf is None else true_cf[pick],
-                              {k: v[pick] for k, v in examples.items()}, pa[pick],
-                              title=f"{model.bundle.name}: held-out phantom ({data_dir.name})")
+        effusion_figure(figure, x, true_cf, examples, pa,
+                        title=f"{model.bundle.name} ({model.bundle.fingerprint}): held-out "
+                              f"phantom {data_dir.name}, model beside truth")
         click.echo(f"wrote {figure}")
     if write_card:
         _write_card_metrics(model.bundle.path, report)
+
+
+def _segmenter(path: str, size: int):
+    """``(callable (B,1,S,S) -> (B,S,S) uint8 labels, ModelBundle)`` of a segmentation bundle."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from pcl_viewer.evaluate.phantom_eval import load_segmenter
+
+    net, seg_size, info = load_segmenter(path)
+    net.eval()
+
+    @torch.no_grad()
+    def segment(images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), 64):
+            xb = torch.from_numpy(np.ascontiguousarray(images[i:i + 64], dtype=np.float32))
+            if seg_size != size:
+                xb = F.interpolate(xb, size=(seg_size, seg_size), mode="area")
+            logits = net(xb)
+            if seg_size != size:
+                logits = F.interpolate(logits, size=(size, size), mode="bilinear")
+            out.append(logits.argmax(1).to(torch.uint8).numpy())
+        return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
+
+    return segment, info
+
+
+def _true_cf_masks(ds, idx, kind: str, size: int):
+    """Gold masks ``(N, S, S)`` uint8 of the true ``kind`` counterfactuals of ``idx``."""
+    import cv2
+    import numpy as np
+
+    masks = np.zeros((len(idx), size, size), np.uint8)
+    for j, i in enumerate(idx):
+        cf = ds.true_counterfactual(int(i), kind)
+        if cf is None or cf[1] is None:
+            raise click.ClickException(f"{ds.root}: no gold mask for the {kind} counterfactual")
+        m = cf[1]
+        masks[j] = m if m.shape == (size, size) else cv2.resize(
+            m, (size, size), interpolation=cv2.INTER_NEAREST)
+    return masks
 
 
 def _write_card_metrics(path: Path, report: dict) -> None:

@@ -33,7 +33,7 @@ class Abduction:
 
     x: torch.Tensor
     parents: torch.Tensor
-    latents: dict[str, list[torch.Tensor]]
+    latents: dict  # "z", "u": per latent block (B, c, h, w); "fluid": (B, fluid_dim) if any
     mu: torch.Tensor
 
 
@@ -142,7 +142,9 @@ class CounterfactualModel:
         ab = self.abduct(x, parents)
         b = ab.x.shape[0]
         targets = torch.cat([intervene(ab.parents, do) for do in STANDARD_DOS.values()])
-        latents = {k: [v.repeat(3, 1, 1, 1) for v in vs] for k, vs in ab.latents.items()}
+        latents = {k: (vs.repeat(3, 1) if isinstance(vs, torch.Tensor)
+                       else [v.repeat(3, 1, 1, 1) for v in vs])
+                   for k, vs in ab.latents.items()}
         mu_cf = self.hvae.decode(latents, targets).view(3, b, *ab.mu.shape[1:])
         views = (ab.x[None] + mu_cf - ab.mu[None]).clamp(0, 1)
         return views.transpose(0, 1).contiguous()

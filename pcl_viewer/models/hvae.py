@@ -14,6 +14,7 @@ and the prior-relative exogenous noise of every latent) and :meth:`HVAE.decode`.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,6 +52,12 @@ class HVAEConfig:
     top_res: int = 8
     free_bits: float = 0.0  # nats per latent channel and position, per level
     cf_latents: str = "prior-relative"  # or "posterior": keep z fixed under intervention
+    # Exogenous effusion noise: a global latent u_f (fluid_dim,) with prior N(0, I) that
+    # enters the parent embedding as ``effusion * u_f``. It is the model's counterpart of
+    # the side/severity noise of the SCM: inferred from the image when fluid is visible,
+    # drawn from its prior (the posterior of a normal image) when fluid is added. 0: off.
+    fluid_dim: int = 0
+    fluid_beta: float = 1.0  # KL weight of u_f
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -202,7 +209,7 @@ class HVAE(nn.Module):
         if missing:
             raise ValueError(f"latent resolutions {missing} not in {res}")
         self.parent_embed = nn.Sequential(
-            nn.Linear(cfg.parent_dim, e), nn.GELU(), nn.Linear(e, e), nn.GELU()
+            nn.Linear(cfg.parent_dim + cfg.fluid_dim, e), nn.GELU(), nn.Linear(e, e), nn.GELU()
         )
         # Bottom-up encoder (no parents, as in causal-gen).
         self.stem = nn.Conv2d(1, w[0], 3, padding=1)
@@ -211,6 +218,11 @@ class HVAE(nn.Module):
             for i in range(len(w))
         )
         self.enc_down = nn.ModuleList(nn.Conv2d(w[i], w[i + 1], 1) for i in range(len(w) - 1))
+        # Posterior q(u_f | x) of the exogenous effusion noise from the coarsest encoder
+        # activation (mean and max pooled): loc and raw scale, (B, 2 * fluid_dim).
+        self.enc_fluid = (nn.Sequential(nn.Linear(2 * w[-1], w[-1]), nn.GELU(),
+                                        nn.Linear(w[-1], 2 * cfg.fluid_dim))
+                          if cfg.fluid_dim else None)
         # Top-down decoder from the smallest resolution.
         self.top = nn.Parameter(torch.zeros(1, w[-1], res[-1], res[-1]))
         self.top_embed = nn.Linear(e, w[-1])
@@ -227,12 +239,22 @@ class HVAE(nn.Module):
         self.out = nn.Conv2d(w[0], 1, 3, padding=1)
 
     # -- building blocks ---------------------------------------------------
-    def embed(self, pa: torch.Tensor) -> torch.Tensor:
-        """``(B, 3)`` 0/1 parents -> ``(B, E)``."""
-        return self.parent_embed(pa.float())
+    def embed(self, pa: torch.Tensor, fluid: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 3)`` 0/1 parents (+ ``(B, fluid_dim)`` effusion noise) -> ``(B, E)``.
+
+        The noise enters as ``effusion * u_f``: it can only act where effusion is present.
+        Without ``fluid`` (and with ``fluid_dim > 0``) the prior mean ``u_f = 0`` is used.
+        """
+        pa = pa.float()
+        if self.cfg.fluid_dim:
+            if fluid is None:
+                fluid = pa.new_zeros(pa.shape[0], self.cfg.fluid_dim)
+            pa = torch.cat([pa, pa[:, 2:3] * fluid], dim=1)
+        return self.parent_embed(pa)
 
     def encode(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``(B, 1, S, S)`` in [0, 1] -> encoder activations per latent resolution."""
+        """``(B, 1, S, S)`` in [0, 1] -> encoder activations per latent resolution, and under
+        key ``-1`` the coarsest activation (for the effusion-noise posterior)."""
         h = self.stem(2 * self.to_work(x) - 1)
         acts: dict[int, torch.Tensor] = {}
         for i, blocks in enumerate(self.enc_blocks):
@@ -242,7 +264,17 @@ class HVAE(nn.Module):
                 acts[h.shape[-1]] = h
             if i < len(self.enc_down):
                 h = self.enc_down[i](F.avg_pool2d(h, 2))
+        acts[-1] = h
         return acts
+
+    def fluid_posterior(self, acts: dict[int, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean and std ``(B, fluid_dim)`` of q(u_f | x), or None without effusion noise."""
+        if self.enc_fluid is None:
+            return None
+        h = acts[-1]
+        loc, raw = self.enc_fluid(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)).chunk(2, 1)
+        return loc, F.softplus(raw + _SOFTPLUS_ONE) + 1e-4
 
     def to_work(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, S, S)`` -> ``(B, 1, W, W)`` at the working size (area average)."""
@@ -276,11 +308,20 @@ class HVAE(nn.Module):
         """Negative ELBO terms in nats per pixel: ``loss``, ``nll``, ``kl``, ``mu`` (B,1,S,S)."""
         cfg = self.cfg
         beta = cfg.beta if beta is None else beta
-        e = self.embed(pa)
         acts = self.encode(x)
-        h = self._top(e)
         kl_total = x.new_zeros(())
         kl_weighted = x.new_zeros(())
+        fluid = None
+        q_fluid = self.fluid_posterior(acts)
+        if q_fluid is not None:
+            f_loc, f_scale = q_fluid
+            fluid = f_loc + f_scale * torch.randn_like(f_loc)
+            kl_f = gaussian_kl(f_loc, f_scale, torch.zeros_like(f_loc),
+                               torch.ones_like(f_scale)).sum(dim=1).mean()
+            kl_total = kl_total + kl_f
+            kl_weighted = kl_weighted + cfg.fluid_beta * kl_f
+        e = self.embed(pa, fluid)
+        h = self._top(e)
         for i, blocks in enumerate(self.dec_blocks):
             for block in blocks:
                 if isinstance(block, LatentBlock):
@@ -308,18 +349,34 @@ class HVAE(nn.Module):
         return {"loss": nll + beta * kl_weighted / n_pix, "nll": nll,
                 "kl": kl_total / n_pix, "mu": self.to_image(mu)}
 
-    # -- counterfactual inference ----------------------------------------------
-    @torch.no_grad()
-    def abduct(self, x: torch.Tensor, pa: torch.Tensor) -> dict:
-        """Posterior-mean latents ``z`` and their prior-relative noise ``u`` per latent block,
-        and the factual mean ``mu`` (B, 1, S, S) decoded from them.
+    def cf_pair_loss(self, x: torch.Tensor, pa: torch.Tensor, x_true: torch.Tensor,
+                     pa_true: torch.Tensor) -> torch.Tensor:
+        """Counterfactual supervision from a structural causal model that renders pairs.
 
-        ``u = (z - prior_loc(pa)) / prior_scale(pa)`` is the exogenous part of ``z``; with
-        ``cf_latents="prior-relative"`` an intervention keeps ``u`` and recomputes ``z`` from
-        the prior under the new parents (causal-gen's counterfactual latents).
+        ``x`` (B,1,S,S) under ``pa`` (B,3) and its true counterfactual ``x_true`` under
+        ``pa_true``: abduct ``x`` (posterior means, with gradients), decode under both parent
+        sets and return the mean |x + mu(z, pa_true) - mu(z, pa) - x_true| at the working
+        size (intensity units in [0, 1]). Where the intervention adds effusion, the fluid
+        noise ``u_f`` is read from ``x_true`` (the SCM shares it between the pair; a normal
+        image cannot show it), so the decoder learns to place the fluid that ``u_f`` names.
         """
-        e = self.embed(pa)
         acts = self.encode(x)
+        q = self.fluid_posterior(acts)
+        fluid = fluid_cf = None
+        if q is not None:
+            fluid = q[0]
+            q_true = self.fluid_posterior(self.encode(x_true))
+            add = ((pa[:, 2] < 0.5) & (pa_true[:, 2] > 0.5))[:, None]
+            fluid_cf = torch.where(add, q_true[0], fluid)
+        latents, mu = self._abduct_walk(acts, pa, fluid)
+        mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
+        x_cf = self.to_work(x) + mu_cf - mu
+        return (x_cf - self.to_work(x_true)).abs().mean()
+
+    def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
+                     fluid: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+        """Posterior-mean latents ``{"z", "u"}`` and the working-size mean (B,1,W,W)."""
+        e = self.embed(pa, fluid)
         h = self._top(e)
         zs: list[torch.Tensor] = []
         us: list[torch.Tensor] = []
@@ -334,27 +391,14 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        # The same pass gives the factual mean, saving one decode per abduction.
-        return {"z": zs, "u": us, "mu": self.to_image(self._to_image(h))}
+        return {"z": zs, "u": us}, self._to_image(h)
 
-    @torch.no_grad()
-    def decode(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
-               mode: str | None = None) -> torch.Tensor:
-        """No-grad :meth:`decode_train` (inference)."""
-        return self.decode_train(latents, pa, mode)
-
-    def decode_train(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
-                     mode: str | None = None) -> torch.Tensor:
-        """Mean image ``(B, 1, S, S)`` in [0, 1] from abducted latents under parents ``pa``.
-
-        ``mode`` (default ``cfg.cf_latents``): ``"posterior"`` decodes the abducted ``z``;
-        ``"prior-relative"`` decodes ``z = prior_loc(pa) + prior_scale(pa) * u``. Under the
-        factual parents both give the same image.
-        """
-        mode = mode or self.cfg.cf_latents
+    def _decode_walk(self, latents: dict, pa: torch.Tensor, fluid: torch.Tensor | None,
+                     mode: str) -> torch.Tensor:
+        """Working-size mean (B,1,W,W) from latents under ``pa`` (see :meth:`decode_train`)."""
         if mode not in ("posterior", "prior-relative"):
             raise ValueError(f"unknown cf_latents mode {mode!r}")
-        e = self.embed(pa)
+        e = self.embed(pa, fluid)
         h = self._top(e)
         k = 0
         for i, blocks in enumerate(self.dec_blocks):
@@ -370,7 +414,65 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        return self.to_image(self._to_image(h))
+        return self._to_image(h)
+
+    # -- counterfactual inference ----------------------------------------------
+    @torch.no_grad()
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, fluid_seed: int = 0) -> dict:
+        """Posterior-mean latents ``z`` and their prior-relative noise ``u`` per latent block,
+        and the factual mean ``mu`` (B, 1, S, S) decoded from them.
+
+        ``u = (z - prior_loc(pa)) / prior_scale(pa)`` is the exogenous part of ``z``; with
+        ``cf_latents="prior-relative"`` an intervention keeps ``u`` and recomputes ``z`` from
+        the prior under the new parents (causal-gen's counterfactual latents).
+
+        With effusion noise (``fluid_dim > 0``) ``"fluid"`` (B, fluid_dim) is one draw from
+        q(u_f | x): where fluid is visible the posterior is narrow (the draw is close to its
+        mean), on a normal image it is the prior, so adding effusion draws side and severity
+        as the data do instead of collapsing to one mean pattern. The draw is deterministic:
+        its standard-normal part is seeded by ``fluid_seed`` and the image's content.
+        """
+        acts = self.encode(x)
+        fluid = None
+        q = self.fluid_posterior(acts)
+        if q is not None:
+            eps = fluid_eps(x, self.cfg.fluid_dim, fluid_seed).to(q[0].device)
+            fluid = q[0] + q[1] * eps
+        latents, mu = self._abduct_walk(acts, pa, fluid)
+        if fluid is not None:
+            latents["fluid"] = fluid
+        # The same pass gives the factual mean, saving one decode per abduction.
+        latents["mu"] = self.to_image(mu)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
+               mode: str | None = None) -> torch.Tensor:
+        """No-grad :meth:`decode_train` (inference)."""
+        return self.decode_train(latents, pa, mode)
+
+    def decode_train(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
+                     mode: str | None = None) -> torch.Tensor:
+        """Mean image ``(B, 1, S, S)`` in [0, 1] from abducted latents under parents ``pa``.
+
+        ``mode`` (default ``cfg.cf_latents``): ``"posterior"`` decodes the abducted ``z``;
+        ``"prior-relative"`` decodes ``z = prior_loc(pa) + prior_scale(pa) * u``. Under the
+        factual parents both give the same image. ``latents["fluid"]`` (when present) is the
+        effusion noise.
+        """
+        mode = mode or self.cfg.cf_latents
+        return self.to_image(self._decode_walk(latents, pa, latents.get("fluid"), mode))
+
+
+def fluid_eps(x: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
+    """Standard-normal draws ``(B, dim)``, one per image, seeded by ``seed`` and the image's
+    content (16-bit quantised), so the same scan always gets the same draw."""
+    q = (x.detach().float().clamp(0, 1) * 65535).round().to(torch.int32).cpu().numpy()
+    rows = []
+    for b in range(x.shape[0]):
+        g = torch.Generator().manual_seed(zlib.crc32(q[b].tobytes()) * 1000003 + int(seed))
+        rows.append(torch.randn(dim, generator=g))
+    return torch.stack(rows) if rows else torch.zeros(0, dim)
 
 
 def build_hvae(preset_or_cfg: str | HVAEConfig) -> HVAE:

@@ -56,6 +56,16 @@ class CFTrainConfig:
     cls_lr: float = 2e-3
     checkpoint_every: int = 100
     hvae_overrides: dict = field(default_factory=dict)
+    # Counterfactual supervision (0: off): weight of HVAE.cf_pair_loss, the mean absolute
+    # error at the working size between the model counterfactual and the SCM's true one,
+    # on ``cf_pair_batch`` pairs per step (half of the factual images with effusion),
+    # interventions drawn as scanner / effusion / both with ``cf_pair_kinds``.
+    cf_pair_weight: float = 0.0
+    cf_pair_batch: int = 16
+    cf_pair_kinds: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    # Warm start: a counterfactual bundle whose HVAE and classifier weights initialise the
+    # run (new inputs, e.g. the effusion-noise columns, start at zero so the start equals it).
+    init_bundle: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +81,7 @@ class TrainingData:
     pa_val: np.ndarray
     source: str = ""
     summary: dict = field(default_factory=dict)
+    cf_train: np.ndarray | None = None  # (N, 3, 1, S, S) true counterfactuals of x_train
 
 
 def load_training_data(data_dir: str | Path, size: int) -> TrainingData:
@@ -92,8 +103,9 @@ def load_training_data(data_dir: str | Path, size: int) -> TrainingData:
         train = ok & ~val
     summary_path = Path(data_dir) / "dataset.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    cf = arr["true_cf"][train] if "true_cf" in arr else None
     return TrainingData(arr["image"][train], pa[train], arr["image"][val], pa[val],
-                        str(data_dir), summary)
+                        str(data_dir), summary, cf)
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -124,6 +136,7 @@ class _Run:
         self.history: list[dict] = []
         self.skipped = 0
         self.seconds = 0.0
+        self.init_info: dict | None = None
 
     def state(self) -> dict:
         return {"stage": self.stage, "step": self.step, "cls": self.cls.state_dict(),
@@ -147,6 +160,45 @@ class _Run:
         self.rng.bit_generator.state = s["np_rng"]
         self.history, self.skipped = list(s["history"]), int(s["skipped"])
         self.seconds = float(s["seconds"])
+
+
+def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:
+    """Load a counterfactual bundle's HVAE (into the model and its EMA) and classifiers.
+
+    Tensors of the same shape are copied; the parent embedding's first layer may have more
+    inputs here (the effusion-noise columns), which start at zero, so the warm-started model
+    computes exactly what the bundle's did. Parameters the bundle lacks keep their fresh
+    initialisation. Returns counts of copied, widened and fresh tensors.
+    """
+    from pcl_viewer.models.bundle import BundleError, find_bundle
+
+    bundle = ModelBundle.load(find_bundle(str(path)))
+    src = bundle.state_dict("hvae")
+    own = run.hvae.state_dict()
+    counts = {"copied": 0, "widened": 0, "fresh": 0}
+    for key, value in own.items():
+        v = src.get(key)
+        if v is None:
+            counts["fresh"] += 1
+            continue
+        if v.shape == value.shape:
+            own[key] = v.to(value.dtype)
+            counts["copied"] += 1
+        elif key == "parent_embed.0.weight" and v.shape[0] == value.shape[0] \
+                and v.shape[1] <= value.shape[1]:
+            wide = torch.zeros_like(value)
+            wide[:, :v.shape[1]] = v
+            own[key] = wide
+            counts["widened"] += 1
+        else:
+            raise BundleError(f"{path}: hvae tensor {key} {tuple(v.shape)} does not fit "
+                              f"{tuple(value.shape)}")
+    run.hvae.load_state_dict(own)
+    run.ema.load_state_dict(own)
+    if "classifier" in bundle.components:
+        run.cls.load_state_dict(bundle.state_dict("classifier"))
+    run.init_info = {"bundle": str(bundle.path), "fingerprint": bundle.fingerprint, **counts}
+    return counts
 
 
 def _classifier_step(run: _Run, data: TrainingData, pos_weight: torch.Tensor) -> float:
@@ -184,11 +236,15 @@ def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
     for g in run.hvae_opt.param_groups:
         g["lr"] = _lr(run.step, cfg.steps, cfg.lr, cfg.warmup)
-    beta_scale = min(1.0, 0.1 + 0.9 * run.step / max(1, cfg.kl_warmup))
+    beta_scale = (min(1.0, 0.1 + 0.9 * run.step / cfg.kl_warmup) if cfg.kl_warmup > 0 else 1.0)
     run.hvae.train()
     out = run.hvae(x, pa, beta=run.hvae.cfg.beta * beta_scale)
+    loss = out["loss"]
+    if cfg.cf_pair_weight > 0 and data.cf_train is not None:
+        out["pair"] = _pair_loss(run, data)
+        loss = loss + cfg.cf_pair_weight * out["pair"]
     run.hvae_opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(run.hvae.parameters(), cfg.grad_clip)
     if torch.isfinite(norm) and torch.isfinite(out["loss"]):
         run.hvae_opt.step()
@@ -198,7 +254,24 @@ def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     with torch.no_grad():
         for pe, p in zip(run.ema.parameters(), run.hvae.parameters()):
             pe.lerp_(p, 1 - decay)
-    return {k: float(out[k].detach()) for k in ("loss", "nll", "kl")}
+    return {k: float(out[k].detach()) for k in ("loss", "nll", "kl", "pair") if k in out}
+
+
+#: Parent flips of the SCM's three counterfactual kinds (order of ``true_cf``).
+CF_FLIPS = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 1]], np.float32)
+
+
+def _pair_loss(run: _Run, data: TrainingData) -> torch.Tensor:
+    """:meth:`HVAE.cf_pair_loss` on a balanced batch of (image, true counterfactual) pairs."""
+    cfg = run.cfg
+    idx = _batch_indices(run.rng, data.pa_train, cfg.cf_pair_batch, 0.5)
+    p = np.asarray(cfg.cf_pair_kinds, np.float64)
+    kind = run.rng.choice(3, size=len(idx), p=p / p.sum())
+    x = torch.from_numpy(data.x_train[idx]).to(run.device)
+    pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
+    x_true = torch.from_numpy(data.cf_train[idx, kind]).to(run.device)
+    pa_true = (pa + torch.from_numpy(CF_FLIPS[kind]).to(run.device)) % 2
+    return run.hvae.cf_pair_loss(x, pa, x_true, pa_true)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -270,6 +343,8 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
     state = load_checkpoint(run_dir / "checkpoint")
     if state is not None:
         run.restore(state)
+    elif cfg.init_bundle:
+        init_from_bundle(run, cfg.init_bundle)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     pos = data.pa_train.mean(axis=0).clip(1e-3, 1 - 1e-3)
@@ -332,7 +407,8 @@ def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str =
                      "seconds": round(run.seconds, 1), "skipped_updates": run.skipped,
                      "hvae_steps_done": run.step if run.stage == "hvae" else (
                          run.cfg.steps if run.stage == "done" else 0),
-                     "history_tail": run.history[-3:], "cf_finetune": finetune},
+                     "history_tail": run.history[-3:], "cf_finetune": finetune,
+                     "init": run.init_info},
         "metrics": {"classifier": cls_metrics, "hvae": hvae_metrics},
     }
     return save_bundle(out, card, {
@@ -341,8 +417,35 @@ def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str =
     })
 
 
+def export_classifiers(run: _Run, data: TrainingData, out: str | Path, command: str = "",
+                       name: str | None = None) -> ModelBundle:
+    """Calibrate the classifiers and write a classifier-only bundle (kind
+    ``attribute-classifier``): an independent judge for ``pcl eval-cf --judge``."""
+    cls_metrics = calibrate_classifiers(run.cls, data.x_val, data.pa_val)
+    out = Path(out)
+    card = {
+        "name": name or out.name, "version": "1", "kind": "attribute-classifier",
+        "description": "Calibrated attribute classifiers (scanner, sex, effusion), trained "
+                       "apart from any counterfactual model: an independent judge of "
+                       "counterfactual effectiveness.",
+        "preset": run.cfg.preset,
+        "parents": {k: {"values": list(v), "encoding": {v[0]: 0, v[1]: 1}}
+                    for k, v in PARENT_VALUES.items()},
+        "input": {"size": run.cls.cfg.image_size, "channels": 1,
+                  "intensity": "float32 [0, 1], (B, 1, S, S)"},
+        "training": {"command": command, "seed": run.cfg.seed, "data": data.source,
+                     "data_summary": data.summary, "n_train": len(data.x_train),
+                     "n_val": len(data.x_val), "classifier_steps": run.cfg.cls_steps,
+                     "seconds": round(run.seconds, 1)},
+        "metrics": {"classifier": cls_metrics},
+    }
+    return save_bundle(out, card, {
+        "classifier": ("attribute-classifier", {"classifier": run.cls.cfg.to_dict()}, run.cls),
+    })
+
+
 def _is_encoder(name: str) -> bool:
-    return name.startswith(("stem", "enc_blocks", "enc_down")) or ".posterior." in name
+    return name.startswith(("stem", "enc_blocks", "enc_down", "enc_fluid")) or ".posterior." in name
 
 
 def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One benchmark grid on a many-core (GPU) machine: prepare the data once, then one
-# `pcl bench --rows ROW` process per row in parallel, then the report.
+# `pcl bench --rows ROW --seeds S` process per row and pre-training seed in parallel,
+# then the report.
 #
 #   scripts/device_bench.sh OUT_DIR [DEADLINE_S] [PRESET] [DEVICE]
+#   BENCH_SEEDS="0 1 2" BENCH_ROWS="none dvd-cl ..." BENCH_FOLDS=0,1,2,3,4 BENCH_DATA=DIR
 #
 # Every process stops at DEADLINE_S after the start (finished cells are kept: the grid
 # is resumable). OUT_DIR receives bench.tgz (cells, pre-training logs and probe scores,
@@ -20,8 +22,13 @@ T0=$(date +%s)
 left() { local l=$((DEADLINE - ($(date +%s) - T0))); echo $((l > 1 ? l : 1)); }
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-ROWS="none simclr vader seg-silver ssdcl dvd-cl mvd-cl s-dvd-cl s-mvd-cl dvd-cl-dagger \
-mvd-cl-dagger s-dvd-cl-dagger s-mvd-cl-dagger s-mvd-cl-oracle seg-gold"
+ROWS=${BENCH_ROWS:-"none simclr vader seg-silver ssdcl dvd-cl mvd-cl s-dvd-cl s-mvd-cl \
+dvd-aug mvd-aug s-dvd-aug s-mvd-aug dvd-cl-dagger mvd-cl-dagger s-dvd-cl-dagger \
+s-mvd-cl-dagger s-mvd-cl-oracle seg-gold"}
+SEEDS=${BENCH_SEEDS:-"0 1 2"}
+FOLDS=${BENCH_FOLDS:-0,1,2,3,4}
+DATA=()
+[ -n "${BENCH_DATA:-}" ] && DATA=(--data "$BENCH_DATA")
 # Not every row needs the CUDA smoke: a failure there ends the run before the data work.
 if [ "$DEVICE" != cpu ]; then
   timeout 150 pcl bench --preset smoke --cache /tmp/pcl-smoke --out /tmp/pcl-smoke/results \
@@ -29,7 +36,7 @@ if [ "$DEVICE" != cpu ]; then
   SMOKE=$!
 fi
 PCL_SILVER_THREADS=${PCL_SILVER_THREADS:-8} timeout "$(left)" pcl bench --preset "$PRESET" \
-  --cache "$CACHE" --prepare --threads 8 >"$OUT/logs/prepare.log" 2>&1
+  --cache "$CACHE" "${DATA[@]}" --prepare --threads 8 >"$OUT/logs/prepare.log" 2>&1
 PREP=$?
 echo "prepare rc=$PREP at $(( $(date +%s) - T0 )) s"; tail -5 "$OUT/logs/prepare.log"
 if [ "$DEVICE" != cpu ]; then
@@ -38,21 +45,37 @@ if [ "$DEVICE" != cpu ]; then
   [ "$SM" = 0 ] || { tail -40 "$OUT/logs/smoke.log"; exit 3; }
 fi
 [ "$PREP" = 0 ] || exit 4
+UNITS=()
 for r in $ROWS; do
-  timeout "$(left)" pcl bench --preset "$PRESET" --cache "$CACHE" --out "/tmp/pcl-res-$r" \
-    --figures "/tmp/pcl-res-$r/fig" --rows "$r" --pretrain-first --threads 1 \
-    --device "$DEVICE" --loss "$LOSS" >"$OUT/logs/$r.log" 2>&1 &
+  for s in $SEEDS; do
+    UNITS+=("$r:$s")
+    [ "$r" = none ] && break   # nothing is pre-trained: one seed
+  done
+done
+for u in "${UNITS[@]}"; do
+  r=${u%%:*}; s=${u##*:}
+  timeout "$(left)" pcl bench --preset "$PRESET" --cache "$CACHE" "${DATA[@]}" \
+    --out "/tmp/pcl-res-$r-$s" --figures "/tmp/pcl-res-$r-$s/fig" --rows "$r" --seeds "$s" \
+    --folds "$FOLDS" --pretrain-first --threads 1 --device "$DEVICE" --loss "$LOSS" \
+    >"$OUT/logs/$r-seed$s.log" 2>&1 &
 done
 wait
 echo "grid processes done at $(( $(date +%s) - T0 )) s"
-for r in $ROWS; do printf '%s: ' "$r"; grep -E "^cells:|Error|error" "$OUT/logs/$r.log" | tail -1; done
+for u in "${UNITS[@]}"; do
+  l="$OUT/logs/${u%%:*}-seed${u##*:}.log"
+  printf '%s: ' "$u"; grep -E "^cells:|Error|error" "$l" | tail -1
+done
 RESULTS=docs/results FIGURES=docs/figures
 [ "$LOSS" = ce ] || { RESULTS=/tmp/pcl-$LOSS; FIGURES=$RESULTS/fig; }
-pcl bench --preset "$PRESET" --cache "$CACHE" --out "$RESULTS" --figures "$FIGURES" --report-only --loss "$LOSS" \
-  >"$OUT/logs/report.log" 2>&1
+pcl bench --preset "$PRESET" --cache "$CACHE" "${DATA[@]}" --seeds "$(echo $SEEDS | tr ' ' ,)" \
+  --folds "$FOLDS" --rows "$(echo $ROWS | tr ' ' ,)" --out "$RESULTS" --figures "$FIGURES" \
+  --report-only --loss "$LOSS" >"$OUT/logs/report.log" 2>&1
 REPORT=$?; echo "report rc=$REPORT"; tail -2 "$OUT/logs/report.log"
 # The weights of the three best rows (by Dice at the full budget), to ship one of them.
-[ "$LOSS" = ce ] && python3 - "$OUT" "$CACHE/runs/$PRESET" "$RESULTS" <<'PY'
+RUNS="$CACHE/runs/$PRESET/$(python3 -c "import sys; from pathlib import Path
+from pcl_viewer.evaluate.benchmark_inputs import data_key
+print(data_key(Path(sys.argv[1]) if sys.argv[1] else None))" "${BENCH_DATA:-}")"
+[ "$LOSS" = ce ] && python3 - "$OUT" "$RUNS" "$RESULTS" <<'PY'
 import csv, shutil, sys
 from pathlib import Path
 from pcl_viewer.evaluate.benchmark import ROWS
@@ -64,14 +87,14 @@ except (OSError, KeyError, ValueError) as exc:
     sys.exit(f"no ranking: {exc}")
 n = 0
 for r in rows:
-    w = runs / slug.get(r["method"], "?") / "bundle" / "unet.safetensors"
+    w = runs / slug.get(r["method"], "?") / "seed0" / "bundle" / "unet.safetensors"
     if n < 3 and w.is_file():
         shutil.copy(w, out / f"{slug[r['method']]}.safetensors")
         n += 1
         print("kept weights of", r["method"], r["dsc"])
 PY
-tar czf "$OUT/bench.tgz" "$RESULTS" "$FIGURES" "$OUT/logs" "$CACHE/runs/$PRESET"/cells* \
-  $(ls "$CACHE/runs/$PRESET"/*/{log.jsonl,probe.json,config.json,cf_bundle.txt} \
-       "$CACHE/runs/$PRESET"/*/bundle/card.json 2>/dev/null)
+tar czf "$OUT/bench.tgz" "$RESULTS" "$FIGURES" "$OUT/logs" "$RUNS"/cells* \
+  $(ls "$RUNS"/*/seed*/{log.jsonl,probe.json,config.json,cf_bundle.txt} \
+       "$RUNS"/*/seed*/bundle/card.json 2>/dev/null)
 echo "total $(( $(date +%s) - T0 )) s"
 exit "$REPORT"

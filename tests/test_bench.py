@@ -16,11 +16,16 @@ from pcl_viewer.evaluate.benchmark import (
     load_cells,
     run_grid,
 )
+from pcl_viewer.evaluate.benchmark_inputs import data_key
 from pcl_viewer.evaluate.benchmark_report import (
+    CELL_COLUMNS,
+    CLAIM_COLUMNS,
+    CLAIMS,
     EFFICIENCY_COLUMNS,
     MAIN_COLUMNS,
+    judge_claims,
     loss_comparison,
-    paired_difference,
+    paired_table,
     provenance,
     write_report,
 )
@@ -55,8 +60,8 @@ def grid(tmp_path_factory):
     save_segmentation_bundle(pre, build_unet("smoke"), {"name": "toy", "kind": "pretrained"})
     calls = []
 
-    def init(row):
-        calls.append(row.slug)
+    def init(row, seed):
+        calls.append((row.slug, seed))
         return pre if row.kind != "none" else None
 
     rows = [ROW_BY_SLUG[s] for s in ("none", "dvd-cl")]
@@ -68,46 +73,135 @@ def grid(tmp_path_factory):
 
 def test_grid_runs_every_cell_once_then_resumes_without_recomputing(grid):
     tmp, preset, rows, first, second, calls = grid
-    n_cells = len(rows) * preset.n_folds * len(preset.budgets)
+    # None: one seed (nothing pre-trained); DVD-CL: the preset's two seeds
+    n_cells = (1 + 2) * preset.n_folds * len(preset.budgets)
+    assert preset.n_cells(rows) == n_cells == 18
     assert first == {"done": 0, "ran": n_cells, "left": 0, "skipped_rows": {}}
     assert second == {"done": n_cells, "ran": 0, "left": 0, "skipped_rows": {}}
-    assert sorted(calls) == sorted(r.slug for r in rows)  # each row initialised once
-    cell = json.loads(cell_path(tmp / "cells", "dvd-cl", 1, "all").read_text())
+    # each (row, pre-training seed) initialised once
+    assert sorted(calls) == [("dvd-cl", 0), ("dvd-cl", 1), ("none", 0)]
+    cell = json.loads(cell_path(tmp / "cells", "dvd-cl", 1, 1, "all").read_text())
     assert cell["n_train"] == 8 and set(cell["scores"]) == {"overall", "nf", "pe", "portable", "severe"}
-    assert 0 <= cell["scores"]["overall"]["dice"] <= 100
-    few = json.loads(cell_path(tmp / "cells", "dvd-cl", 1, "8").read_text())
+    assert 0 <= cell["scores"]["overall"]["dice"] <= 100 and cell["seed"] == 1
+    few = json.loads(cell_path(tmp / "cells", "dvd-cl", 0, 1, "8").read_text())
     assert set(few["scores"]) == {"overall", "nf", "pe"}  # OOD sets only at the full budget
+    # Paired cells: the same fine-tuning seed for every row and pre-training seed of a fold.
+    other = json.loads(cell_path(tmp / "cells", "none", 0, 1, "all").read_text())
+    assert cell["finetune"]["seed"] == other["finetune"]["seed"] == 1000
+    assert not cell_path(tmp / "cells", "none", 1, 1, "all").exists()
 
 
 def test_report_writes_the_csv_schema_markdown_and_figures(grid):
     tmp, preset, rows, *_ = grid
     cells = load_cells(tmp / "cells")
     info = write_report(cells, tmp / "results", tmp / "figures", "# test")
-    assert info == {"methods": len(rows), "cells": len(cells)}
+    assert info["methods"] == len(rows) and info["cells"] == len(cells) == 18
     with open(tmp / "results" / "benchmark.csv") as fh:
         table = list(csv.DictReader(fh))
     assert tuple(table[0]) == MAIN_COLUMNS
     assert [r["method"] for r in table] == [r.name for r in ROWS if r in rows]
     assert all(0 <= float(r["dsc"]) <= 100 and r["n_folds"] == "2" for r in table)
+    assert [r["n_seeds"] for r in table] == ["1", "2"]
     with open(tmp / "results" / "label_efficiency.csv") as fh:
         eff = list(csv.DictReader(fh))
     assert tuple(eff[0]) == EFFICIENCY_COLUMNS
     assert {r["budget"] for r in eff} == {"8", "32", "all"}
     md = (tmp / "results" / "benchmark.md").read_text()
-    assert "DVD-CL beats VADeR" in md and "92.76" in md  # our row beside the paper's
+    assert "DVD-CL > VADeR" in md and "92.76" in md  # our row beside the paper's
+    with open(tmp / "results" / "cells.csv") as fh:
+        rows_csv = list(csv.DictReader(fh))
+    assert tuple(rows_csv[0]) == CELL_COLUMNS and len(rows_csv) == 18
+    w = [r for r in rows_csv if r["row"] == "dvd-cl" and r["budget"] == "all"][0]
+    assert float(w["dice_w74"]) == pytest.approx(
+        0.74 * float(w["dice_pe"]) + 0.26 * float(w["dice_nf"]), abs=2e-3)
+    with open(tmp / "results" / "claims.csv") as fh:
+        claims_csv = list(csv.DictReader(fh))
+    assert tuple(claims_csv[0]) == CLAIM_COLUMNS
+    # only None and DVD-CL ran: every claim needs another row, so none is measured
+    assert {r["verdict"] for r in claims_csv} == {"not measured"}
+    assert "| DVD-CL |" in (tmp / "results" / "benchmark_readme.md").read_text()
     assert (tmp / "figures" / "benchmark.png").stat().st_size > 1000
     assert (tmp / "figures" / "label_efficiency.png").stat().st_size > 1000
 
 
-def test_paired_difference_verdicts():
-    def cell(row, fold, dsc):
-        return {"row": row, "fold": fold, "budget": "all", "scores": {"overall": {"dice": dsc}}}
+def _sc(dsc, pe=None, nf=None):
+    return {"overall": {"dice": dsc}, "pe": {"dice": dsc - 1 if pe is None else pe, "n": 5},
+            "nf": {"dice": dsc + 1 if nf is None else nf, "n": 5}}
 
-    cells = [cell("a", k, 90 + k) for k in range(5)] + [cell("b", k, 88 + k) for k in range(5)]
-    d = paired_difference(cells, "a", "b")
-    assert d["mean"] == pytest.approx(2.0) and d["verdict"].startswith("holds")
-    assert paired_difference(cells, "b", "a")["verdict"].startswith("does not hold")
-    assert paired_difference(cells, "a", "missing") is None
+
+def _grid_cells(row, values, budget="all"):
+    """values[s][k] -> cells of ``row`` for pre-training seed s and fold k."""
+    return [{"row": row, "seed": s, "fold": k, "budget": budget, "scores": _sc(v)}
+            for s, vs in enumerate(values) for k, v in enumerate(vs)]
+
+
+def test_paired_table_pairs_by_seed_and_fold_and_the_none_row_with_every_seed():
+    from pcl_viewer.evaluate.benchmark_report import _by
+
+    cells = (_grid_cells("dvd-cl", [[90, 91, 92], [80, 81, 82]])
+             + _grid_cells("vader", [[89, 89, 89], [79, 79, 79]])
+             + _grid_cells("none", [[85, 86, 87]]))
+    by = _by(cells)
+    table, seeds, folds = paired_table(by[("dvd-cl", "all")], by[("vader", "all")], "dsc")
+    assert table.tolist() == [[1, 2, 3], [1, 2, 3]] and seeds == [0, 1] and folds == [0, 1, 2]
+    table, seeds, _ = paired_table(by[("dvd-cl", "all")], by[("none", "all")], "dsc")
+    assert table.tolist() == [[5, 5, 5], [-5, -5, -5]] and seeds == [0, 1]
+    table, _, _ = paired_table(by[("none", "all")], by[("dvd-cl", "all")], "dsc")
+    assert table.tolist() == [[-5, -5, -5], [5, 5, 5]]
+    # a fold missing for one seed drops that fold for every seed (complete crossed table)
+    del by[("vader", "all")][(1, 2)]
+    table, seeds, folds = paired_table(by[("dvd-cl", "all")], by[("vader", "all")], "dsc")
+    assert folds == [0, 1] and table.shape == (2, 2)
+
+
+def test_claims_verdicts_on_a_synthetic_table_with_a_known_answer():
+    """DVD-CL is 2 points above VADeR in every cell up to small noise (holds); MVD-CL is
+    3 points below MVD-aug (reversed); S-DVD-CL ties S-DVD-aug (undecided); S-MVD-CL is
+    0.5 below silver, inside the 1-point margin (>= holds)."""
+    rng = np.random.default_rng(1)
+    base = 85 + rng.normal(0, 1, (3, 5))  # shared seed x fold structure
+    noise = lambda: rng.normal(0, 0.05, (3, 5))  # noqa: E731
+    cells = (_grid_cells("vader", base) + _grid_cells("dvd-cl", base + 2 + noise())
+             + _grid_cells("mvd-aug", base) + _grid_cells("mvd-cl", base - 3 + noise())
+             + _grid_cells("s-dvd-aug", base) + _grid_cells("s-dvd-cl", base + rng.normal(0, 1, (3, 5)))
+             + _grid_cells("seg-silver", base) + _grid_cells("s-mvd-cl", base - 0.5 + noise()))
+    out = {r["claim"]: r for r in judge_claims(cells) if r["metric"] == "dsc"}
+    dvd = out["DVD-CL > VADeR"]
+    assert dvd["verdict"] == "holds" and dvd["mean_diff"] == pytest.approx(2, abs=0.05)
+    assert dvd["ci_low"] < 2 < dvd["ci_high"] and dvd["n_seeds"] == 3 and dvd["n_folds"] == 5
+    mvd = next(r for c, r in out.items() if c.startswith("MVD-CL > MVD-aug"))
+    assert mvd["verdict"] == "reversed" and mvd["mean_diff"] == pytest.approx(-3, abs=0.05)
+    sdvd = next(r for c, r in out.items() if c.startswith("S-DVD-CL > S-DVD-aug"))
+    assert sdvd["verdict"] == "undecided"
+    ni = next(r for c, r in out.items() if c.startswith("S-MVD-CL >= Segmentation"))
+    assert ni["verdict"] == "holds" and ni["null"] == -1.0 and ni["mean_diff"] < 0
+    assert out["S-MVD-CL oracle views > model views"]["verdict"] == "not measured"
+    # Holm: the adjusted p is at least the raw p, and the family is every measured line
+    measured = [r for r in judge_claims(cells) if r["family"] == "primary" and np.isfinite(r["p"])]
+    primary = [r for r in judge_claims(cells) if r["family"] == "primary"]
+    assert len(primary) == len(CLAIMS)  # one budget here: one line per claim
+    assert all(r["p_holm"] >= r["p"] for r in measured)
+    # the smallest p is multiplied by the family size: the measured primary lines
+    smallest = min(measured, key=lambda r: r["p"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, len(measured) * smallest["p"]))
+    # DVD>VADeR, MVD and S-DVD vs aug, >= silver, best overall, S-DVD>DVD, S-MVD>MVD
+    assert len(measured) == 7
+
+
+def test_best_overall_is_an_intersection_union_test():
+    from pcl_viewer.evaluate.benchmark_report import Claim
+
+    rng = np.random.default_rng(2)
+    base = 85 + rng.normal(0, 1, (3, 5))
+    best = Claim("A best", "s-mvd-cl", ("vader", "ssdcl"), "best")
+    cells = (_grid_cells("s-mvd-cl", base + 1 + rng.normal(0, 0.05, (3, 5)))
+             + _grid_cells("vader", base) + _grid_cells("ssdcl", base + 0.8))
+    (r,) = judge_claims(cells, claims=(best,))[:1]
+    assert r["verdict"] == "holds" and r["mean_diff"] == pytest.approx(0.2, abs=0.05)
+    assert "closest: SSDCL" in r["detail"]
+    cells = [c for c in cells if c["row"] != "ssdcl"] + _grid_cells("ssdcl", base + 2)
+    (r,) = judge_claims(cells, claims=(best,))[:1]
+    assert r["verdict"] == "reversed" and r["mean_diff"] == pytest.approx(-1, abs=0.05)
 
 
 def _cell(row, fold, dsc, budget="all", command="pcl bench --rows ROWX", device="cpu"):
@@ -167,16 +261,26 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
             str(tmp_path / "cache"), "--rows", "none,seg-silver,s-mvd-cl-oracle"]
     first = CliRunner().invoke(bench, args)
     assert first.exit_code == 0, first.output + repr(first.exception)
-    assert "0 already done, 18 computed now, 0 left" in first.output
+    # None 1 seed, the other two rows 2 seeds each, x 2 folds x 3 budgets
+    assert "0 already done, 30 computed now, 0 left" in first.output
     second = CliRunner().invoke(bench, args)
     torch.set_num_threads(threads)
-    assert "18 already done, 0 computed now, 0 left" in second.output
+    assert "30 already done, 0 computed now, 0 left" in second.output
     with open(tmp_path / "results" / "benchmark.csv") as fh:
         table = list(csv.DictReader(fh))
     assert tuple(table[0]) == MAIN_COLUMNS
     assert [r["method"] for r in table] == ["None", "Segmentation (silver)", "S-MVD-CL (oracle CF)"]
-    bundle = tmp_path / "cache" / "runs" / "smoke" / "s-mvd-cl-oracle" / "bundle" / "card.json"
-    assert json.loads(bundle.read_text())["kind"] == "pretrained"
+    runs = tmp_path / "cache" / "runs" / "smoke" / data_key()
+    for seed in (0, 1):
+        card = json.loads((runs / "s-mvd-cl-oracle" / f"seed{seed}" / "bundle" / "card.json"
+                           ).read_text())
+        assert card["kind"] == "pretrained" and card["training"]["seed"] == seed
+    with open(tmp_path / "results" / "pretrain_curves.csv") as fh:
+        curves = list(csv.DictReader(fh))
+    assert {(r["row"], r["seed"]) for r in curves} == {("s-mvd-cl-oracle", "0"),
+                                                      ("s-mvd-cl-oracle", "1")}
+    assert all(r["probe_dice"] != "" for r in curves)
+    assert (tmp_path / "figures" / "pretrain_curves.png").stat().st_size > 1000
     # Another fine-tuning loss keeps its cells apart and is compared in the report.
     dice = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(tmp_path / "cache"),
                                       "--rows", "none", "--loss", "dicece",
@@ -184,9 +288,8 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
     torch.set_num_threads(threads)
     assert dice.exit_code == 0, dice.output + repr(dice.exception)
     assert "0 already done, 6 computed now, 0 left" in dice.output
-    runs = tmp_path / "cache" / "runs" / "smoke"
-    assert len(load_cells(runs / "cells-dicece")) == 6 and len(load_cells(runs / "cells")) == 18
-    assert json.loads(next((runs / "cells-dicece" / "none").glob("*.json")).read_text())[
+    assert len(load_cells(runs / "cells-dicece")) == 6 and len(load_cells(runs / "cells")) == 30
+    assert json.loads(next((runs / "cells-dicece" / "none").glob("seed0/*.json")).read_text())[
         "finetune"]["loss"] == "dicece"
     again = CliRunner().invoke(bench, [*args, "--report-only"])
     torch.set_num_threads(threads)
@@ -214,7 +317,7 @@ def test_prepare_makes_the_shared_inputs_and_no_cells(tmp_path):
         assert (cache / "data" / "smoke" / name / ".complete").is_file(), name
     assert (cache / "data" / "smoke" / "pool" / "silver_masks.csv").is_file()
     assert list((cache / "data" / "smoke" / "pool" / ".cache").glob("arrays_64_*.npz"))
-    assert not (cache / "runs" / "smoke" / "cells").exists()
+    assert not (cache / "runs" / "smoke" / data_key() / "cells").exists()
 
 
 def test_jobs_runs_rows_in_worker_processes_and_reports_once(tmp_path):
@@ -229,18 +332,20 @@ def test_jobs_runs_rows_in_worker_processes_and_reports_once(tmp_path):
     r = CliRunner().invoke(bench, args)
     torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert "rows: 2 finished, 0 failed" in r.output
-    runs = tmp_path / "c" / "runs" / "smoke"
+    # one process per (row, seed): none seed 0, dvd-cl-dagger seeds 0 and 1
+    assert "rows: 3 finished, 0 failed" in r.output
+    runs = tmp_path / "c" / "runs" / "smoke" / data_key()
     cells = load_cells(runs / "cells")
-    assert len(cells) == 2 * len(bench_preset("smoke").budgets) * bench_preset("smoke").n_folds
+    assert len(cells) == 3 * len(bench_preset("smoke").budgets) * bench_preset("smoke").n_folds
     # Every row process records the parent's command (here CliRunner's fallback text).
     assert {c["command"] for c in cells} == {f"pcl bench --preset smoke --out {tmp_path / 'r'}"}
-    assert sorted(p.name for p in (runs / "logs").iterdir()) == ["dvd-cl-dagger.log", "none.log"]
+    assert sorted(p.name for p in (runs / "logs").iterdir()) == [
+        "dvd-cl-dagger-seed0.log", "dvd-cl-dagger-seed1.log", "none-seed0.log"]
     with open(tmp_path / "r" / "benchmark.csv") as fh:
         assert [row["method"] for row in csv.DictReader(fh)] == ["None", "DVD-CL†"]
     again = CliRunner().invoke(bench, args)  # resumable: nothing left to compute
     torch.set_num_threads(threads)
-    assert again.exit_code == 0 and "rows: 2 finished" in again.output
+    assert again.exit_code == 0 and "rows: 3 finished" in again.output
     assert len(load_cells(runs / "cells")) == len(cells)
 
 
@@ -248,12 +353,13 @@ def test_a_failing_row_process_is_reported_with_its_log(tmp_path):
     from pcl_viewer.evaluate.parallel import run_rows_in_processes
 
     said = []
-    status = run_rows_in_processes(["none"], 1, ["--preset", "smoke", "--no-such-option"],
+    status = run_rows_in_processes([("none-seed0", ["--rows", "none", "--seeds", "0"])], 1,
+                                   ["--preset", "smoke", "--no-such-option"],
                                    tmp_path / "cells", 6, tmp_path / "logs", "pcl bench",
                                    echo=said.append, poll_s=0.2, show_progress=False)
-    assert status == {"none": 2}
-    assert said and "row none failed (exit 2)" in said[0]
-    assert "no-such-option" in (tmp_path / "logs" / "none.log").read_text()
+    assert status == {"none-seed0": 2}
+    assert said and "none-seed0 failed (exit 2)" in said[0]
+    assert "no-such-option" in (tmp_path / "logs" / "none-seed0.log").read_text()
 
 
 def test_another_loss_never_overwrites_the_main_tables_by_default(tmp_path, monkeypatch):
@@ -272,7 +378,7 @@ def test_another_loss_never_overwrites_the_main_tables_by_default(tmp_path, monk
 def test_unavailable_row_is_skipped_and_reported(tmp_path):
     from pcl_viewer.evaluate.benchmark import RowUnavailable
 
-    def init(row):
+    def init(row, seed):
         if row.slug == "dvd-cl":
             raise RowUnavailable("no counterfactual model")
         return None
@@ -291,10 +397,11 @@ def test_cached_pretraining_with_another_cf_model_is_refused(tmp_path, monkeypat
     init = RowInitialiser(bench_preset("smoke"), tmp_path / "data", tmp_path / "runs")
     monkeypatch.setattr(init, "has_cf_model", lambda: True)
     monkeypatch.setattr(init, "_cf_fingerprint", lambda: "new")
-    (tmp_path / "runs" / "dvd-cl").mkdir(parents=True)
-    (tmp_path / "runs" / "dvd-cl" / "cf_bundle.txt").write_text("old\n")
+    (tmp_path / "runs" / "dvd-cl" / "seed1").mkdir(parents=True)
+    (tmp_path / "runs" / "dvd-cl" / "seed1" / "cf_bundle.txt").write_text("old\n")
     with pytest.raises(RowUnavailable, match="pre-trained with CF model old"):
-        init.check_cf_views(ROW_BY_SLUG["dvd-cl"])
+        init.check_cf_views(ROW_BY_SLUG["dvd-cl"], 1)
+    init.check_cf_views(ROW_BY_SLUG["dvd-cl"], 0)  # seed 0 has no stamp yet
     init.check_cf_views(ROW_BY_SLUG["dvd-cl-dagger"])  # no CF views: nothing to check
 
 
@@ -304,8 +411,8 @@ def test_bench_refuses_to_mix_devices_in_one_grid(tmp_path):
 
     from pcl_viewer.commands.bench import bench, check_cell_devices
 
-    cells = tmp_path / "cache" / "runs" / "smoke" / "cells"
-    cell = cells / "none" / "fold0-all.json"
+    cells = tmp_path / "cache" / "runs" / "smoke" / data_key() / "cells"
+    cell = cells / "none" / "seed0" / "fold0-all.json"
     cell.parent.mkdir(parents=True)
     cell.write_text(json.dumps({"row": "none", "train_log": {"device": "cuda:0"}}))
     r = CliRunner().invoke(bench, ["--preset", "smoke", "--out", str(tmp_path / "results"),
@@ -339,7 +446,7 @@ def test_pretrain_first_initialises_every_row_before_any_cell(monkeypatch, tmp_p
                         np.arange(n) % 3 == 0, np.array([f"p{i}" for i in range(n)]), {})
     rows = [bm.ROW_BY_SLUG["none"], bm.ROW_BY_SLUG["vader"]]
 
-    def init_for(row):
+    def init_for(row, seed):
         events.append(f"init {row.slug}")
         return None
 

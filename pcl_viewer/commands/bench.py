@@ -56,7 +56,21 @@ def benchmark_line(table: Path, slug: str) -> dict | None:
     return None
 
 
-def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None) -> None:
+def load_sets(cfg, data_root: Path, runs: Path, cf_bundle: str | None, real: Path | None):
+    """(evaluation and OOD sets, row initialiser) of the phantom or of a real folder."""
+    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets, real_sets
+
+    if real is None:
+        return bench_sets(cfg, data_root), RowInitialiser(cfg, data_root, runs, cf_bundle=cf_bundle)
+    try:
+        sets, pool = real_sets(cfg, real)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return sets, RowInitialiser(cfg, data_root, runs, cf_bundle=cf_bundle, real_pool=pool)
+
+
+def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None,
+                   real: Path | None = None) -> None:
     """Generate the gold/OOD sets and the pool, and cache the model views, once.
 
     Several ``pcl bench --rows ...`` processes may then share the cache without racing
@@ -65,17 +79,14 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
     import time
 
     from pcl_viewer.data.cf_views import load_views
-    from pcl_viewer.data.dataset import load_dataset
-    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets
 
     t0 = time.perf_counter()
-    bench_sets(cfg, data_root)
-    click.echo(f"gold and OOD sets ready ({time.perf_counter() - t0:.0f} s)")
+    sets, init = load_sets(cfg, data_root, runs, cf_bundle, real)
+    click.echo(f"evaluation sets ready: {sets.description or data_root} "
+               f"({time.perf_counter() - t0:.0f} s)")
     if all(r.kind == "none" for r in rows):
         return
-    init = RowInitialiser(cfg, data_root, runs, cf_bundle=cf_bundle)
-    pool = init.pool()
-    ds = load_dataset(pool)
+    ds = init.pool_dataset()
     ds.arrays(cfg.image_size)  # the stacked-array cache every row process reads
     click.echo(f"pool ready: {len(ds)} images ({time.perf_counter() - t0:.0f} s)")
     if any(r.views == "model" for r in rows) and init.has_cf_model():
@@ -94,6 +105,17 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache"),
               show_default=True, help="Data sets, pre-training runs and cell results.")
 @click.option("--rows", default=None, help="Comma-separated row slugs (default: all rows).")
+@click.option("--seeds", default=None,
+              help="Comma-separated pre-training seeds (default: the preset's, 0,1,2 for cpu). "
+                   "The None row always runs the first one only.")
+@click.option("--folds", default=None,
+              help="Comma-separated folds to run, of the preset's split (default: all); a "
+                   "later run with more folds resumes and adds them.")
+@click.option("--data", "real", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None,
+              help="A real PadChest + CheXmask folder instead of the phantom (evaluation on "
+                   "its gold masks, else on CheXmask masks of quality >= 0.9; the oracle row "
+                   "is skipped: real data have no true counterfactuals).")
 @click.option("--cf-bundle", default=None, help="Counterfactual bundle for the model views.")
 @click.option("--report-only", is_flag=True, help="Only aggregate the finished cells.")
 @click.option("--prepare", is_flag=True,
@@ -125,22 +147,23 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
                    "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
                    "its own device (CUDA when present).")
 def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows: str | None,
-          cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
+          seeds: str | None, folds: str | None, real: Path | None, cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
           jobs: int, loss: str | None,
           pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
           ship_epochs: int | None, device: str) -> None:
-    """Fine-tuning benchmark: every row x fold x label budget that is not done yet.
+    """Fine-tuning benchmark: every row x seed x fold x label budget not done yet.
 
-    Resumable: finished cells (CACHE/runs/PRESET/cells/ROW/foldK-BUDGET.json) are never
-    recomputed; pre-training runs are cached under CACHE/runs/PRESET/ROW/. Each cell
+    Resumable: finished cells (CACHE/runs/PRESET/DATA/cells/ROW/seedS/foldK-BUDGET.json,
+    DATA = phantom-v<version>-<regime> or real-<folder>-<hash>) are never recomputed;
+    pre-training runs are cached under CACHE/runs/PRESET/DATA/ROW/seedS/. Each cell
     records the device it was fine-tuned on (``train_log.device``).
     """
     import torch
 
     torch.set_num_threads(threads)
     from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, ROWS, bench_preset, load_cells, run_grid
-    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, bench_sets, git_commit
+    from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, data_key, git_commit
     from pcl_viewer.evaluate.benchmark_report import provenance, write_report
     from pcl_viewer.train.finetune import default_device
 
@@ -153,8 +176,20 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         cells_name = f"cells-{loss}"
     if out is None:  # another loss never overwrites the main tables by default
         out = Path("docs/results") if cells_name == "cells" else Path("docs/results") / loss
-    chosen = ROWS if not rows else tuple(ROW_BY_SLUG[s.strip()] for s in rows.split(","))
-    runs = cache / "runs" / preset
+    try:
+        chosen = ROWS if not rows else tuple(ROW_BY_SLUG[s.strip()] for s in rows.split(","))
+    except KeyError as exc:
+        raise click.BadParameter(f"unknown row {exc}; rows: {', '.join(ROW_BY_SLUG)}",
+                                 param_hint="--rows") from None
+    if seeds:
+        cfg = replace(cfg, seeds=tuple(int(x) for x in seeds.split(",")))
+    if folds:
+        cfg = replace(cfg, folds=tuple(int(x) for x in folds.split(",")))
+        if not set(cfg.folds) <= set(range(cfg.n_folds)):
+            raise click.BadParameter(f"folds are 0..{cfg.n_folds - 1}", param_hint="--folds")
+    if real is not None and ship is not None:
+        raise click.BadParameter("--ship trains on the phantom", param_hint="--data")
+    runs = cache / "runs" / preset / data_key(real)
     cells_dir = runs / cells_name
     command = os.environ.get("PCL_BENCH_COMMAND") or (
         "pcl " + " ".join(sys.argv[1:]) if sys.argv and "pcl" in sys.argv[0] else
@@ -173,31 +208,34 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         click.echo(f"wrote {ship}")
         return
     if prepare:
-        prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle)
+        prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle, real)
         return
     failed: list[str] = []
-    expected = len(chosen) * cfg.n_folds * len(cfg.budgets)
+    expected = cfg.n_cells(chosen)
     if not report_only:
         if jobs > 1 and max_cells is not None:
             raise click.BadParameter("--max-cells needs --jobs 1", param_hint="--max-cells")
         check_cell_devices(load_cells(cells_dir), dev, cells_dir)
     if not report_only and jobs > 1:
-        prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle)
+        prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle, real)
         child = ["--preset", preset, "--cache", str(cache), "--threads", str(threads),
                  "--device", device, "--pretrain-first"]
         child += ["--loss", loss] if loss else []
         child += ["--cf-bundle", cf_bundle] if cf_bundle else []
+        child += ["--data", str(real)] if real is not None else []
+        child += ["--folds", ",".join(map(str, cfg.fold_ids()))]
         from pcl_viewer.evaluate.parallel import run_rows_in_processes
 
-        status = run_rows_in_processes(
-            [r.slug for r in chosen], jobs, child, cells_dir, expected, runs / "logs", command,
-            echo=click.echo)
+        # One worker process per (row, seed): the most even split of the grid's work.
+        units = [(f"{r.slug}-seed{sd}", ["--rows", r.slug, "--seeds", str(sd)])
+                 for r in chosen for sd in cfg.row_seeds(r)]
+        status = run_rows_in_processes(units, jobs, child, cells_dir, expected, runs / "logs",
+                                       command, echo=click.echo)
         failed = sorted(s for s, rc in status.items() if rc)
         click.echo(f"rows: {len(status) - len(failed)} finished, {len(failed)} failed"
                    + (f" ({', '.join(failed)}; logs in {runs / 'logs'})" if failed else ""))
     elif not report_only:
-        sets = bench_sets(cfg, cache / "data" / preset)
-        init = RowInitialiser(cfg, cache / "data" / preset, runs, cf_bundle=cf_bundle)
+        sets, init = load_sets(cfg, cache / "data" / preset, runs, cf_bundle, real)
         # run_grid and the row initialiser call finetune/predict with device="auto":
         # inside this block that means --device.
         with default_device(dev):
@@ -212,15 +250,20 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
     status = "" if len(cells) >= expected else " **PARTIAL: not a final table.**"
     title = f"# Fine-tuning benchmark, preset `{preset}`" + (
         "" if cells_name == "cells" else f", fine-tuning loss {cfg.finetune.loss}")
+    data = sorted({str(c.get("data", "")) for c in cells} - {""})
     header = (f"{title}\n\nReport written by `{command}` at commit `{commit}` from {len(cells)} "
-              f"of {expected} cells (row x fold x budget).{status}\n\n{provenance(cells)}")
+              f"of {expected} cells (row x pre-training seed x fold x budget).{status}\n\n"
+              + (f"Data: {'; '.join(data)}.\n\n" if data else "") + provenance(cells))
     other = None
     if cells_name == "cells" and (runs / "cells-dicece").is_dir():
         other = ("Dice+CE", load_cells(runs / "cells-dicece"))
     if figures is None:
         figures = out.parent / "figures" if cells_name == "cells" else out / "figures"
-    info = write_report(cells, out, figures, header, other_loss=other)
-    click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, benchmark.md "
-               f"({info['methods']} methods, {info['cells']} cells)")
+    info = write_report(cells, out, figures, header, other_loss=other, runs=runs)
+    click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, cells.csv, claims.csv, "
+               f"benchmark.md, benchmark_readme.md ({info['methods']} methods, {info['cells']} "
+               f"cells, {info['claims']} claim lines, {info['curves']} pre-training epochs)")
+    if real is not None and any(r.views == "true" for r in chosen):
+        click.echo("note: the oracle row (true counterfactuals) is skipped on real data")
     if failed:
         raise click.ClickException(f"rows failed: {', '.join(failed)} (logs in {runs / 'logs'})")

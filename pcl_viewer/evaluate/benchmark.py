@@ -1,12 +1,15 @@
-"""The fine-tuning benchmark grid: rows x folds x label budgets (issue 5, METHOD §4).
+"""The fine-tuning benchmark grid: rows x pre-training seeds x folds x label budgets.
 
-Each cell fine-tunes one row's initialisation on the labelled training images
-of one fold under one label budget, and scores the model on the fold's test
-images (overall, no-finding, effusion) and on the out-of-distribution sets
-(``portable`` scanner style, severe effusion), which never train anything.
+Each cell fine-tunes one row's initialisation (pre-trained with one seed) on the
+labelled training images of one fold under one label budget, and scores the model
+on the fold's test images (overall, no-finding, effusion) and on the
+out-of-distribution sets (``portable`` scanner style, severe effusion), which
+never train anything. The fold split and the fine-tuning seed of a fold are the
+same for every row and every pre-training seed, so cells of two rows pair by
+(seed, fold, budget).
 
 Resumable: a cell's result is one JSON file written atomically
-(``CELLS/<row>/fold<k>-<budget>.json``); a cell whose file exists is never
+(``CELLS/<row>/seed<s>/fold<k>-<budget>.json``); a cell whose file exists is never
 recomputed, so the grid can be killed and restarted, across sessions.
 """
 
@@ -28,6 +31,10 @@ from pcl_viewer.models.unet import UNetConfig
 from pcl_viewer.train.finetune import FinetuneConfig, finetune, predict
 
 SUBSETS: tuple[str, ...] = ("overall", "nf", "pe", "portable", "severe")
+# The effusion share of the paper's test set, implied by its overall, nf and pe Dice
+# (None row: 87.05 = w * 84.76 + (1 - w) * 93.59 gives w = 0.74); the "w74" score
+# re-weights a fold's nf and pe means to it, so our numbers sit beside the paper's.
+PAPER_EFFUSION_SHARE = 0.74
 
 
 class RowUnavailable(RuntimeError):
@@ -40,7 +47,9 @@ class Row:
 
     kind: ``"none"`` (random init), ``"pretrain"`` (the contrastive library),
     ``"segmentation"`` (a U-Net trained on the pool's ``labels``).
-    views: counterfactual views for pre-training: ``"model"``, ``"true"`` (oracle) or None.
+    views: counterfactual views for pre-training: ``"model"``, ``"true"`` (oracle),
+    ``"real"`` (augmented copies of the real image in their place: the control that
+    changes only the views) or None (the method's own real views; dagger rows).
     """
 
     name: str
@@ -69,6 +78,12 @@ ROWS: tuple[Row, ...] = (
     Row("MVD-CL", "mvd-cl", "pretrain", "mvd-cl", "model", paper=_p(92.27, 97.18, 90.36, 9.1, 2.61)),
     Row("S-DVD-CL", "s-dvd-cl", "pretrain", "s-dvd-cl", "model", paper=_p(93.15, 97.62, 91.43, 8.0, 2.96)),
     Row("S-MVD-CL", "s-mvd-cl", "pretrain", "s-mvd-cl", "model", paper=_p(93.93, 97.75, 92.43, 7.3, 2.05)),
+    # Controls: the counterfactual method's loss, number of views and augmentation, with
+    # augmented copies of the real image in place of the counterfactual views.
+    Row("DVD-aug", "dvd-aug", "pretrain", "dvd-cl", "real"),
+    Row("MVD-aug", "mvd-aug", "pretrain", "mvd-cl", "real"),
+    Row("S-DVD-aug", "s-dvd-aug", "pretrain", "s-dvd-cl", "real"),
+    Row("S-MVD-aug", "s-mvd-aug", "pretrain", "s-mvd-cl", "real"),
     Row("DVD-CL†", "dvd-cl-dagger", "pretrain", "dvd-cl", None, augment=False, paper=_p(85.80)),
     Row("MVD-CL†", "mvd-cl-dagger", "pretrain", "mvd-cl", None, augment=False, paper=_p(87.34)),
     Row("S-DVD-CL†", "s-dvd-cl-dagger", "pretrain", "s-dvd-cl", None, augment=False, paper=_p(92.14)),
@@ -82,6 +97,13 @@ DAGGER_PAIRS: tuple[tuple[str, str], ...] = (
     ("dvd-cl", "dvd-cl-dagger"), ("mvd-cl", "mvd-cl-dagger"),
     ("s-dvd-cl", "s-dvd-cl-dagger"), ("s-mvd-cl", "s-mvd-cl-dagger"),
 )
+# Each counterfactual method and its control with augmented real views (only the views differ).
+CONTROL_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dvd-cl", "dvd-aug"), ("mvd-cl", "mvd-aug"),
+    ("s-dvd-cl", "s-dvd-aug"), ("s-mvd-cl", "s-mvd-aug"),
+)
+# The rows of the paper's table (the "best overall" claim ranks S-MVD-CL among them).
+PAPER_ROWS: tuple[str, ...] = tuple(r.slug for r in ROWS if r.paper is not None)
 
 
 @dataclass
@@ -103,9 +125,25 @@ class BenchPreset:
     # CheXmask-style filter: silver masks kept where the quality estimate > this.
     # smoke sets 0 (its 3-step silver segmenter is deliberately poor; the path is what it tests).
     silver_min_quality: float = 0.7
+    # Pre-training seeds of every row with a pre-training (the None row has none: its
+    # one "seed" is the fine-tuning seed of each fold, shared by every row).
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # Folds that run (None: all n_folds); a subset of the same split, so a grid run on
+    # folds (0, 1, 2) is extended later to all five by resuming.
+    folds: tuple[int, ...] | None = None
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig.for_preset(self.name)
+
+    def fold_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.n_folds)) if self.folds is None else tuple(self.folds)
+
+    def row_seeds(self, row: Row) -> tuple[int, ...]:
+        """Pre-training seeds of ``row``: one for the None row (nothing is pre-trained)."""
+        return self.seeds[:1] if row.kind == "none" else self.seeds
+
+    def n_cells(self, rows: Iterable[Row]) -> int:
+        return sum(len(self.row_seeds(r)) for r in rows) * len(self.fold_ids()) * len(self.budgets)
 
 
 def bench_preset(name: str) -> BenchPreset:
@@ -118,7 +156,7 @@ def bench_preset(name: str) -> BenchPreset:
                            pretrain_options={"epochs": 1, "max_steps_per_epoch": 1,
                                              "batch_size": 2, "pixels": 32, "probe_train": 4,
                                              "probe_eval": 2, "probe_steps": 2},
-                           silver_steps=3, silver_min_quality=0.0)
+                           silver_steps=3, silver_min_quality=0.0, seeds=(0, 1))
     if name == "cpu":
         # Sized from measured CPU time per step (1 thread): fine-tune 0.40 CPU-s/step at batch 8
         # (0.59 s wall on the quiet machine in session 3); docs/benchmark.md projects the grid
@@ -148,10 +186,12 @@ class BenchSets:
     effusion: np.ndarray
     patients: np.ndarray
     ood: dict[str, tuple[np.ndarray, np.ndarray]]
+    description: str = ""  # where the sets come from (phantom version and regime, or a folder)
 
 
-def cell_path(cells: Path, row: str, fold: int, budget: str) -> Path:
-    return Path(cells) / row / f"fold{fold}-{budget}.json"
+def cell_path(cells: Path, row: str, seed: int, fold: int, budget: str) -> Path:
+    """``CELLS/<row>/seed<s>/fold<k>-<budget>.json``."""
+    return Path(cells) / row / f"seed{seed}" / f"fold{fold}-{budget}.json"
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -193,6 +233,7 @@ def score_subsets(model, sets: BenchSets, test_idx: np.ndarray, ood: bool = True
 @dataclass
 class Cell:
     row: Row
+    seed: int
     fold: int
     budget: str
     train_idx: np.ndarray
@@ -200,16 +241,20 @@ class Cell:
 
 
 def plan_cells(preset: BenchPreset, sets: BenchSets, rows: Iterable[Row]) -> list[Cell]:
-    """All cells in run order: fold-major, the full budget first, then rows, so an
-    interrupted grid has whole folds of the main table before the few-label settings."""
+    """All cells in run order: seed-major, then folds, the full budget first, then rows,
+    so an interrupted grid has whole (seed, fold) pairs of every row before the next
+    seed, and the main table before the few-label settings."""
     folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
     order = sorted(preset.budgets, key=lambda b: (b != "all", b))
     rows = list(rows)
     cells = []
-    for k, (tr, te) in enumerate(folds):
-        for b in order:
-            lab = label_budget(tr, sets.effusion, b, seed=preset.fold_seed, fold=k)
-            cells.extend(Cell(r, k, b, lab, te) for r in rows)
+    for seed in preset.seeds:
+        for k in preset.fold_ids():
+            tr, te = folds[k]
+            for b in order:
+                lab = label_budget(tr, sets.effusion, b, seed=preset.fold_seed, fold=k)
+                cells.extend(Cell(r, seed, k, b, lab, te) for r in rows
+                             if seed in preset.row_seeds(r))
     return cells
 
 
@@ -217,7 +262,7 @@ def run_grid(
     preset: BenchPreset,
     sets: BenchSets,
     cells_dir: str | os.PathLike,
-    init_for: Callable[[Row], Path | None],
+    init_for: Callable[[Row, int], Path | None],
     rows: Iterable[Row] = ROWS,
     show_progress: bool = True,
     extra: dict | None = None,
@@ -227,8 +272,8 @@ def run_grid(
     """Run every cell whose result file is missing.
 
     Args:
-        init_for: row -> pre-trained bundle to start from (None = random init);
-            called lazily, once per row, only when a cell of that row must run.
+        init_for: (row, pre-training seed) -> bundle to start from (None = random init);
+            called lazily, once per (row, seed), only when a cell of it must run.
         extra: fields stored in every new result (command, git commit ...).
         max_cells: stop after this many new cells (None: run them all).
         pretrain_first: initialise (pre-train) every row with a missing cell before
@@ -242,7 +287,8 @@ def run_grid(
 
     cells_dir = Path(cells_dir)
     cells = plan_cells(preset, sets, rows)
-    missing = [c for c in cells if not cell_path(cells_dir, c.row.slug, c.fold, c.budget).is_file()]
+    missing = [c for c in cells
+               if not cell_path(cells_dir, c.row.slug, c.seed, c.fold, c.budget).is_file()]
     todo = missing if max_cells is None else missing[:max_cells]
     cfg = preset.finetune
     # The bar counts optimiser steps of the remaining cells, so its ETA weighs the
@@ -250,44 +296,47 @@ def run_grid(
     total = sum(cfg.n_steps(len(c.train_idx)) for c in todo)
     bar = tqdm(total=total, unit="step", desc=f"bench {preset.name}", disable=not show_progress,
                dynamic_ncols=True)
-    inits: dict[str, Path | None] = {}
+    inits: dict[tuple[str, int], Path | None] = {}
     skipped: dict[str, str] = {}
     ran = 0
 
-    def initialise(row: Row) -> None:
-        bar.set_postfix_str(f"pre-training {row.name}")
+    def initialise(row: Row, seed: int) -> None:
+        bar.set_postfix_str(f"pre-training {row.name} seed {seed}")
         try:
-            inits[row.slug] = init_for(row)
+            inits[(row.slug, seed)] = init_for(row, seed)
         except RowUnavailable as exc:
             skipped[row.slug] = str(exc)
             bar.write(f"skipping row {row.name}: {exc}")
 
     if pretrain_first:
-        for row in {c.row.slug: c.row for c in todo}.values():
-            initialise(row)
+        for c in todo:
+            if c.row.slug not in skipped and (c.row.slug, c.seed) not in inits:
+                initialise(c.row, c.seed)
     for i, c in enumerate(todo):
+        key = (c.row.slug, c.seed)
+        if c.row.slug not in skipped and key not in inits:
+            initialise(c.row, c.seed)
         if c.row.slug in skipped:
             bar.update(cfg.n_steps(len(c.train_idx)))
             continue
-        if c.row.slug not in inits:
-            initialise(c.row)
-            if c.row.slug in skipped:
-                bar.update(cfg.n_steps(len(c.train_idx)))
-                continue
-        bar.set_postfix_str(f"{i + 1}/{len(todo)} {c.row.name} fold {c.fold} budget {c.budget}")
+        bar.set_postfix_str(f"{i + 1}/{len(todo)} {c.row.name} seed {c.seed} fold {c.fold} "
+                            f"budget {c.budget}")
         t0 = time.perf_counter()
+        # The fine-tuning seed depends on the fold only: every row and every pre-training
+        # seed fine-tunes a fold with the same batches and augmentations (paired cells).
         ft = replace(cfg, seed=cfg.seed + 1000 * c.fold)
         model, log = finetune(sets.gold_images[c.train_idx], sets.gold_masks[c.train_idx],
-                              preset.unet_config(), ft, pretrained=inits[c.row.slug],
+                              preset.unet_config(), ft, pretrained=inits[key],
                               progress=lambda s, n: bar.update(1))
         scores = score_subsets(model, sets, c.test_idx, ood=c.budget == "all")
-        write_json_atomic(cell_path(cells_dir, c.row.slug, c.fold, c.budget), {
-            "method": c.row.name, "row": c.row.slug, "fold": c.fold, "budget": c.budget,
-            "n_train": int(len(c.train_idx)), "n_test": int(len(c.test_idx)),
+        write_json_atomic(cell_path(cells_dir, c.row.slug, c.seed, c.fold, c.budget), {
+            "method": c.row.name, "row": c.row.slug, "seed": c.seed, "fold": c.fold,
+            "budget": c.budget, "n_train": int(len(c.train_idx)), "n_test": int(len(c.test_idx)),
             "scores": scores, "finetune": ft.to_dict(), "train_log": log,
-            "init": None if inits[c.row.slug] is None else str(inits[c.row.slug]),
-            "init_fingerprint": init_fingerprint(inits[c.row.slug]),
-            "seconds": time.perf_counter() - t0, "preset": preset.name, **(extra or {}),
+            "init": None if inits[key] is None else str(inits[key]),
+            "init_fingerprint": init_fingerprint(inits[key]),
+            "seconds": time.perf_counter() - t0, "preset": preset.name,
+            "data": sets.description, **(extra or {}),
         })
         ran += 1
     bar.close()
@@ -309,15 +358,35 @@ def init_fingerprint(bundle: Path | None) -> str | None:
 
 
 def load_cells(cells_dir: str | os.PathLike) -> list[dict]:
-    """Every finished cell result under ``cells_dir``."""
-    return [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*/fold*.json"))]
+    """Every finished cell result under ``cells_dir`` (``<row>/seed<s>/fold*.json``).
+
+    Cells of the single-seed layout (``<row>/fold*.json``) read as seed 0.
+    """
+    paths = sorted(Path(cells_dir).glob("*/seed*/fold*.json")) + sorted(
+        Path(cells_dir).glob("*/fold*.json"))
+    out = []
+    for p in paths:
+        c = json.loads(p.read_text())
+        c.setdefault("seed", 0)
+        out.append(c)
+    return out
 
 
-def projected_seconds(preset: BenchPreset, n_rows: int, step_s: float, n_train_all: int,
-                      pretrain_s: float = 0.0) -> float:
-    """Projected wall time of a whole grid from one measured optimiser step time."""
-    steps = 0
-    for b in preset.budgets:
-        n = n_train_all if b == "all" else min(int(b), n_train_all)
-        steps += preset.finetune.n_steps(n)
-    return n_rows * preset.n_folds * steps * step_s + pretrain_s
+def projected_seconds(preset: BenchPreset, rows: Iterable[Row], cell_s: dict[str, float],
+                      pretrain_s: Callable[[Row], float]) -> float:
+    """Projected processor seconds (one thread) of a grid from measured costs.
+
+    Args:
+        cell_s: budget -> seconds of one cell (fine-tuning and scoring).
+        pretrain_s: row -> seconds of one initialisation (pre-training, Segmentation
+            row's training; 0 for None), paid once per pre-training seed.
+
+    Returns:
+        the sum over rows, their seeds and the preset's folds and budgets; with
+        ``--jobs J`` on J free cores the wall time is about this / J.
+    """
+    total = 0.0
+    for row in rows:
+        per_seed = pretrain_s(row) + len(preset.fold_ids()) * sum(cell_s[b] for b in preset.budgets)
+        total += len(preset.row_seeds(row)) * per_seed
+    return total

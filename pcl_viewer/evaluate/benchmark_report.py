@@ -1,34 +1,66 @@
 """Aggregation of benchmark cells into the tables, the claim verdicts and the figures.
 
-Mean and (sample) standard deviation over folds. Dice in %, HD95 and ASD in
-pixels of the model grid (128 px for ``cpu``; the paper's are at 224 px, so
-its distances are about 1.75x ours for the same relative error).
+A row's score at a budget is the mean over its (pre-training seed, fold) cells; the
+fold std is the std over folds of the seed-averaged scores, the seed sd the std over
+seeds of the fold-averaged scores. Dice in %, HD95 and ASD in pixels of the model
+grid (128 px for ``cpu``; the paper's are at 224 px, so its distances are about
+1.75x ours for the same relative error). Claims: :func:`judge_claims`
+(statistics in :mod:`pcl_viewer.evaluate.stats`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pcl_viewer.evaluate.benchmark import DAGGER_PAIRS, ROW_BY_SLUG, ROWS
+from pcl_viewer.evaluate.benchmark import (
+    CONTROL_PAIRS,
+    PAPER_EFFUSION_SHARE,
+    PAPER_ROWS,
+    ROW_BY_SLUG,
+    ROWS,
+)
+from pcl_viewer.evaluate.stats import crossed_interval, holm
 
 # benchmark.csv: one row per method at the full label budget.
 MAIN_COLUMNS: tuple[str, ...] = (
-    "method", "dsc", "dsc_std", "dsc_nf", "dsc_nf_std", "dsc_pe", "dsc_pe_std",
-    "dsc_portable", "dsc_portable_std", "dsc_severe", "dsc_severe_std",
-    "hd95", "hd95_std", "asd", "asd_std", "n_folds",
+    "method", "dsc", "dsc_std", "dsc_seed_sd", "dsc_nf", "dsc_nf_std", "dsc_pe", "dsc_pe_std",
+    "dsc_w74", "dsc_w74_std", "dsc_portable", "dsc_portable_std", "dsc_severe",
+    "dsc_severe_std", "hd95", "hd95_std", "asd", "asd_std", "n_seeds", "n_folds",
 )
-EFFICIENCY_COLUMNS: tuple[str, ...] = ("method", "budget", "dsc", "dsc_std", "dsc_pe", "n_folds")
+EFFICIENCY_COLUMNS: tuple[str, ...] = ("method", "budget", "dsc", "dsc_std", "dsc_seed_sd",
+                                       "dsc_pe", "dsc_w74", "n_seeds", "n_folds")
+# cells.csv: every finished cell (the committed evidence the tables are made from).
+CELL_COLUMNS: tuple[str, ...] = (
+    "row", "method", "seed", "fold", "budget", "dice_overall", "dice_nf", "dice_pe",
+    "dice_w74", "dice_portable", "dice_severe", "hd95", "asd", "n_train", "n_test",
+    "init_fingerprint", "commit", "device", "data", "seconds",
+)
+# claims.csv: one line per claim, metric and budget.
+CLAIM_COLUMNS: tuple[str, ...] = (
+    "claim", "kind", "a", "b", "metric", "budget", "family", "n_seeds", "n_folds",
+    "mean_diff", "ci_low", "ci_high", "df", "null", "p", "p_holm", "verdict", "detail",
+)
 # loss_comparison.csv: one row per method and budget with paired cells of both losses.
 LOSS_COLUMNS: tuple[str, ...] = ("method", "budget", "n_pairs", "same_init", "dsc_ce",
                                  "dsc_other", "diff", "diff_std", "diff_pe", "diff_portable")
 _METRIC_OF = {"dsc": ("overall", "dice"), "dsc_nf": ("nf", "dice"), "dsc_pe": ("pe", "dice"),
+              "dsc_w74": ("w74", "dice"),
               "dsc_portable": ("portable", "dice"), "dsc_severe": ("severe", "dice"),
               "hd95": ("overall", "hd95"), "asd": ("overall", "asd")}
+ALPHA = 0.05
+# "S-MVD-CL >= Segmentation (silver)" is a non-inferiority test with this margin (Dice
+# points): it holds when the mean difference is shown to exceed -margin.
+NONINFERIORITY_MARGIN = 1.0
+# The primary metric of the claims (one Holm family) and the secondary ones (another).
+PRIMARY_METRIC = "dsc"
+SECONDARY_METRICS: tuple[str, ...] = ("dsc_pe", "dsc_w74")
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
@@ -38,17 +70,46 @@ def _stat(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _by(cells: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
-    """(row slug, budget) -> {fold: scores}."""
-    out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+Key = tuple[int, int]  # (pre-training seed, fold)
+
+
+def _by(cells: list[dict]) -> dict[tuple[str, str], dict[Key, dict]]:
+    """(row slug, budget) -> {(seed, fold): scores}."""
+    out: dict[tuple[str, str], dict[Key, dict]] = defaultdict(dict)
     for c in cells:
-        out[(c["row"], c["budget"])][int(c["fold"])] = c["scores"]
+        out[(c["row"], c["budget"])][(int(c.get("seed", 0)), int(c["fold"]))] = c["scores"]
     return out
 
 
+def _finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
 def _value(scores: dict, key: str) -> float | None:
+    if key == "dsc_w74":  # nf and pe means re-weighted to the paper's effusion share
+        nf, pe = scores.get("nf", {}).get("dice"), scores.get("pe", {}).get("dice")
+        if not (_finite(nf) and _finite(pe)) or not scores["nf"].get("n", 1) \
+                or not scores["pe"].get("n", 1):
+            return None
+        return PAPER_EFFUSION_SHARE * pe + (1 - PAPER_EFFUSION_SHARE) * nf
     subset, metric = _METRIC_OF[key]
     return scores.get(subset, {}).get(metric)
+
+
+def _spread(cells: dict[Key, dict], key: str) -> dict:
+    """Mean over (seed, fold) cells, std over folds (seed-averaged) and over seeds."""
+    vals = {k: v for k, s in cells.items() if _finite(v := _value(s, key))}
+    if not vals:
+        return {"mean": float("nan"), "fold_std": float("nan"), "seed_sd": float("nan"),
+                "n_seeds": 0, "n_folds": 0}
+    seeds = sorted({s for s, _ in vals})
+    folds = sorted({k for _, k in vals})
+    by_fold = [np.mean([v for (s, k), v in vals.items() if k == f]) for f in folds]
+    by_seed = [np.mean([v for (s, k), v in vals.items() if s == x]) for x in seeds]
+    return {"mean": float(np.mean(list(vals.values()))),
+            "fold_std": float(np.std(by_fold, ddof=1)) if len(folds) > 1 else 0.0,
+            "seed_sd": float(np.std(by_seed, ddof=1)) if len(seeds) > 1 else 0.0,
+            "n_seeds": len(seeds), "n_folds": len(folds)}
 
 
 def aggregate(cells: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -56,19 +117,24 @@ def aggregate(cells: list[dict]) -> tuple[list[dict], list[dict]]:
     by = _by(cells)
     main, eff = [], []
     for row in ROWS:
-        folds = by.get((row.slug, "all"))
-        if folds:
-            rec: dict = {"method": row.name, "n_folds": len(folds)}
+        group = by.get((row.slug, "all"))
+        if group:
+            rec: dict = {"method": row.name}
             for key in _METRIC_OF:
-                mean, std = _stat([_value(s, key) for s in folds.values()])
-                rec[key], rec[f"{key}_std"] = mean, std
+                st = _spread(group, key)
+                rec[key], rec[f"{key}_std"] = st["mean"], st["fold_std"]
+                if key == "dsc":
+                    rec.update(dsc_seed_sd=st["seed_sd"], n_seeds=st["n_seeds"],
+                               n_folds=st["n_folds"])
             main.append(rec)
         for budget in sorted({b for (r, b) in by if r == row.slug}, key=_budget_key):
-            folds = by[(row.slug, budget)]
-            mean, std = _stat([_value(s, "dsc") for s in folds.values()])
-            pe, _ = _stat([_value(s, "dsc_pe") for s in folds.values()])
-            eff.append({"method": row.name, "budget": budget, "dsc": mean, "dsc_std": std,
-                        "dsc_pe": pe, "n_folds": len(folds)})
+            group = by[(row.slug, budget)]
+            st = _spread(group, "dsc")
+            eff.append({"method": row.name, "budget": budget, "dsc": st["mean"],
+                        "dsc_std": st["fold_std"], "dsc_seed_sd": st["seed_sd"],
+                        "dsc_pe": _spread(group, "dsc_pe")["mean"],
+                        "dsc_w74": _spread(group, "dsc_w74")["mean"],
+                        "n_seeds": st["n_seeds"], "n_folds": st["n_folds"]})
     return main, eff
 
 
@@ -82,58 +148,179 @@ def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
         w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: (f"{v:.4g}" if k in ("p", "p_holm") and isinstance(v, float)
+                            else f"{v:.3f}" if isinstance(v, float) else v)
+                        for k, v in r.items()})
 
 
-def paired_difference(cells: list[dict], a: str, b: str, key: str = "dsc",
-                      budget: str = "all") -> dict | None:
-    """Per-fold paired difference ``a - b`` of ``key``: mean, std, folds, verdict.
+def cell_rows(cells: list[dict]) -> list[dict]:
+    """cells.csv: one line per cell, sorted by row (ROWS order), seed, fold, budget."""
+    order = {r.slug: i for i, r in enumerate(ROWS)}
+    out = []
+    for c in cells:
+        sc = c["scores"]
+        out.append({
+            "row": c["row"], "method": c.get("method", c["row"]), "seed": int(c.get("seed", 0)),
+            "fold": int(c["fold"]), "budget": c["budget"],
+            "dice_overall": _value(sc, "dsc"), "dice_nf": _value(sc, "dsc_nf"),
+            "dice_pe": _value(sc, "dsc_pe"), "dice_w74": _value(sc, "dsc_w74"),
+            "dice_portable": _value(sc, "dsc_portable"), "dice_severe": _value(sc, "dsc_severe"),
+            "hd95": _value(sc, "hd95"), "asd": _value(sc, "asd"),
+            "n_train": c.get("n_train"), "n_test": c.get("n_test"),
+            "init_fingerprint": c.get("init_fingerprint") if c.get("init") else "random",
+            "commit": c.get("commit", ""),
+            "device": str(c.get("train_log", {}).get("device", "cpu")),
+            "data": c.get("data", ""), "seconds": c.get("seconds")})
+    out.sort(key=lambda r: (order.get(r["row"], 99), r["seed"], r["fold"],
+                            _budget_key(r["budget"])))
+    return out
 
-    "holds" when the mean difference is positive; "clear" when it also exceeds
-    two standard errors of the paired fold differences.
+
+# --- claims -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper as a test on paired cells.
+
+    kind: ``"superiority"`` (A > B: two-sided test of mean(A - B) = 0),
+    ``"noninferiority"`` (A >= B: two-sided test of mean(A - B) = -margin, holds when
+    the mean is significantly above -margin), ``"best"`` (A beats every row of ``b``:
+    intersection-union test, holds when every A - B_i is significantly positive).
+    """
+
+    text: str
+    a: str
+    b: tuple[str, ...]
+    kind: str = "superiority"
+    margin: float = 0.0
+
+
+def _claims() -> tuple[Claim, ...]:
+    name = {r.slug: r.name for r in ROWS}
+    out = [Claim("DVD-CL > VADeR", "dvd-cl", ("vader",))]
+    out += [Claim(f"{name[cf]} > {name[aug]} (counterfactual vs augmented real views)", cf, (aug,))
+            for cf, aug in CONTROL_PAIRS]
+    out += [
+        Claim(f"S-MVD-CL >= Segmentation (silver) (non-inferior, margin "
+              f"{NONINFERIORITY_MARGIN:g} Dice point)", "s-mvd-cl", ("seg-silver",),
+              "noninferiority", NONINFERIORITY_MARGIN),
+        Claim("S-MVD-CL best overall (beats every other row of the paper's table)", "s-mvd-cl",
+              tuple(r for r in PAPER_ROWS if r != "s-mvd-cl"), "best"),
+        Claim("S-DVD-CL > DVD-CL (silver supervision)", "s-dvd-cl", ("dvd-cl",)),
+        Claim("S-MVD-CL > MVD-CL (silver supervision)", "s-mvd-cl", ("mvd-cl",)),
+        Claim("S-MVD-CL oracle views > model views", "s-mvd-cl-oracle", ("s-mvd-cl",)),
+    ]
+    return tuple(out)
+
+
+CLAIMS: tuple[Claim, ...] = _claims()
+
+
+def paired_table(a: dict[Key, dict], b: dict[Key, dict], key: str
+                 ) -> tuple[np.ndarray, list[int], list[int]]:
+    """Complete ``(S, K)`` table of ``a - b`` of ``key``, with its seeds and folds.
+
+    Cells pair by (seed, fold); a side with one seed only (the None row) pairs with
+    every seed of the other. Folds kept: those every seed has on both sides (finite);
+    when no fold is common to all seeds, the seed with the most folds alone.
+    """
+    va = {k: v for k, s in a.items() if _finite(v := _value(s, key))}
+    vb = {k: v for k, s in b.items() if _finite(v := _value(s, key))}
+    sa, sb = {s for s, _ in va}, {s for s, _ in vb}
+    d: dict[Key, float] = {}
+    for (s, k), x in va.items():
+        other = s if len(sb) != 1 else next(iter(sb))
+        if (other, k) in vb:
+            d[(s, k)] = x - vb[(other, k)]
+    if len(sa) == 1 and len(sb) > 1:  # a is the single-seed side
+        (only,) = sa
+        d = {(s, k): va[(only, k)] - y for (s, k), y in vb.items() if (only, k) in va}
+    if not d:
+        return np.zeros((0, 0)), [], []
+    seeds = sorted({s for s, _ in d})
+    folds = sorted(set.intersection(*({k for s2, k in d if s2 == s} for s in seeds)))
+    if not folds:
+        best = max(seeds, key=lambda s: sum(1 for s2, _ in d if s2 == s))
+        seeds, folds = [best], sorted(k for s2, k in d if s2 == best)
+    return np.array([[d[(s, k)] for k in folds] for s in seeds]), seeds, folds
+
+
+def _test(table: np.ndarray, null: float):
+    return crossed_interval(table, null=null) if table.size >= 2 else None
+
+
+def judge_claims(cells: list[dict], claims: tuple[Claim, ...] = CLAIMS,
+                 alpha: float = ALPHA) -> list[dict]:
+    """claims.csv rows: every claim at every budget, for the primary and secondary metrics.
+
+    Holm's adjustment runs over all claims x budgets of one family (primary: overall
+    Dice; secondary: effusion Dice and the 74 %-effusion re-weighted Dice). Verdict:
+    "holds" when the adjusted p < alpha in the claim's direction, "reversed" when
+    < alpha in the other direction, "undecided" otherwise; "not measured" when a
+    row has no pairs (outside the family). The interval is the unadjusted 95 % t
+    interval of the mean difference (:func:`~pcl_viewer.evaluate.stats.crossed_interval`).
     """
     by = _by(cells)
-    d = np.array(_pair_diffs(by.get((a, budget), {}), by.get((b, budget), {}), key), float)
-    if d.size == 0:  # no common fold, or the metric was not scored (OOD at small budgets)
-        return None
-    std = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    se = std / np.sqrt(len(d)) if len(d) > 1 else float("inf")
-    mean = float(d.mean())
-    verdict = "holds" if mean > 0 else "does not hold"
-    if mean > 0 and mean > 2 * se:
-        verdict = "holds (clear: > 2 SE)"
-    elif mean <= 0 and -mean > 2 * se:
-        verdict = "does not hold (clear: reversed, > 2 SE)"
-    return {"a": a, "b": b, "key": key, "mean": mean, "std": std, "folds": len(d),
-            "verdict": verdict}
-
-
-def claims(cells: list[dict], budget: str = "all") -> list[tuple[str, dict | None]]:
-    """The paper's claims as paired comparisons on our folds, at one label budget.
-
-    OOD (portable) scores exist only for full-budget cells, so the portable claims are
-    listed at the full budget only.
-    """
-    def diff(a: str, b: str, key: str = "dsc") -> dict | None:
-        return paired_difference(cells, a, b, key, budget=budget)
-
-    out: list[tuple[str, dict | None]] = [
-        ("DVD-CL beats VADeR (counterfactual dense CL beats plain dense CL)",
-         diff("dvd-cl", "vader")),
-        ("S-MVD-CL beats Segmentation (silver)", diff("s-mvd-cl", "seg-silver")),
-        ("S-MVD-CL beats Segmentation (silver) on effusion (pe)",
-         diff("s-mvd-cl", "seg-silver", "dsc_pe")),
-    ]
-    for cf, dag in DAGGER_PAIRS:
-        name, dname = ROW_BY_SLUG[cf].name, ROW_BY_SLUG[dag].name
-        out.append((f"{name} beats {dname}", diff(cf, dag)))
-        out.append((f"{name} beats {dname} on effusion (pe)", diff(cf, dag, "dsc_pe")))
-        if budget == "all":
-            out.append((f"{name} beats {dname} on the portable scanner",
-                        diff(cf, dag, "dsc_portable")))
-    out.append(("Oracle counterfactual views beat model views (S-MVD-CL)",
-                diff("s-mvd-cl-oracle", "s-mvd-cl")))
+    budgets = sorted({c["budget"] for c in cells}, key=lambda b: (b != "all", _budget_key(b)))
+    out: list[dict] = []
+    for metric in (PRIMARY_METRIC, *SECONDARY_METRICS):
+        family = "primary" if metric == PRIMARY_METRIC else "secondary"
+        for budget in budgets:
+            for cl in claims:
+                out.append(_one_claim(cl, by, metric, budget, family))
+    for family in ("primary", "secondary"):
+        rows = [r for r in out if r["family"] == family]
+        for r, q in zip(rows, holm([r["p"] for r in rows]), strict=True):
+            r["p_holm"] = float(q)
+            if not np.isfinite(q):
+                r["verdict"] = "not measured"
+            elif q >= alpha:
+                r["verdict"] = "undecided"
+            else:
+                r["verdict"] = "holds" if r["_sign"] > 0 else "reversed"
+    for r in out:
+        r.pop("_sign")
     return out
+
+
+def _one_claim(cl: Claim, by, metric: str, budget: str, family: str) -> dict:
+    rec = {"claim": cl.text, "kind": cl.kind, "a": cl.a, "b": ",".join(cl.b), "metric": metric,
+           "budget": budget, "family": family, "n_seeds": 0, "n_folds": 0,
+           "mean_diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+           "df": float("nan"), "null": -cl.margin if cl.kind == "noninferiority" else 0.0,
+           "p": float("nan"), "p_holm": float("nan"), "verdict": "not measured", "detail": "",
+           "_sign": 0}
+    a = by.get((cl.a, budget), {})
+    results = []
+    for b in cl.b:
+        table, _, _ = paired_table(a, by.get((b, budget), {}), metric)
+        res = _test(table, rec["null"])
+        if res is not None:
+            results.append((b, res))
+    if not results:
+        rec["detail"] = "no paired cells"
+        return rec
+    if cl.kind == "best":
+        # Intersection-union: A is best when every A - B_i > 0; its p is the largest.
+        # Otherwise the evidence that some B_i beats A: the smallest p of the negative
+        # differences, Bonferroni-corrected over the m comparisons.
+        m = len(results)
+        b, res = min(results, key=lambda br: br[1].mean)  # the closest competitor
+        negative = [r.p for _, r in results if r.mean <= 0]
+        if negative:
+            p, sign = min(1.0, m * min(negative)), -1
+        else:
+            p, sign = max(r.p for _, r in results), 1
+        missing = [x for x in cl.b if x not in {bb for bb, _ in results}]
+        rec["detail"] = (f"closest: {ROW_BY_SLUG[b].name if b in ROW_BY_SLUG else b}; "
+                         f"{m} rows compared" + (f", not measured: {','.join(missing)}"
+                                                if missing else ""))
+    else:
+        b, res = results[0]
+        p, sign = res.p, (1 if res.mean > res.null else -1)
+    rec.update(n_seeds=res.n_seeds, n_folds=res.n_folds, mean_diff=res.mean, ci_low=res.low,
+               ci_high=res.high, df=res.df, p=p, _sign=sign)
+    return rec
 
 
 def provenance(cells: list[dict]) -> str:
@@ -154,10 +341,6 @@ def provenance(cells: list[dict]) -> str:
         lines.append(f"- {len(secs)} cells: `{cmd}` at commit `{commit}` on {dev}, "
                      f"{np.nansum(secs):.0f} s of fine-tuning and scoring in all")
     return "\n".join(lines)
-
-
-def _finite(v) -> bool:
-    return v is not None and bool(np.isfinite(v))
 
 
 def _pair_diffs(fa: dict[int, dict], fb: dict[int, dict], key: str) -> list[float]:
@@ -251,45 +434,152 @@ def _fmt(v: float | None, std: float | None = None, digits: int = 2) -> str:
     return f"{v:.{digits}f} ({std:.{digits}f})"
 
 
-def markdown(main: list[dict], eff: list[dict], cells: list[dict], header: str) -> str:
+def _claim_line(r: dict) -> str:
+    ci = (f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]" if np.isfinite(r["ci_low"]) else "-")
+    p = f"{r['p_holm']:.3g}" if np.isfinite(r["p_holm"]) else "-"
+    diff = f"{r['mean_diff']:+.2f}" if np.isfinite(r["mean_diff"]) else "-"
+    detail = f" ({r['detail']})" if r["detail"] else ""
+    return (f"| {r['claim']}{detail} | {r['budget']} | {r['n_seeds']} x {r['n_folds']} | {diff} "
+            f"| {ci} | {p} | **{r['verdict']}** |")
+
+
+CLAIMS_INTRO = (
+    "Each claim is judged on the paired differences A - B of one metric over "
+    "(pre-training seed, fold) cells: the same fold split and fine-tuning seed on both "
+    "sides, seed s of A against seed s of B (the None row, which has no pre-training, "
+    "against every seed). Interval: 95 % Student t on the mean difference with the "
+    "variance of a crossed seed x fold design (fold, seed and residual components from "
+    "the two-way ANOVA mean squares, Satterthwaite degrees of freedom; the paired t-test "
+    "over folds when there is one seed). p: two-sided, Holm-adjusted over every claim and "
+    "budget of the table (primary family: overall Dice; secondary: pe and the 74 % "
+    "re-weighted Dice). holds / reversed: adjusted p < 0.05 with the mean difference on "
+    "the claim's side / the other side; undecided otherwise. '>=' is non-inferiority: "
+    f"the null is A - B = -{NONINFERIORITY_MARGIN:g} Dice point. 'best overall' is an "
+    "intersection-union test: S-MVD-CL minus each other row of the paper's table; it "
+    "holds when all differences are positive and the largest of their p-values is "
+    "small (that p enters Holm), is reversed when some row beats S-MVD-CL (smallest p "
+    "of the negative differences x the number of rows compared); the difference shown "
+    "is the one against the closest row.")
+
+
+def markdown(main: list[dict], eff: list[dict], claim_rows: list[dict], header: str) -> str:
     """benchmark.md: our table beside the paper's, label efficiency, claim verdicts."""
     lines = [header, "", "## Main table (all training labels of each fold)", "",
-             "Dice % mean (std over folds); HD95/ASD in pixels of our grid. Paper columns "
-             "from METHOD §4 (224 px, real PadChest).", "",
-             "| method | folds | DSC | nf | pe | portable | severe | HD95 | ASD "
+             "Dice % mean over (seed, fold) cells (std over folds) [std over pre-training "
+             "seeds]; w74 = nf and pe re-weighted to the paper's 74 % effusion share; "
+             "HD95/ASD in pixels of our grid. Paper columns from its results table "
+             "(224 px, real PadChest).", "",
+             "| method | seeds x folds | DSC | nf | pe | w74 | portable | severe | HD95 | ASD "
              "| paper DSC | paper nf | paper pe | paper HD95 | paper ASD |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_name = {r.name: r for r in ROWS}
     for m in main:
         p = by_name[m["method"]].paper or {}
+        seed = f" [{m['dsc_seed_sd']:.2f}]" if m["n_seeds"] > 1 else ""
         lines.append("| " + " | ".join([
-            m["method"], str(m["n_folds"]), _fmt(m["dsc"], m["dsc_std"]),
+            m["method"], f"{m['n_seeds']} x {m['n_folds']}", _fmt(m["dsc"], m["dsc_std"]) + seed,
             _fmt(m["dsc_nf"], m["dsc_nf_std"]), _fmt(m["dsc_pe"], m["dsc_pe_std"]),
+            _fmt(m["dsc_w74"], m["dsc_w74_std"]),
             _fmt(m["dsc_portable"], m["dsc_portable_std"]), _fmt(m["dsc_severe"], m["dsc_severe_std"]),
             _fmt(m["hd95"], m["hd95_std"], 1), _fmt(m["asd"], m["asd_std"], 2),
             _fmt(p.get("dsc")), _fmt(p.get("dsc_nf")), _fmt(p.get("dsc_pe")),
             _fmt(p.get("hd95"), None, 1), _fmt(p.get("asd"))]) + " |")
-    lines += ["", "## Label efficiency (Dice %, mean (std) over folds)", "",
-              "| method | budget | folds | DSC | pe |", "|---|---|---|---|---|"]
+    lines += ["", "## Label efficiency (Dice %, mean (std over folds) [std over seeds])", "",
+              "| method | budget | seeds x folds | DSC | pe | w74 |", "|---|---|---|---|---|---|"]
     for e in eff:
-        lines.append(f"| {e['method']} | {e['budget']} | {e['n_folds']} | "
-                     f"{_fmt(e['dsc'], e['dsc_std'])} | {_fmt(e['dsc_pe'])} |")
-    lines += ["", "## The paper's claims on our data", "",
-              "Paired per-fold differences (A - B), mean (std over folds). 'holds' = mean > 0; "
-              "'clear' = beyond two standard errors of the fold differences. The paper's "
-              "claims are at the full budget; the small budgets follow.", ""]
-    budgets = sorted({c["budget"] for c in cells}, key=lambda b: (b != "all", _budget_key(b)))
-    for budget in budgets:
-        title = "all training labels" if budget == "all" else f"{budget} labelled images"
-        lines += [f"### {title}", "", "| claim | A - B | folds | verdict |", "|---|---|---|---|"]
-        for text, c in claims(cells, budget):
-            if c is None:
-                lines.append(f"| {text} | - | 0 | not measured |")
-            else:
-                lines.append(f"| {text} | {_fmt(c['mean'], c['std'])} | {c['folds']} | "
-                             f"{c['verdict']} |")
+        seed = f" [{e['dsc_seed_sd']:.2f}]" if e["n_seeds"] > 1 else ""
+        lines.append(f"| {e['method']} | {e['budget']} | {e['n_seeds']} x {e['n_folds']} | "
+                     f"{_fmt(e['dsc'], e['dsc_std'])}{seed} | {_fmt(e['dsc_pe'])} | "
+                     f"{_fmt(e['dsc_w74'])} |")
+    lines += ["", "## The paper's claims on our data", "", CLAIMS_INTRO, ""]
+    for family, title in (("primary", "overall Dice"), ("secondary", "pe and w74 Dice")):
+        lines += [f"### {title}", "",
+                  "| claim | budget | seeds x folds | A - B | 95 % CI | Holm p | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in claim_rows:
+            if r["family"] == family:
+                claim = r["claim"] if family == "primary" else f"{r['claim']} [{r['metric']}]"
+                lines.append(_claim_line(r | {"claim": claim}))
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def readme_markdown(main: list[dict], claim_rows: list[dict], header: str,
+                    figure: str = "docs/figures/label_efficiency.png") -> str:
+    """The README's benchmark section (main table, primary claims, figure), to paste."""
+    lines = [header, "",
+             "| method | seeds x folds | DSC | nf | pe | w74 | portable | paper DSC |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_name = {r.name: r for r in ROWS}
+    for m in main:
+        p = by_name[m["method"]].paper or {}
+        seed = f" [{m['dsc_seed_sd']:.2f}]" if m["n_seeds"] > 1 else ""
+        lines.append(f"| {m['method']} | {m['n_seeds']} x {m['n_folds']} | "
+                     f"{_fmt(m['dsc'], m['dsc_std'])}{seed} | {_fmt(m['dsc_nf'])} | "
+                     f"{_fmt(m['dsc_pe'])} | {_fmt(m['dsc_w74'])} | {_fmt(m['dsc_portable'])} | "
+                     f"{_fmt(p.get('dsc'))} |")
+    lines += ["", "Dice %, mean (std over folds) [std over pre-training seeds]. Claims "
+              "(overall Dice; paired over seed x fold, 95 % t interval, Holm-adjusted p; "
+              "details in docs/results/benchmark.md):", "",
+              "| claim | budget | seeds x folds | A - B | 95 % CI | Holm p | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [_claim_line(r) for r in claim_rows if r["family"] == "primary"]
+    lines += ["", f"![Label efficiency]({figure})", ""]
+    return "\n".join(lines)
+
+
+# --- pre-training length ------------------------------------------------------------------
+
+CURVE_COLUMNS: tuple[str, ...] = ("row", "method", "seed", "epoch", "step", "loss", "probe_dice")
+
+
+def pretrain_curves(runs: Path) -> list[dict]:
+    """Probe Dice and loss after every epoch of every pre-training run under ``runs``
+    (``RUNS/<row>/seed<s>/log.jsonl``), with the optimiser step count at that point."""
+    out = []
+    for log in sorted(Path(runs).glob("*/seed*/log.jsonl")):
+        slug, seed = log.parent.parent.name, int(log.parent.name.removeprefix("seed"))
+        step = 0
+        for line in log.read_text().splitlines():
+            h = json.loads(line)
+            step += int(h.get("steps", 0))
+            out.append({"row": slug, "method": ROW_BY_SLUG[slug].name if slug in ROW_BY_SLUG
+                        else slug, "seed": seed, "epoch": int(h["epoch"]), "step": step,
+                        "loss": h.get("loss"), "probe_dice": h.get("probe_dice")})
+    return out
+
+
+def plot_pretrain_curves(curves: list[dict], path: Path) -> None:
+    """Probe Dice against pre-training steps: one line per row (mean over seeds, band =
+    min..max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    rows = list(dict.fromkeys(c["method"] for c in curves if _finite(c["probe_dice"])))
+    for i, m in enumerate(rows):
+        pts = defaultdict(list)
+        for c in curves:
+            if c["method"] == m and _finite(c["probe_dice"]):
+                pts[c["step"]].append(c["probe_dice"])
+        x = np.array(sorted(pts))
+        y = [np.mean(pts[s]) for s in x]
+        ax.plot(x, y, marker="o", ms=3, label=m, color=colours[i % 20],
+                linestyle="--" if "†" in m else "-")
+        if any(len(v) > 1 for v in pts.values()):
+            ax.fill_between(x, [min(pts[s]) for s in x], [max(pts[s]) for s in x],
+                            color=colours[i % 20], alpha=0.15)
+    ax.set_xlabel("pre-training optimiser steps")
+    ax.set_ylabel("linear-probe Dice (silver, held-out pool images)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_benchmark(main: list[dict], path: Path) -> None:
@@ -299,19 +589,19 @@ def plot_benchmark(main: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("dsc", "overall"), ("dsc_nf", "nf"), ("dsc_pe", "pe"),
+    keys = [("dsc", "overall"), ("dsc_nf", "nf"), ("dsc_pe", "pe"), ("dsc_w74", "w74"),
             ("dsc_portable", "portable"), ("dsc_severe", "severe")]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(main) + 2), 4.5))
     x = np.arange(len(main))
     w = 0.8 / len(keys)
     for j, (k, label) in enumerate(keys):
-        ax.bar(x + (j - 2) * w, [m[k] for m in main], w, yerr=[m[f"{k}_std"] for m in main],
+        ax.bar(x + (j - (len(keys) - 1) / 2) * w, [m[k] for m in main], w, yerr=[m[f"{k}_std"] for m in main],
                label=label, capsize=2)
     vals = [m[k] for m in main for k, _ in keys if np.isfinite(m[k])]
     ax.set_ylim(max(0, min(vals, default=0) - 5), 100)
     ax.set_xticks(x, [m["method"] for m in main], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("Dice (%)")
-    ax.legend(ncol=5, fontsize=8, loc="lower left")
+    ax.legend(ncol=len(keys), fontsize=8, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,17 +652,24 @@ def plot_label_efficiency(eff: list[dict], path: Path) -> None:
 
 
 def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header: str,
-                 other_loss: tuple[str, list[dict]] | None = None) -> dict:
-    """Write benchmark.csv, label_efficiency.csv, benchmark.md and both figures.
+                 other_loss: tuple[str, list[dict]] | None = None,
+                 runs: Path | None = None) -> dict:
+    """Write the tables, the committed evidence and the figures.
 
-    ``other_loss``: (loss name, its cells), compared with ``cells`` (cross-entropy) in
-    loss_comparison.csv and a section of benchmark.md.
+    ``results_dir``: benchmark.csv, label_efficiency.csv, cells.csv, claims.csv,
+    benchmark.md, benchmark_readme.md (the README section), pretrain_curves.csv (from
+    the pre-training runs under ``runs``); ``figures_dir``: benchmark.png,
+    label_efficiency.png, pretrain_curves.png. ``other_loss``: (loss name, its cells),
+    compared with ``cells`` (cross-entropy) in loss_comparison.csv.
     """
     main, eff = aggregate(cells)
+    claim_rows = judge_claims(cells) if cells else []
     results_dir.mkdir(parents=True, exist_ok=True)
     write_csv(results_dir / "benchmark.csv", main, MAIN_COLUMNS)
     write_csv(results_dir / "label_efficiency.csv", eff, EFFICIENCY_COLUMNS)
-    text = markdown(main, eff, cells, header)
+    write_csv(results_dir / "cells.csv", cell_rows(cells), CELL_COLUMNS)
+    write_csv(results_dir / "claims.csv", claim_rows, CLAIM_COLUMNS)
+    text = markdown(main, eff, claim_rows, header)
     if other_loss is not None and other_loss[1]:
         comp = loss_comparison(cells, other_loss[1])
         write_csv(results_dir / "loss_comparison.csv", comp, LOSS_COLUMNS)
@@ -380,8 +677,17 @@ def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header
     else:  # no stale comparison beside a table it was not made from
         (results_dir / "loss_comparison.csv").unlink(missing_ok=True)
     (results_dir / "benchmark.md").write_text(text)
+    fig_rel = f"{figures_dir.as_posix()}/label_efficiency.png"
+    (results_dir / "benchmark_readme.md").write_text(
+        readme_markdown(main, claim_rows, header.splitlines()[0].replace("# ", "### "),
+                        figure=fig_rel))
+    curves = pretrain_curves(runs) if runs is not None else []
+    if curves:
+        write_csv(results_dir / "pretrain_curves.csv", curves, CURVE_COLUMNS)
+        plot_pretrain_curves(curves, figures_dir / "pretrain_curves.png")
     if main:
         plot_benchmark(main, figures_dir / "benchmark.png")
     if eff:
         plot_label_efficiency(eff, figures_dir / "label_efficiency.png")
-    return {"methods": len(main), "cells": len(cells)}
+    return {"methods": len(main), "cells": len(cells), "claims": len(claim_rows),
+            "curves": len(curves)}

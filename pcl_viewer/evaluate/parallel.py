@@ -1,7 +1,8 @@
 """Run benchmark rows in parallel worker processes (``pcl bench --jobs N``).
 
-Each row runs in its own ``pcl bench --rows ROW`` process, at most ``jobs`` at a time,
-taking the next row when one finishes (rows differ in cost: "None" has no pre-training).
+Each unit of work (a row and one pre-training seed) runs in its own
+``pcl bench --rows ROW --seeds S`` process, at most ``jobs`` at a time, taking the
+next unit when one finishes (units differ in cost: "None" has no pre-training).
 The processes share the cache: inputs are prepared once before (``--prepare``), and
 every cell is its own atomically written file, so no two processes write the same file.
 The parent shows one progress bar over the whole grid by counting finished cells.
@@ -21,42 +22,45 @@ from pathlib import Path
 
 
 def count_cells(cells_dir: Path, slugs: Sequence[str]) -> int:
-    """Finished cells of these rows (files ``cells_dir/<row>/fold<k>-<budget>.json``)."""
-    return sum(len(list((Path(cells_dir) / s).glob("fold*-*.json"))) for s in slugs)
+    """Finished cells of these rows (``cells_dir/<row>/seed<s>/fold<k>-<budget>.json``)."""
+    return sum(len(list((Path(cells_dir) / s).glob("seed*/fold*-*.json"))) for s in slugs)
 
 
-def run_rows_in_processes(slugs: Sequence[str], jobs: int, child_args: list[str],
-                          cells_dir: Path, expected: int, log_dir: Path, command: str,
-                          echo: Callable[[str], None] = print, poll_s: float = 2.0,
-                          show_progress: bool = True) -> dict[str, int]:
-    """Run ``pcl bench <child_args> --rows SLUG`` for every slug, ``jobs`` at a time.
+def run_rows_in_processes(units: Sequence[tuple[str, Sequence[str]]], jobs: int,
+                          child_args: list[str], cells_dir: Path, expected: int, log_dir: Path,
+                          command: str, echo: Callable[[str], None] = print,
+                          poll_s: float = 2.0, show_progress: bool = True) -> dict[str, int]:
+    """Run ``pcl bench <child_args> <unit args>`` for every unit, ``jobs`` at a time.
 
     Args:
-        child_args: the ``pcl bench`` options every row process gets (preset, cache,
+        units: (name, arguments) of each process, e.g. ``("vader-seed1", ["--rows",
+            "vader", "--seeds", "1"])``; the row is the name's part before ``-seed``.
+        child_args: the ``pcl bench`` options every process gets (preset, cache,
             device, threads, loss ...), without ``--rows`` and ``--out``.
         cells_dir: where the cells appear (the progress bar counts them).
-        expected: cells of the whole grid of these rows (the bar's total).
-        log_dir: one log per row, ``<slug>.log``.
+        expected: cells of the whole grid of these units (the bar's total).
+        log_dir: one log per unit, ``<name>.log``.
         command: the user's command, recorded in every cell (``PCL_BENCH_COMMAND``).
 
     Returns:
-        ``{slug: exit status}`` (0 = the row finished).
+        ``{name: exit status}`` (0 = the unit finished).
     """
+    slugs = sorted({name.split("-seed")[0] for name, _ in units})
     from tqdm import tqdm
 
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PCL_BENCH_COMMAND=command, PYTHONUNBUFFERED="1")
-    pending, running, status = list(slugs), {}, {}
+    pending, running, status = list(units), {}, {}
     bar = tqdm(total=expected, initial=count_cells(cells_dir, slugs), unit="cell",
                desc=f"bench ({jobs} processes)", disable=not show_progress)
     scratch = Path(tempfile.mkdtemp(prefix="pcl-bench-rows-"))
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                slug = pending.pop(0)
+                slug, unit_args = pending.pop(0)
                 log = open(log_dir / f"{slug}.log", "w")  # closed when the process ends
                 args = [sys.executable, "-m", "pcl_viewer.cli", "bench", *child_args,
-                        "--rows", slug, "--out", str(scratch / slug),
+                        *unit_args, "--out", str(scratch / slug),
                         "--figures", str(scratch / slug / "figures")]
                 running[slug] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                                   env=env), log)
@@ -67,7 +71,7 @@ def run_rows_in_processes(slugs: Sequence[str], jobs: int, child_args: list[str]
                     status[slug] = proc.returncode
                     del running[slug]
                     if proc.returncode:
-                        echo(f"row {slug} failed (exit {proc.returncode}): see "
+                        echo(f"{slug} failed (exit {proc.returncode}): see "
                              f"{log_dir / (slug + '.log')}")
             bar.n = count_cells(cells_dir, slugs)
             bar.refresh()

@@ -96,3 +96,35 @@ def test_header_bytes_mutations_raise_only_scan_read_error(ext, where, value):
     for i in range(where, min(where + 4, len(buf))):
         buf[i] = value
     _read_bytes(bytes(buf), ext)
+
+
+@pytest.mark.parametrize("content,name", [(c, n) for c in sorted(VALID) for n in EXTENSIONS
+                                          if n and n != c])
+def test_a_valid_file_under_another_extension_is_refused(content, name):
+    """Each file is decoded only as its extension says: a valid file of another format is
+    refused, never read through that other decoder."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"swapped{name}"
+        path.write_bytes(VALID[content])
+        with pytest.raises(ScanReadError):
+            read_scan(path)
+
+
+def test_time_limited_reads_of_fuzzed_files_raise_only_scan_read_error():
+    """The helper process answers hostile bytes like the in-process reader."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        for i, ext in enumerate(sorted(VALID) * 3):
+            buf = bytearray(VALID[ext])
+            for _ in range(4):
+                buf[int(rng.integers(0, len(buf)))] = int(rng.integers(0, 256))
+            path = Path(d) / f"m{i}{ext}"
+            path.write_bytes(bytes(buf))
+            try:
+                here = read_scan(path)
+            except ScanReadError as exc:
+                with pytest.raises(ScanReadError) as info:
+                    read_scan(path, timeout_s=60)
+                assert info.value.reason == exc.reason
+                continue
+            np.testing.assert_array_equal(read_scan(path, timeout_s=60).image, here.image)

@@ -1,7 +1,7 @@
 """The viewer's pipeline: one scan in, counterfactuals, segmentations and CHRO-maps out.
 
-ARCHITECTURE.md, "Data flow in the viewer". The GUI, ``pcl-viewer --screenshot``
-and ``pcl review`` all call this module; it imports no Qt or napari.
+The GUI, ``pcl-viewer --screenshot`` and ``pcl review`` all call this module (see
+docs/CONTRACTS.md, "Pipeline"); it imports no Qt or napari.
 
 :meth:`Pipeline.run` is a generator (stardist-napari pattern): it yields
 ``Step(stage, i, n, item)`` for a progress bar and partial results, and returns a
@@ -9,9 +9,11 @@ and ``pcl review`` all call this module; it imports no Qt or napari.
 
     model_image, geometry = to_model(scan.image, S)             # preprocess
     parents = user parents or classifiers(model_image)          # parents
+    domain = HVAE negative ELBO vs held-out phantom quantiles   # domain
     abduction = cf.abduct(model_image, parents)   (cached)      # abduct
     residual_k = cf.residual(abduction, do_k)  for each do_k    # decode
     view_k = scan.image + strength * upsample(residual_k)       #   (native size)
+    quality_k = recon error, reversibility, classifier read-back # quality
     logits_k, features_k = unet(to_model(view_k))               # segment
     labels_k = argmax(logits_k) -> native (nearest)
     chromap = ChroMap.fit(features of all views)                # chromap
@@ -36,8 +38,8 @@ from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES, Parents, interventio
 
 DEFAULT_CF_BUNDLE = "cf-cpu"
 DEFAULT_SEG_BUNDLE = "seg-cpu"
-STAGES: tuple[str, ...] = ("preprocess", "parents", "abduct", "decode", "segment", "chromap",
-                           "consistency")
+STAGES: tuple[str, ...] = ("preprocess", "parents", "domain", "abduct", "decode", "quality",
+                           "segment", "chromap", "consistency")
 MAX_STRENGTH = 1.5
 FACTUAL = "factual"
 _ABDUCTION_CACHE = 4
@@ -53,7 +55,8 @@ class Step(NamedTuple):
 
 
 class Cancelled(Exception):
-    """The caller's ``cancel()`` returned True between two stages."""
+    """The caller's ``cancel()`` returned True (polled between stages and between the
+    views, scans and overlays within a stage)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class View:
         residual: ``(S, S)`` float32 ``mu_cf - mu`` at strength 1 (None for the factual view).
         labels: ``(H, W)`` uint8 (0 background, 1 right lung, 2 left lung) or None.
         overlay: ``(H, W, 3)`` uint8 CHRO-map blended with the image, or None.
+        quality: counterfactual quality (:class:`ViewQuality`) or None (factual view, or
+            not measured).
     """
 
     key: str
@@ -85,14 +90,50 @@ class View:
     residual: np.ndarray | None = None
     labels: np.ndarray | None = None
     overlay: np.ndarray | None = None
+    quality: ViewQuality | None = None
 
     @property
     def name(self) -> str:
-        return intervention_name(self.do, self.strength) if self.do else FACTUAL
+        if not self.do:
+            return FACTUAL
+        if self.strength <= 1.0 and abs(self.strength - 1.0) > 1e-9:  # attenuated
+            return f"{intervention_name(self.do)} x{self.strength:g}"
+        return intervention_name(self.do, self.strength)
 
     @property
     def extrapolated(self) -> bool:
-        return bool(self.do) and abs(self.strength - 1.0) > 1e-9
+        """True beyond the model's counterfactual (strength > 1); below 1 it is attenuated."""
+        return bool(self.do) and self.strength > 1.0 + 1e-9
+
+
+@dataclass(frozen=True)
+class ViewQuality:
+    """How far one counterfactual can be trusted, measured on this scan at model size.
+
+    Attributes:
+        recon_mae: mean |x - mu| of the abduction (the HVAE's reconstruction of the scan),
+            intensity units [0, 1]; shared by every view of a scan.
+        reversibility_mae: mean |x - x_back|, where x_back is the counterfactual's own
+            counterfactual back to the scan's parents (0 = perfectly reversible).
+        readback: the classifiers' probability that each intervened parent has its
+            target value in the counterfactual (1 = the intervention took effect).
+        targets: the bundle's targets (``reversibility_mae``, ``effectiveness``), or {}.
+        misses: the targets this view misses here or on the bundle's held-out
+            evaluation (e.g. ``"truth_effusion"``); empty when none are known to be missed.
+        caveat: one line to show beside the view while it misses its targets, or None.
+    """
+
+    recon_mae: float
+    reversibility_mae: float
+    readback: dict[str, float]
+    targets: dict[str, float]
+    misses: tuple[str, ...]
+    caveat: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recon_mae": self.recon_mae, "reversibility_mae": self.reversibility_mae,
+                "readback": dict(self.readback), "targets": dict(self.targets),
+                "misses": list(self.misses), "caveat": self.caveat}
 
 
 class ConsistencyRow(NamedTuple):
@@ -125,6 +166,18 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     cpu_timings: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    domain: Any = None  # pcl_viewer.domain.DomainResult, or None when not checked
+
+    @property
+    def domain_score(self) -> float | None:
+        """Held-out quantile of the scan's domain statistic, 0..1 (1 = typical), or None
+        when the check did not run or is uncalibrated for the loaded models."""
+        return None if self.domain is None else self.domain.score
+
+    @property
+    def out_of_domain(self) -> bool | None:
+        """True when the domain check flags the scan; None when it is uncalibrated."""
+        return None if self.domain is None else self.domain.out_of_domain
 
     @property
     def embedding(self) -> np.ndarray | None:
@@ -156,6 +209,10 @@ class PipelineResult:
             "probabilities": self.probabilities,
             "bundles": {k: b.to_dict() for k, b in self.bundles.items()},
             "reducer": self.reducer,
+            "domain_score": self.domain_score,
+            "out_of_domain": self.out_of_domain,
+            "domain": self.domain.to_dict() if self.domain is not None else None,
+            "quality": view.quality.to_dict() if view.quality is not None else None,
         }
 
 
@@ -173,6 +230,11 @@ class Pipeline:
         self.bundles = dict(bundles or {})
         self.load_errors: list[str] = []
         self._abductions: OrderedDict[tuple, Any] = OrderedDict()
+        self._qualities: OrderedDict[tuple, ViewQuality] = OrderedDict()
+        self.domain_path: str | Path | None = None  # None: resources/models/domain.json
+        self._domain = None
+        # the CF bundle's held-out evaluation (card "metrics.eval_cf"): targets and misses
+        self.cf_evaluation: dict[str, Any] = {}
 
     @classmethod
     def from_bundles(cls, cf_bundle: str | Path | None = DEFAULT_CF_BUNDLE,
@@ -207,7 +269,9 @@ class Pipeline:
         if part == "cf":
             from pcl_viewer.models.counterfactual import CounterfactualModel
 
-            self.cf = CounterfactualModel.from_bundle(path, self.device)
+            self.cf = CounterfactualModel.from_bundle(info, self.device)
+            self.cf_evaluation = dict((info.card.get("metrics") or {}).get("eval_cf") or {})
+            self._domain = None
         else:
             self.seg = info.build("unet", device=self.device)
         self.bundles[part] = BundleInfo(info.name, info.fingerprint, str(path))
@@ -261,6 +325,12 @@ class Pipeline:
         yield Step("parents", 1, 1, views[FACTUAL])
 
         if self.cf is not None and parents is not None:
+            yield Step("domain", 0, 1)
+            result.domain = self.check_domain([model_image], [parents], [probabilities],
+                                              cancel)[0]
+            clock.lap("domain")
+            yield Step("domain", 1, 1, result.domain)
+            check()
             todo = resolve_interventions(interventions, parents)
             yield Step("abduct", 0, 1)
             abduction = self._abduction(model_image, parents)
@@ -273,6 +343,12 @@ class Pipeline:
                 yield Step("decode", i + 1, len(todo), view)
                 check()
             clock.lap("decode")
+            if todo:
+                yield Step("quality", 0, 1)
+                self._measure_quality(result, abduction, list(todo), check)
+                clock.lap("quality")
+                yield Step("quality", 1, 1, [views[k] for k in todo])
+                check()
 
         if segment and self.seg is not None:
             yield from self._segment_stage(result, chromap, reducer, clock, check)
@@ -352,6 +428,10 @@ class Pipeline:
             views = {FACTUAL: View(FACTUAL, {}, 1.0, p, scan.image)}
             results.append(PipelineResult(scan, geo, img, p, prob, "user" if g else "inferred",
                                           views, dict(self.bundles), reducer="pca"))
+        if self.cf is not None and all(p is not None for p in pa):
+            for r, d in zip(results, self.check_domain(list(x), pa, probs)):
+                r.domain = d
+            clock.lap("domain")
         if self.cf is not None and keys and all(p is not None for p in pa):
             abduction = self._abduct_batch(x, pa)
             clock.lap("abduct")
@@ -375,6 +455,78 @@ class Pipeline:
 
     # ------------------------------------------------------------ stages ---
 
+    @property
+    def domain(self):
+        """The :class:`pcl_viewer.domain.DomainCheck` of the loaded CF bundle (cached)."""
+        if self._domain is None:
+            from pcl_viewer.domain import DomainCheck
+
+            self._domain = DomainCheck.for_pipeline(self, self.domain_path)
+        return self._domain
+
+    def check_domain(self, model_images: list[np.ndarray], parents: list[Parents],
+                     probabilities: list[dict[str, float] | None] | None = None,
+                     cancel: Callable[[], bool] | None = None) -> list:
+        """Domain check of ``(S, S)`` model images -> one ``DomainResult`` each.
+
+        The ELBO is taken under the classifiers' parents when they ran (a user's override
+        must not make a scan look typical), else under ``parents``.
+        """
+        probabilities = probabilities or [None] * len(model_images)
+        pa = [_parents_from_probs(p) if p else q for p, q in zip(probabilities, parents)]
+        return self.domain.score(np.stack(model_images), pa, probabilities, cancel=cancel)
+
+    def _measure_quality(self, result: PipelineResult, abduction, keys: list[str],
+                         check: Callable[[], None]) -> None:
+        """Set :class:`ViewQuality` on the counterfactual views ``keys`` (model size).
+
+        Reversibility: each counterfactual is abducted under its own parents and sent back
+        to the scan's parents (one batched abduction and decode for all views).
+        Read-back: the classifiers on the counterfactuals (one batch).
+        """
+        import torch
+
+        x = result.model_image
+        size = x.shape[-1]
+        base = self._abduction_key(x, result.parents)
+        cached = {k: self._qualities.get((*base, _do_key(result.views[k].do))) for k in keys}
+        if all(q is not None for q in cached.values()):
+            for k, q in cached.items():
+                result.views[k].quality = q
+            return
+        mu = getattr(abduction, "mu", None)
+        recon = (float("nan") if mu is None else
+                 float(np.abs(x - np.asarray(_numpy(mu), np.float32).reshape(size, size)).mean()))
+        views = [result.views[k] for k in keys]
+        cfs = np.stack([np.clip(x + v.residual, 0.0, 1.0) for v in views]).astype(np.float32)
+        check()
+        cf_parents = [v.parents for v in views]
+        back = self._abduct_batch(cfs, cf_parents)
+        check()
+        target = torch.as_tensor(np.stack([result.parents.to_vector()] * len(views)),
+                                 device=self.device)
+        with torch.inference_mode():
+            resid = self.cf.residual(back, target, strength=1.0)
+        resid = np.asarray(_numpy(resid), np.float32).reshape(len(views), size, size)
+        rev = np.abs(np.clip(cfs + resid, 0.0, 1.0) - x[None]).mean(axis=(1, 2))
+        check()
+        try:
+            probs = self.infer_parents(cfs)
+        except ValueError:  # a bundle without classifiers
+            probs = [{} for _ in views]
+        targets = dict(self.cf_evaluation.get("targets") or {})
+        for view, r, p in zip(views, rev, probs):
+            readback = {}
+            for name in view.do:
+                if name in p:
+                    idx = PARENT_VALUES[name].index(getattr(view.parents, name))
+                    readback[name] = float(p[name] if idx == 1 else 1.0 - p[name])
+            view.quality = _quality(view, recon, float(r), readback, targets,
+                                    self.cf_evaluation.get("meets_targets") or {})
+            self._qualities[(*base, _do_key(view.do))] = view.quality
+        while len(self._qualities) > 8 * _ABDUCTION_CACHE:
+            self._qualities.popitem(last=False)
+
     def infer_parents(self, x: np.ndarray) -> list[dict[str, float]]:
         """``(B, S, S)`` model images -> per scan ``{parent: P(value index 1)}``."""
         import torch
@@ -384,9 +536,13 @@ class Pipeline:
         probs = {k: np.asarray(_numpy(v), dtype=np.float64).reshape(-1) for k, v in out.items()}
         return [{k: float(probs[k][b]) for k in PARENT_NAMES if k in probs} for b in range(len(x))]
 
+    @staticmethod
+    def _abduction_key(model_image: np.ndarray, parents: Parents) -> tuple:
+        return (hashlib.blake2b(model_image.tobytes(), digest_size=16).hexdigest(),
+                tuple(parents.to_vector().tolist()))
+
     def _abduction(self, model_image: np.ndarray, parents: Parents):
-        key = (hashlib.blake2b(model_image.tobytes(), digest_size=16).hexdigest(),
-               tuple(parents.to_vector().tolist()))
+        key = self._abduction_key(model_image, parents)
         if key in self._abductions:
             self._abductions.move_to_end(key)
             return self._abductions[key]
@@ -443,7 +599,7 @@ class Pipeline:
             check()
         clock.lap("segment")
         if chromap:
-            self._fit_chromap(result, np.stack(features), reducer)
+            self._fit_chromap(result, np.stack(features), reducer, check)
             clock.lap("chromap")
             for i, view in enumerate(views):
                 yield Step("chromap", i + 1, len(views), view)
@@ -472,13 +628,19 @@ class Pipeline:
                 self._fit_chromap(r, feats[idx], reducer)
         return list(feats)
 
-    def _fit_chromap(self, result: PipelineResult, feats: np.ndarray, reducer: str) -> None:
+    def _fit_chromap(self, result: PipelineResult, feats: np.ndarray, reducer: str,
+                     check: Callable[[], None] | None = None) -> None:
         from pcl_viewer.chromap import ChroMap
 
         geo = to_model(result.scan.image, self.seg_size)[1]
         cmap = ChroMap.fit(feats, reducer=reducer, geometry=geo)
+        overlays = []
         for v, view in enumerate(result.views.values()):
-            view.overlay = cmap.overlay(v, view.image)
+            if check is not None:
+                check()
+            overlays.append(cmap.overlay(v, view.image))
+        for view, overlay in zip(result.views.values(), overlays):  # all or none
+            view.overlay = overlay
         result.chromap, result.reducer = cmap, reducer
 
     def _tensor(self, x: np.ndarray):
@@ -552,6 +714,37 @@ def _area_change(counts: np.ndarray, c: int) -> float:
 
 
 # ------------------------------------------------------------------ helpers --
+
+
+def _quality(view: View, recon: float, reversibility: float, readback: dict[str, float],
+             targets: dict[str, float], meets: dict[str, bool]) -> ViewQuality:
+    """A view's quality against the bundle's targets and its held-out evaluation."""
+    misses = []
+    rev_target = targets.get("reversibility_mae")
+    if rev_target is not None and reversibility > rev_target:
+        misses.append("reversibility")
+    eff_target = targets.get("effectiveness")
+    if eff_target is not None and any(p < eff_target for p in readback.values()):
+        misses.append("effectiveness")
+    # held-out misses of this intervention, e.g. "truth_effusion" for do(effusion)
+    kind = view.key if view.key in ("scanner", "effusion", "both") else None
+    held_out = sorted(k for k, ok in meets.items()
+                      if ok is False and kind is not None and k.endswith(f"_{kind}"))
+    misses += [f"held-out {k}" for k in held_out]
+    caveat = None
+    if "effusion" in view.do and misses:
+        caveat = ("do(effusion) is a stress test, not a validated counterfactual: it misses "
+                  f"its targets ({', '.join(misses)}); read lung changes under it with care.")
+    elif misses:
+        caveat = f"misses its targets ({', '.join(misses)})"
+    return ViewQuality(recon, reversibility, readback,
+                       {k: float(v) for k, v in targets.items()
+                        if k in ("reversibility_mae", "effectiveness")},
+                       tuple(misses), caveat)
+
+
+def _do_key(do: dict[str, str]) -> tuple:
+    return tuple(sorted(do.items()))
 
 
 def _parents_from_probs(probs: dict[str, float]) -> Parents:

@@ -72,9 +72,10 @@ def test_user_parents_override_the_classifiers(fake_pipeline, chest_scan):
 def test_one_abduction_is_cached_per_scan_and_parents(fake_pipeline, chest_scan):
     cf = fake_pipeline.cf
     result = fake_pipeline.run_sync(chest_scan, segment=False)
+    first = cf.abductions  # the scan's, and one batch for the views' reversibility
     fake_pipeline.run_sync(chest_scan, segment=False)
     fake_pipeline.decode(result, "sex", {"sex": "male"})
-    assert cf.abductions == 1
+    assert first == 2 and cf.abductions == first
 
 
 def test_strength_rescales_the_residual_without_running_the_model(fake_pipeline, chest_scan):
@@ -82,7 +83,8 @@ def test_strength_rescales_the_residual_without_running_the_model(fake_pipeline,
     decodes = fake_pipeline.cf.decodes
     half = fake_pipeline.decode(result, "effusion", result.views["effusion"].do, strength=0.5)
     assert fake_pipeline.cf.decodes == decodes
-    assert half.extrapolated and "extrapolated" in half.name
+    assert not half.extrapolated and half.name.endswith("x0.5")  # attenuated, not beyond
+    assert fake_pipeline.decode(result, "effusion", half.do, 1.5).extrapolated
     diff_full = np.abs(fake_pipeline.decode(result, "effusion", half.do, 1.0).image
                        - chest_scan.image).mean()
     diff_half = np.abs(half.image - chest_scan.image).mean()
@@ -194,3 +196,38 @@ def test_refresh_resegments_views_changed_after_the_run(fake_pipeline, chest_sca
     assert all(v.labels is not None and v.overlay is not None for v in result.views.values())
     assert [r.view for r in result.consistency] == ["scanner", "effusion", "both", "sex"]
     assert result.chromap.n_views == 5
+
+
+def test_each_counterfactual_carries_its_quality_and_the_bundles_caveat(fake_pipeline,
+                                                                        chest_scan):
+    fake_pipeline.cf_evaluation = {
+        "targets": {"reversibility_mae": 0.02, "effectiveness": 0.9},
+        "meets_targets": {"truth_effusion": False, "truth_scanner": True}}
+    result = fake_pipeline.run_sync(chest_scan, segment=False)
+    scanner, effusion = result.views["scanner"].quality, result.views["effusion"].quality
+    # the fake residual is exactly reversible; its classifier ignores the image's scanner
+    assert scanner.reversibility_mae < 1e-6 and set(scanner.readback) == {"scanner"}
+    assert effusion.misses[-1] == "held-out truth_effusion"
+    assert effusion.caveat.startswith("do(effusion) is a stress test")
+    assert result.metadata("effusion")["quality"]["targets"] == {"reversibility_mae": 0.02,
+                                                                 "effectiveness": 0.9}
+    assert result.views[FACTUAL].quality is None
+
+
+def test_cancel_is_polled_inside_the_chromap_stage(fake_pipeline, chest_scan):
+    from pcl_viewer.pipeline import PipelineResult
+
+    state = {"segmented": False, "polls": 0}
+
+    def cancel() -> bool:  # false at the poll after the last segmentation, true at the next
+        state["polls"] += state["segmented"]
+        return state["polls"] >= 2
+
+    stages, result = [], None
+    with pytest.raises(Cancelled):
+        for step in fake_pipeline.run(chest_scan, cancel=cancel):
+            stages.append(step.stage)
+            result = step.item if isinstance(step.item, PipelineResult) else result
+            state["segmented"] = step.stage == "segment" and step.i == step.n
+    assert stages[-1] == "segment" and "chromap" not in stages
+    assert all(v.overlay is None for v in result.views.values())  # no half-made overlays

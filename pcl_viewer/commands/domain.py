@@ -23,7 +23,7 @@ def domain() -> None:
 @click.option("--seed", type=int, default=7919, show_default=True,
               help="Phantom seed (use one no model was trained on).")
 @click.option("--size", type=int, default=256, show_default=True, help="Rendered scan size (px).")
-@click.option("--flag-rate", type=float, default=0.015, show_default=True,
+@click.option("--flag-rate", type=float, default=0.01, show_default=True,
               help="Share of in-domain held-out scans the threshold flags.")
 @click.option("--regime", default=None, help="Phantom regime (default: the phantom's default).")
 @click.option("--device", default="cpu", show_default=True)

@@ -147,8 +147,9 @@ class BenchPreset:
 
 
 def bench_preset(name: str) -> BenchPreset:
-    """The benchmark presets. cpu epochs are sized so the whole grid fits ~8 h on 2 cores
-    (see docs/benchmark.md for the measured step time and the projection)."""
+    """The benchmark presets (docs/benchmark.md: measured costs and the projection of the
+    grid). The fine-tuning protocol (``finetune``, budgets, folds) is the None row's, on
+    which the phantom's difficulty is calibrated; do not change it for one grid only."""
     if name == "smoke":
         ft = FinetuneConfig(epochs=1, min_steps=2, max_steps=3, batch_size=4)
         return BenchPreset("smoke", 64, n_folds=2, finetune=ft,
@@ -162,9 +163,12 @@ def bench_preset(name: str) -> BenchPreset:
         # (0.59 s wall on the quiet machine in session 3); docs/benchmark.md projects the grid
         # at about 8.5 h of one core, 4.3 h as two processes.
         ft = FinetuneConfig(epochs=12, min_steps=80)
+        # Pre-training: 300 steps as 6 epochs of 50 (the same warm-up of 75 steps and cosine
+        # as the former 3 x 100), so the linear probe scores the run every 50 steps and the
+        # pre-training curve (pretrain_curves.csv) shows whether it converged.
         return BenchPreset("cpu", 128, finetune=ft, seg_pretrain=FinetuneConfig(epochs=4),
                            gold_n=240, ood_n=100, pool_n=2000,
-                           pretrain_options={"epochs": 3, "max_steps_per_epoch": 100,
+                           pretrain_options={"epochs": 6, "max_steps_per_epoch": 50,
                                              "pixels": 250, "probe_steps": 100})
     if name == "paper":
         return BenchPreset("paper", 224, finetune=FinetuneConfig(epochs=100),
@@ -321,7 +325,7 @@ def run_grid(
             continue
         bar.set_postfix_str(f"{i + 1}/{len(todo)} {c.row.name} seed {c.seed} fold {c.fold} "
                             f"budget {c.budget}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         # The fine-tuning seed depends on the fold only: every row and every pre-training
         # seed fine-tunes a fold with the same batches and augmentations (paired cells).
         ft = replace(cfg, seed=cfg.seed + 1000 * c.fold)
@@ -335,7 +339,8 @@ def run_grid(
             "scores": scores, "finetune": ft.to_dict(), "train_log": log,
             "init": None if inits[key] is None else str(inits[key]),
             "init_fingerprint": init_fingerprint(inits[key]),
-            "seconds": time.perf_counter() - t0, "preset": preset.name,
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "preset": preset.name,
             "data": sets.description, **(extra or {}),
         })
         ran += 1

@@ -40,7 +40,7 @@ EFFICIENCY_COLUMNS: tuple[str, ...] = ("method", "budget", "dsc", "dsc_std", "ds
 CELL_COLUMNS: tuple[str, ...] = (
     "row", "method", "seed", "fold", "budget", "dice_overall", "dice_nf", "dice_pe",
     "dice_w74", "dice_portable", "dice_severe", "hd95", "asd", "n_train", "n_test",
-    "init_fingerprint", "commit", "device", "data", "seconds",
+    "init_fingerprint", "commit", "device", "data", "seconds", "cpu_seconds",
 )
 # claims.csv: one line per claim, metric and budget.
 CLAIM_COLUMNS: tuple[str, ...] = (
@@ -170,7 +170,8 @@ def cell_rows(cells: list[dict]) -> list[dict]:
             "init_fingerprint": c.get("init_fingerprint") if c.get("init") else "random",
             "commit": c.get("commit", ""),
             "device": str(c.get("train_log", {}).get("device", "cpu")),
-            "data": c.get("data", ""), "seconds": c.get("seconds")})
+            "data": c.get("data", ""), "seconds": c.get("seconds"),
+            "cpu_seconds": c.get("cpu_seconds")})
     out.sort(key=lambda r: (order.get(r["row"], 99), r["seed"], r["fold"],
                             _budget_key(r["budget"])))
     return out

@@ -415,12 +415,14 @@ def test_time_limited_read_equals_the_plain_read_and_kills_a_slow_decode(tmp_pat
     # a decode that needs far longer than the limit: noise does not compress
     noise = np.random.default_rng(0).integers(0, 65535, (3000, 3000), dtype=np.uint16)
     big = write_png(tmp_path / "noise.png", noise)
-    pid = readers._WORKER.pid
+    readers._WORKER.stop()
+    read_scan(small, timeout_s=60)
+    (pid,) = [p for p in readers._WORKER.pids() if p is not None]
     t0 = time.perf_counter()
     with pytest.raises(ScanReadError, match="longer than the time limit of 0.001 s"):
         read_scan(big, timeout_s=0.001)
     assert time.perf_counter() - t0 < 10.0
-    assert readers._WORKER.pid is None and pid is not None  # the helper was killed
+    assert pid not in readers._WORKER.pids()  # the helper was killed
     np.testing.assert_array_equal(read_scan(small, timeout_s=60).image, plain.image)  # restarted
 
 
@@ -432,6 +434,23 @@ def test_a_dead_helper_is_replaced_on_the_next_timed_read(tmp_path):
 
     path = write_png(tmp_path / "a.png", (synthetic_cxr(32, 32) * 255).astype(np.uint8))
     first = read_scan(path, timeout_s=60)
-    os.kill(readers._WORKER.pid, signal.SIGKILL)
-    readers._WORKER._proc.join(5)
+    for pid in readers._WORKER.pids():
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
     np.testing.assert_array_equal(read_scan(path, timeout_s=60).image, first.image)
+
+
+def test_concurrent_timed_reads_use_one_helper_each(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pcl_viewer.data import readers
+
+    readers._WORKER.stop()
+    paths = [write_png(tmp_path / f"{i}.png", (synthetic_cxr(64, 48, seed=i) * 255).astype(np.uint8))
+             for i in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        scans = list(pool.map(lambda p: read_scan(p, timeout_s=60), paths))
+    for p, scan in zip(paths, scans):
+        np.testing.assert_array_equal(scan.image, read_scan(p).image)
+    assert 1 <= len([p for p in readers._WORKER.pids() if p is not None]) <= 2

@@ -19,7 +19,7 @@ and the reason in one line; no other exception type escapes. Decisions:
   Decoding then needs at most about the decoded samples plus one float32 image
   (normalisation runs in row chunks, never a whole-image float64 copy).
 - **Time limit**: with ``timeout_s`` the decode runs in a helper process (started
-  once and reused); one that takes longer is killed and the read fails with a
+  once and reused; one per thread reading at the same time); one that takes longer is killed and the read fails with a
   :class:`ScanReadError` saying so. A decoder that crashes the helper gives a
   ScanReadError too.
 - Colour is converted to grey (ITU-R 601 luma) once, alpha is ignored; both leave a
@@ -799,7 +799,38 @@ def _worker_main(conn) -> None:
             conn.send_bytes(memoryview(img).cast("B"))
 
 
-_WORKER = _DecodeWorker()
+class _DecodePool:
+    """Helpers for concurrent timed reads: each caller thread borrows an idle helper or
+    starts one, so N threads reading at once use N processes (and no more)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_DecodeWorker] = []
+        self._all: list[_DecodeWorker] = []
+
+    def read(self, p: Path, max_pixels: int | None, timeout_s: float) -> Scan:
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                worker = _DecodeWorker()
+                self._all.append(worker)
+        try:
+            return worker.read(p, max_pixels, timeout_s)
+        finally:
+            with self._lock:
+                self._idle.append(worker)
+
+    def pids(self) -> list[int | None]:
+        """Process ids of the helpers (None: killed, restarts on its next read)."""
+        return [w.pid for w in self._all]
+
+    def stop(self) -> None:
+        """Kill every helper (each restarts on demand)."""
+        for w in self._all:
+            w.stop()
+
+
+_WORKER = _DecodePool()
 
 
 # --------------------------------------------------------------- writers ---

@@ -462,8 +462,7 @@ def _dicom_pixels(path: Path, ds) -> tuple[np.ndarray, str]:
         raise ScanReadError(path, f"no pixel data decoder for transfer syntax {name} "
                                   f"({syntax}) in pydicom") from None
     try:
-        arr, info = decoder.as_array(ds, index=0 if decoder.is_encapsulated else None,
-                                     as_rgb=True)
+        arr, info = decoder.as_array(ds, index=0, as_rgb=True)  # the one frame
     except Exception as exc:
         text = _one_line(exc)
         hint = next((v for k, v in _INSTALL_HINT.items() if k in name), None)
@@ -471,8 +470,6 @@ def _dicom_pixels(path: Path, ds) -> tuple[np.ndarray, str]:
             text += f"; install {hint} (pip install {hint.replace(' and ', ' ')})"
         raise ScanReadError(path, f"DICOM pixel data cannot be decoded ({name}): {text}") from None
     pi = str(info.get("photometric_interpretation") or ds.get("PhotometricInterpretation", ""))
-    if arr.ndim == 3 and arr.shape[0] == 1 and not decoder.is_encapsulated:
-        arr = arr[0]
     return arr, pi.upper()
 
 

@@ -356,8 +356,8 @@ def _png_ihdr(path: Path) -> tuple[int, int]:
     return head[24], head[25]
 
 
-def _read_pil(path: Path, notices: list[str], max_pixels: int | None, kind: str | None = None):
-    kind = kind or {".png": "png", ".tif": "tiff", ".tiff": "tiff"}.get(path.suffix.lower(), "jpeg")
+def _read_pil(path: Path, notices: list[str], max_pixels: int | None, kind: str):
+    """PNG / JPEG / TIFF (``kind``) through Pillow restricted to that one format."""
     im = _open_pil(path, kind)
     with im:
         w, h = im.size

@@ -3,6 +3,12 @@
 Everything is inline: CSS, a few lines of JS (click a column header to sort),
 the summary plots as base64 PNGs drawn by matplotlib, and the thumbnails of the
 flagged scans. It opens from disk with no server and no network.
+
+Text from files (paths, names, reader messages) is untrusted: in the HTML it is
+escaped; in the CSVs undecodable file-name bytes are shown as ``\\xNN``
+(:func:`pcl_viewer.review.display_text`) and a cell that a spreadsheet would run as a
+formula (starting with ``= + - @``, tab or carriage return) is prefixed with ``'``
+(:func:`csv_cell`, as OWASP recommends against CSV injection).
 """
 
 from __future__ import annotations
@@ -19,13 +25,23 @@ from typing import Any
 
 import numpy as np
 
+from pcl_viewer.atomic import atomic_write_text
 from pcl_viewer.review import (
     ERROR_COLUMNS,
     REPORT_COLUMNS,
     ReviewConfig,
+    display_text,
     flag_reason,
     load_journal,
 )
+
+# First characters that make a spreadsheet evaluate a cell (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _h(x: Any) -> str:
+    """HTML-escaped, UTF-8-safe text of ``x``."""
+    return html.escape(display_text(x))
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;
@@ -62,7 +78,7 @@ def _fmt(x: Any, pct: bool = False, sign: bool = True) -> str:
     try:
         v = float(x)
     except (TypeError, ValueError):
-        return "" if x is None else html.escape(str(x))
+        return "" if x is None else _h(x)
     if not math.isfinite(v):
         return "n/a"
     if pct:
@@ -138,7 +154,7 @@ def _group_table(rows: Sequence[dict[str, Any]]) -> str:
                 d = np.array([float(r["dice"]) for r in sel], float)
                 d = d[np.isfinite(d)]
                 body.append(
-                    f"<tr><td>{parent}={html.escape(g)}</td><td>do({html.escape(key)})</td>"
+                    f"<tr><td>{parent}={_h(g)}</td><td>do({_h(key)})</td>"
                     f"<td class=num>{len(sel)}</td><td class=num>{_fmt(d.mean() if d.size else None)}"
                     f"</td><td class=num>{_fmt(np.median(d) if d.size else None)}</td>"
                     f"<td class=num>{_fmt(sum(int(r['flagged']) for r in sel) / max(1, len(sel)), True, False)}"
@@ -157,19 +173,19 @@ def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, s
     for r in flagged:
         t = thumbs.get(r["path"], {})
         imgs = "".join(
-            f'<img class=th alt="{html.escape(k)}" title="{html.escape(k)}" '
+            f'<img class=th alt="{_h(k)}" title="{_h(k)}" '
             f'src="data:image/png;base64,{t[k]}">' if t.get(k) else "<i>n/a</i>"
             for k in ("factual", r["intervention"]))
-        shown = html.escape(r["path"][len(root):] if root else r["path"])
-        cells = [f"<td class=path title=\"{html.escape(r['path'])}\">{shown}</td>"]
-        cells += [f"<td>{html.escape(str(r[k]))}</td>" for k in ("scanner", "sex", "effusion")]
-        cells.append(f"<td>{html.escape(str(r['do']))}</td>")
+        shown = _h(r["path"][len(root):] if root else r["path"])
+        cells = [f"<td class=path title=\"{_h(r['path'])}\">{shown}</td>"]
+        cells += [f"<td>{_h(r[k])}</td>" for k in ("scanner", "sex", "effusion")]
+        cells.append(f"<td>{_h(r['do'])}</td>")
         for k in ("dice", "dice_right", "dice_left"):
             low = " low" if _sortkey(r[k]) and float(_sortkey(r[k])) < 0.9 else ""
             cells.append(f"<td class='num{low}' data-v='{_sortkey(r[k])}'>{_fmt(r[k])}</td>")
         for k in ("area_right_change", "area_left_change"):
             cells.append(f"<td class=num data-v='{_sortkey(r[k])}'>{_fmt(r[k], True)}</td>")
-        cells.append(f"<td>{html.escape(r['flag_reason'])}</td><td class=thumbs>{imgs}</td>")
+        cells.append(f"<td>{_h(r['flag_reason'])}</td><td class=thumbs>{imgs}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     head = ("path", "scanner", "sex", "effusion", "intervention", "Dice", "Dice R", "Dice L",
             "area R", "area L", "why", "factual | counterfactual")
@@ -194,8 +210,8 @@ def _errors_table(errors: Sequence[dict[str, Any]]) -> str:
     if not errors:
         return "<p>Every file was read.</p>"
     body = "".join(
-        f"<tr><td class=path>{html.escape(str(e.get('path')))}</td>"
-        f"<td>{html.escape(str(e.get('stage', '')))}</td><td>{html.escape(str(e.get('error')))}</td></tr>"
+        f"<tr><td class=path>{_h(e.get('path'))}</td>"
+        f"<td>{_h(e.get('stage', ''))}</td><td>{_h(e.get('error'))}</td></tr>"
         for e in errors)
     return ("<table class=sortable id=errors><thead><tr><th>file</th><th>stage</th><th>problem</th>"
             "</tr></thead><tbody>" + body + "</tbody></table>")
@@ -209,7 +225,7 @@ def render_report(records: Sequence[dict[str, Any]], cfg: Any, header: dict[str,
     thumbs = {r["path"]: r.get("thumbs", {}) for r in ok}
     n_flag = len({r["path"] for r in rows if int(r["flagged"])})
     bundles = header.get("bundles") or {}
-    models = ", ".join(f"{k}: {html.escape(str(v))}" for k, v in bundles.items()) or "n/a"
+    models = ", ".join(f"{_h(k)}: {_h(v)}" for k, v in bundles.items()) or "n/a"
     plot = summary_plot(rows)
     cards = (f"<div class=cards><div class=card>scans reviewed<b>{len(ok)}</b></div>"
              f"<div class='card{' bad' if n_flag else ''}'>flagged<b>{n_flag}</b></div>"
@@ -256,21 +272,25 @@ def thumbnail(image: np.ndarray, labels: np.ndarray | None, size: int) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, fsync, rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that is safe to open in a spreadsheet.
+
+    Numbers pass unchanged; text is made UTF-8-safe (:func:`display_text`) and, if it
+    starts with a formula character (``= + - @``, tab, CR), prefixed with ``'`` so that
+    Excel, LibreOffice and Google Sheets show it as text instead of evaluating it.
+    """
+    if not isinstance(value, str):
+        return value
+    text = display_text(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def csv_text(columns: Iterable[str], rows: Iterable[dict[str, Any]]) -> str:
+    """CSV of ``rows`` (dicts) with ``columns``; every text cell through :func:`csv_cell`."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue()
 
 
@@ -302,7 +322,7 @@ def write_reports(out: str | os.PathLike, cfg: ReviewConfig) -> dict[str, Path]:
     header, records = load_journal(out)
     errors = [r for r in records if r.get("status") == "error"]
     files = {"csv": out / "report.csv", "errors": out / "errors.csv", "html": out / "report.html"}
-    atomic_write(files["csv"], csv_text(REPORT_COLUMNS, report_rows(records, cfg)))
-    atomic_write(files["errors"], csv_text(ERROR_COLUMNS, errors))
-    atomic_write(files["html"], render_report(records, cfg, header or {}))
+    atomic_write_text(files["csv"], csv_text(REPORT_COLUMNS, report_rows(records, cfg)))
+    atomic_write_text(files["errors"], csv_text(ERROR_COLUMNS, errors))
+    atomic_write_text(files["html"], render_report(records, cfg, header or {}))
     return files

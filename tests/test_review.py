@@ -109,8 +109,9 @@ def test_review_writes_one_row_per_scan_and_intervention(tmp_path, fake_pipeline
         assert 0.0 <= float(r["dice"]) <= 1.0
         assert r["flagged"] in ("0", "1") and (r["flagged"] == "1") == bool(r["flag_reason"])
         assert 0.0 <= float(r["p_scanner"]) <= 1.0 and r["parents_source"] == "inferred"
-    flagged = [json.loads(x) for x in open(tmp_path / "out" / rv.JOURNAL)][1:]
-    recs = [r for b in flagged for r in b["batch"]]
+    lines = [json.loads(x) for x in open(tmp_path / "out" / rv.JOURNAL)][1:]
+    recs = [r for b in lines for r in b.get("batch", [])]
+    assert len(recs) == 5
     # Thumbnails are kept exactly for flagged scans (factual + every counterfactual).
     for rec in recs:
         is_flagged = any(flag_reason(x, ReviewConfig()) for x in rec["rows"])
@@ -143,9 +144,9 @@ def test_bad_input_corpus_gives_an_error_row_per_file_and_the_review_goes_on(
             assert name not in reviewed
     assert "symbolic link loop" in errors["loop"]["error"]
     assert {"scan_000.png", "scan_001.png"} <= reviewed
-    # Nothing half written: only the four outputs, no temporary files.
+    # Nothing half written: only the four outputs and the lock, no temporary files.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [rv.JOURNAL, "errors.csv", "report.csv", "report.html"])
+        [rv.JOURNAL, ".lock", "errors.csv", "report.csv", "report.html"])
 
 
 def test_monochrome1_dicom_is_reviewed_with_bone_bright(tmp_path, fake_pipeline):
@@ -171,9 +172,12 @@ def test_a_torn_journal_line_is_redone_and_the_report_is_identical(tmp_path, fak
     cfg = ReviewConfig(batch_size=2)
     run_review(tmp_path / "in", tmp_path / "full", fake_pipeline, cfg)
     lines = (tmp_path / "full" / rv.JOURNAL).read_text().splitlines(keepends=True)
-    # As after a kill -9 in the middle of writing batch 2: header, batch 1, half of batch 2.
+    # As after a kill -9 in the middle of writing batch 2: everything up to batch 1 (with
+    # its read marks), then half of batch 2's line.
+    batch_at = [i for i, line in enumerate(lines) if line.startswith('{"batch"')]
     (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / rv.JOURNAL).write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    (tmp_path / "cut" / rv.JOURNAL).write_text(
+        "".join(lines[: batch_at[0] + 1]) + lines[batch_at[1]][: len(lines[batch_at[1]]) // 2])
     assert len(load_journal(tmp_path / "cut")[1]) == 2
     resumed = run_review(tmp_path / "in", tmp_path / "cut", fake_pipeline, cfg)
     assert resumed.processed == 4 and resumed.skipped == 2

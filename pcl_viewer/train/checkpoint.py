@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,28 +51,18 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` (nested dicts/lists of tensors and JSON values) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` (nested dicts/lists of tensors and JSON values) atomically.
+
+    Through :func:`pcl_viewer.atomic.atomic_dir`: a temporary sibling folder, every file
+    fsync'ed, then renamed over ``path`` (a kill leaves the old or the new checkpoint).
+    """
+    from pcl_viewer.atomic import atomic_dir
+
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten("s", state, tensors)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / _T))
         (tmp / _J).write_text(json.dumps(skeleton))
-        with open(tmp / _J) as fh:
-            os.fsync(fh.fileno())
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:

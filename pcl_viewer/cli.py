@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pcl_viewer.commands.pretrain:pretrain", "Dense contrastive pre-training (DVD-CL, MVD-CL, ...)."),
     "bench": ("pcl_viewer.commands.bench:bench", "Fine-tuning benchmark over all pre-training methods."),
     "segment": ("pcl_viewer.commands.segment:segment", "Segment the lungs of one scan."),
+    "train-seg": ("pcl_viewer.commands.trainseg:train_seg", "Train the shipped lung segmentation bundle on the phantom."),
     "evaluate": ("pcl_viewer.commands.evaluate:evaluate", "Evaluate a segmentation bundle on fresh phantom data."),
     "chromap": ("pcl_viewer.commands.chromap:chromap", "CHRO-map figure of one scan and its counterfactuals."),
     "review": ("pcl_viewer.commands.review:review", "Batch robustness review of a folder or CSV of scans."),

@@ -41,9 +41,12 @@ def priors(out: Path | None, source: Path | None) -> None:
 @click.option("--studies-per-patient", type=int, default=2, show_default=True,
               help="Maximum number of studies per patient.")
 @click.option("--workers", type=int, default=None, help="Processes (default: up to 2).")
+@click.option("--regime", type=click.Choice(["realistic", "easy"]), default="realistic",
+              show_default=True,
+              help="realistic: radiograph-like difficulty; easy: the earlier look (regression).")
 def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
              effusion_oversample: float, styles: str, severe: bool, studies_per_patient: int,
-             workers: int | None) -> None:
+             workers: int | None, regime: str) -> None:
     """Write a phantom dataset in the PadChest/CheXmask-like layout."""
     from tqdm import tqdm
 
@@ -59,7 +62,7 @@ def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
     summary = run(out, n, size, seed, counterfactuals=counterfactuals,
                   oversample=effusion_oversample, styles=style_t, severe=severe,
                   studies_per_patient=studies_per_patient,
-                  workers=workers or default_workers(), progress=progress)
+                  workers=workers or default_workers(), progress=progress, regime=regime)
     bar.close()
     click.echo(f"wrote {n} images ({summary['n_patients']} patients, effusion "
                f"{summary['effusion_rate']:.1%}) to {out}")
@@ -94,11 +97,14 @@ def silver(data: Path, n_train: int, scanner: str, steps: int, threshold: float,
               show_default=True)
 @click.option("--size", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def montage(out: Path, size: int, seed: int) -> None:
-    """Figure: scanners x (normal, effusion), gold contour, true counterfactuals."""
+@click.option("--regime", type=click.Choice(["realistic", "easy"]), default="realistic",
+              show_default=True,
+              help="realistic: radiograph-like difficulty; easy: the earlier look (regression).")
+def montage(out: Path, size: int, seed: int, regime: str) -> None:
+    """Figure: scanners and findings, gold contour, true counterfactuals."""
     from pcl_viewer.data.phantom.montage import make_montage
 
-    make_montage(out, size=size, seed=seed)
+    make_montage(out, size=size, seed=seed, regime=regime)
     click.echo(f"wrote {out}")
 
 
@@ -114,3 +120,49 @@ def samples(out: Path | None, size: int, seed: int) -> None:
 
     info = write_samples(out or samples_dir(), size=size, seed=seed)
     click.echo(f"wrote {len(info)} samples to {out or samples_dir()}")
+
+
+@phantom.command()
+@click.option("--data", "data_root", type=click.Path(path_type=Path),
+              default=Path(".cache/data/calibration"), show_default=True,
+              help="Where the benchmark's gold set is generated.")
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("docs/results/phantom_calibration.csv"), show_default=True,
+              help="Calibration history (appended).")
+@click.option("--description", required=True, help="The renderer parameters of this run.")
+@click.option("--folds", default="0,1", show_default=True, help="Benchmark folds to run.")
+@click.option("--budgets", default="all,32,8", show_default=True, help="Label budgets.")
+@click.option("--regime", type=click.Choice(["realistic", "easy"]), default=None,
+              help="Phantom regime (default realistic).")
+@click.option("--threads", default=1, show_default=True, help="Torch threads.")
+def calibrate(data_root: Path, out: Path, description: str, folds: str, budgets: str,
+              regime: str | None, threads: int) -> None:
+    """Score the random-init row (the benchmark's cpu protocol) on the phantom: the
+    difficulty calibration. Never run on the contrastive rows."""
+    import torch
+
+    from pcl_viewer.evaluate.calibration import calibrate_none_row, summarise
+
+    torch.set_num_threads(threads)
+    rows = calibrate_none_row(data_root, out, description,
+                              folds=tuple(int(f) for f in folds.split(",")),
+                              budgets=tuple(budgets.split(",")), regime=regime, echo=click.echo)
+    for b, m in summarise(rows).items():
+        click.echo(f"budget {b}: Dice overall {m['dice']:.2f}  nf {m['dice_nf']:.2f}  "
+                   f"pe {m['dice_pe']:.2f}")
+
+
+@phantom.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--n", "n", type=int, default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=int, default=128, show_default=True)
+def independent(out: Path, n: int, seed: int, size: int) -> None:
+    """A validation set drawn by a second, deliberately different renderer around the
+    phantom's gold masks (images/, masks/, labels.csv for `pcl evaluate --images`).
+    For validation only: never train on it."""
+    from pcl_viewer.evaluate.independent import write_independent_set
+
+    info = write_independent_set(out, n, seed, size)
+    click.echo(f"wrote {info['n']} images (effusion {info['effusion_share']:.0%}) to {out}")
+

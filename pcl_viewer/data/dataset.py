@@ -117,6 +117,17 @@ class CXRDataset:
     def cache_dir(self) -> Path:
         return self.root / ".cache"
 
+    @property
+    def provenance(self) -> dict:
+        """What made a phantom folder (``dataset.json``: phantom version, regime, seed,
+        renderer hash); empty for real data. Part of every array-cache key."""
+        f = self.root / "dataset.json"
+        if self.kind != "phantom" or not f.is_file():
+            return {}
+        d = json.loads(f.read_text())
+        return {"phantom_version": d.get("phantom_version", 1), "regime": d.get("regime", "easy"),
+                "seed": d.get("seed"), "renderer": d.get("renderer")}
+
     def image(self, i: int) -> np.ndarray:
         """``(H, W)`` float32 in [0, 1]."""
         return read_image(self.records[i].path)
@@ -177,7 +188,8 @@ class CXRDataset:
         ``true_cf (N,3,1,S,S) float32`` (order scanner, effusion, both) when present.
         """
         ids = "\n".join(r.image_id for r in self.records)
-        key = hashlib.sha1(f"{self.kind}|{size}|{ids}".encode()).hexdigest()[:16]
+        made = json.dumps(self.provenance, sort_keys=True)  # another renderer -> another key
+        key = hashlib.sha1(f"{self.kind}|{size}|{made}|{ids}".encode()).hexdigest()[:16]
         path = self.cache_dir / f"arrays_{size}_{key}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:

@@ -86,15 +86,19 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
 
     ``silver``: also label it with the CheXmask-like silver segmenter (``pcl phantom silver``).
     ``regime``: the phantom's look (default :data:`pcl_viewer.data.phantom.DEFAULT_REGIME`).
-    The marker names the phantom version and regime, so a set rendered by another
-    version or regime is generated again rather than reused.
+    The marker names the phantom version, regime and renderer source hash, so a set
+    rendered by another version, regime or renderer is generated again, not reused.
     """
     from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
     from pcl_viewer.data.phantom.generate import default_workers, generate
 
     root = Path(root)
     regime = regime or DEFAULT_REGIME
-    marker = f"phantom_version={PHANTOM_VERSION} regime={regime}\n"
+    from pcl_viewer.data.phantom.generate import renderer_version
+
+    # the renderer's source hash too: an edited renderer never reuses stale images
+    marker = (f"phantom_version={PHANTOM_VERSION} regime={regime} "
+              f"renderer={renderer_version()['source_sha256']}\n")
     if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
         return root
     if root.exists():

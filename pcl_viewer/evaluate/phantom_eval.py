@@ -58,6 +58,82 @@ def summary(pred: np.ndarray, gold: np.ndarray, effusion: np.ndarray) -> dict:
             "dice_pe": 100 * pe["dice"], "hd95": m["hd95"], "asd": m["asd"]}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
+
+
+def _folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+    """(scan, mask) pairs: every scan in ``images`` with a mask PNG of the same stem."""
+    pairs = []
+    for f in sorted(Path(images).iterdir()):
+        name = f.name.lower()
+        if not f.is_file() or not name.endswith(IMAGE_SUFFIXES):
+            continue
+        stem = f.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else f.stem
+        m = Path(masks) / f"{stem}.png"
+        if m.is_file():
+            pairs.append((f, m))
+    return pairs
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """``(H, W)`` uint8 label map 0/1/2 from a PNG (values outside {0, 1, 2} refused)."""
+    from PIL import Image
+
+    with Image.open(path, formats=["PNG"]) as im:
+        a = np.asarray(im)
+    if a.ndim != 2:
+        raise ValueError(f"{path.name}: a label PNG must be single-channel, got shape {a.shape}")
+    bad = np.setdiff1d(np.unique(a), [0, 1, 2])
+    if bad.size:
+        raise ValueError(f"{path.name}: labels must be 0, 1, 2; found {bad[:5].tolist()}")
+    return a.astype(np.uint8)
+
+
+def evaluate_folder(model, size: int, images: Path, masks: Path,
+                    effusion: dict[str, bool] | None = None) -> tuple[dict, list[dict]]:
+    """Dice (%) etc. of ``model`` on a labelled folder, scored at each scan's native size.
+
+    Args:
+        images: folder of scans (any format :func:`~pcl_viewer.data.readers.read_scan` reads).
+        masks: folder of label PNGs named like the scans (``scan.dcm`` -> ``scan.png``),
+            0 background, 1 right lung (image left), 2 left lung.
+        effusion: optional scan file name -> effusion flag, for the nf / pe subgroups.
+
+    Returns:
+        (the :func:`summary` over all pairs, one dict per scan).
+    """
+    from pcl_viewer.data.readers import read_scan
+    from pcl_viewer.evaluate.metrics import segmentation_scores
+
+    pairs = _folder_pairs(images, masks)
+    if not pairs:
+        raise ValueError(f"no scan in {images} has a mask PNG of the same name in {masks}")
+    per, eff = [], []
+    for scan_path, mask_path in pairs:
+        gold = read_label_png(mask_path)
+        scan = read_scan(scan_path)
+        if scan.image.shape != gold.shape:
+            raise ValueError(f"{scan_path.name}: scan {scan.image.shape} and mask {gold.shape} "
+                             "differ in size")
+        pred = segment_image(scan.image, model, size)
+        s = segmentation_scores(pred, gold).mean()
+        e = bool((effusion or {}).get(scan_path.name, False))
+        eff.append(e)
+        per.append({"file": scan_path.name, "effusion": int(e), "dice": 100 * s["dice"],
+                    "hd95": s["hd95"], "asd": s["asd"]})
+    d = np.array([p["dice"] for p in per])
+    e = np.array(eff)
+
+    def mean(x: np.ndarray) -> float:
+        return float(np.nanmean(x)) if len(x) else float("nan")
+
+    r = {"n": len(per), "n_nf": int((~e).sum()), "n_pe": int(e.sum()),
+         "dice": mean(d), "dice_nf": mean(d[~e]), "dice_pe": mean(d[e]),
+         "hd95": mean(np.array([p["hd95"] for p in per])),
+         "asd": mean(np.array([p["asd"] for p in per]))}
+    return r, per
+
+
 def summary_line(r: dict) -> str:
     """The one-line summary ``pcl evaluate`` prints for a result of :func:`summary`."""
     return (f"Dice % overall {r['dice']:.2f} (n={r['n']})  "

@@ -9,13 +9,13 @@ All functions take and return ``(S, S)`` float32 arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import cv2
 import numpy as np
 
-from pcl_viewer.data.phantom.noise import StudyNoise
+from pcl_viewer.data.phantom.noise import ExtraNoise, StudyNoise
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,21 @@ STYLES: dict[str, Style] = {
 }
 
 
-def pose_matrix(study: StudyNoise, style: str, size: int) -> np.ndarray:
-    """2x3 affine body frame -> detector: rotation, magnification and shift of the patient."""
+def pose_matrix(study: StudyNoise, style: str, size: int,
+                realistic: bool = False) -> np.ndarray:
+    """2x3 affine body frame -> detector: rotation, magnification and shift of the patient.
+
+    ``realistic``: a few degrees of rotation (more on portable studies), +-8 % scale and
+    +-5 % shift, instead of the earlier near-fixed pose.
+    """
     st = STYLES[style]
-    ang = st.rotation_deg * float(np.tanh(study.rotation / 2.0) * 2.0)
-    scale = st.magnification * (1.0 + 0.03 * float(np.tanh(study.scale)))
+    rot = st.rotation_deg * (2.5 if realistic else 1.0)
+    ang = rot * float(np.tanh(study.rotation / 2.0) * 2.0)
+    ds, dxy = (0.08, 0.05) if realistic else (0.03, 0.02)
+    scale = st.magnification * (1.0 + ds * float(np.tanh(study.scale)))
     m = cv2.getRotationMatrix2D((size / 2.0, size / 2.0), ang, scale)
-    m[0, 2] += 0.02 * size * float(np.tanh(study.shift_x))
-    m[1, 2] += 0.02 * size * float(np.tanh(study.shift_y))
+    m[0, 2] += dxy * size * float(np.tanh(study.shift_x))
+    m[1, 2] += dxy * size * float(np.tanh(study.shift_y))
     return m
 
 
@@ -139,13 +146,113 @@ def _markers(img: np.ndarray, style: str, study: StudyNoise) -> None:
         _burn(img, cov, int(0.05 * s), int((0.90 - 0.03 * u) * s), 0.95)
 
 
-def acquire(atten: np.ndarray, style: str, study: StudyNoise) -> np.ndarray:
-    """Detector image ``(S, S)`` float32 in [0, 1] of a posed attenuation map."""
+def jittered(style: str, look: list[float]) -> Style:
+    """The scanner's look for one study: each style is a distribution of looks (tone
+    curve, contrast, noise level and texture, sharpness, edge enhancement), the study's
+    standard-normal ``look`` draws placing it inside that distribution."""
     st = STYLES[style]
+    t = np.tanh
+    lo, hi = st.window
+    shift = 0.06 * float(t(look[6]))
+    return replace(
+        st, contrast=st.contrast * float(np.exp(0.18 * t(look[0]))),
+        centre=st.centre + 0.05 * float(t(look[1])),
+        gamma=st.gamma * float(np.exp(0.15 * t(look[2]))),
+        edge_amount=max(0.0, st.edge_amount * float(np.exp(0.5 * t(look[4]))) + 0.15 * float(t(look[4]))),
+        noise=st.noise * float(np.exp(0.5 * t(look[5]))),
+        noise_corr=st.noise_corr + 0.002 * abs(float(look[5])),
+        blur=st.blur * float(np.exp(0.4 * t(look[7]))),
+        window=(lo + shift, hi + shift))
+
+
+def _devices(atten: np.ndarray, extra: ExtraNoise) -> np.ndarray:
+    """Lines, tubes, ECG leads, pacemakers and clips (attenuation added after the pose)."""
+    s = atten.shape[0]
+    rng = np.random.default_rng(extra.device_seed)
+    out = atten.copy()
+    lay = np.zeros_like(out)
+    t1 = max(1, round(0.006 * s))
+    if "ecg" in extra.devices:
+        for _ in range(int(rng.integers(2, 5))):
+            cx, cy = rng.uniform(0.12, 0.88) * s, rng.uniform(0.08, 0.7) * s
+            cv2.circle(lay, (int(cx), int(cy)), max(2, round(0.016 * s)), 0.5, -1, cv2.LINE_AA)
+            ex, ey = cx + rng.normal(0, 0.15) * s, cy + rng.choice([-1.0, 1.0]) * 0.3 * s
+            mid = ((cx + ex) / 2 + rng.normal(0, 0.08) * s, (cy + ey) / 2)
+            pts = np.array([[cx, cy], mid, [ex, ey]], np.int32)
+            cv2.polylines(lay, [pts], False, 0.08, t1, cv2.LINE_AA)
+    if "line" in extra.devices:  # central venous line: subclavian -> superior vena cava
+        side = rng.choice([-1.0, 1.0])
+        x0 = 0.5 + side * rng.uniform(0.3, 0.4)
+        pts = np.array([[x0, 0.18], [0.5 + side * 0.18, 0.2], [0.5 + side * 0.05, 0.26],
+                        [0.5 - 0.03, 0.3 + rng.uniform(0, 0.08)]]) * s
+        cv2.polylines(lay, [pts.astype(np.int32)], False, 0.3, t1, cv2.LINE_AA)
+    if "tube" in extra.devices:  # endotracheal + nasogastric tube
+        x = s * (0.5 + rng.normal(0, 0.01))
+        cv2.line(lay, (int(x), 0), (int(x), int(s * rng.uniform(0.24, 0.32))), 0.35,
+                 max(1, round(0.012 * s)), cv2.LINE_AA)
+        ng = np.array([[x - 0.02 * s, 0], [x - 0.01 * s, 0.55 * s], [x + 0.1 * s, 0.8 * s]])
+        cv2.polylines(lay, [ng.astype(np.int32)], False, 0.3, t1, cv2.LINE_AA)
+    if "pacemaker" in extra.devices:
+        px, py = rng.uniform(0.62, 0.75) * s, rng.uniform(0.12, 0.2) * s
+        w, h = 0.075 * s, 0.055 * s
+        box = cv2.boxPoints(((px, py), (w, h), float(rng.uniform(-20, 20))))
+        cv2.fillPoly(lay, [box.astype(np.int32)], 1.2, cv2.LINE_AA)
+        lead = np.array([[px, py], [0.5 * s, 0.3 * s], [0.45 * s, 0.45 * s],
+                         [0.55 * s, 0.58 * s]])
+        cv2.polylines(lay, [lead.astype(np.int32)], False, 0.45, t1, cv2.LINE_AA)
+    if "clips" in extra.devices:
+        for _ in range(int(rng.integers(2, 6))):
+            cx, cy = rng.uniform(0.42, 0.58) * s, rng.uniform(0.25, 0.55) * s
+            a = rng.uniform(0, np.pi)
+            d = 0.012 * s * np.array([np.cos(a), np.sin(a)])
+            cv2.line(lay, (int(cx - d[0]), int(cy - d[1])), (int(cx + d[0]), int(cy + d[1])),
+                     0.9, max(1, round(0.004 * s)), cv2.LINE_AA)
+    return out + lay
+
+
+def _veil_and_equalise(v: np.ndarray, extra: ExtraNoise) -> np.ndarray:
+    """Scatter veil (lower contrast everywhere) and, in half the studies, local contrast
+    equalisation (CLAHE, as vendor processing does)."""
+    s = v.shape[0]
+    k = 0.5 * extra.veil**1.5
+    if k > 0.005:
+        low = cv2.GaussianBlur(v, (0, 0), 0.15 * s)
+        v = (1.0 - k) * v + k * (0.55 * low + 0.45 * float(v.mean()))
+    if extra.look[3] > 0.0:
+        clip = 1.0 + 0.8 * float(np.tanh(extra.look[3]))
+        clahe = cv2.createCLAHE(clipLimit=clip, tileGridSize=(4, 4))
+        q = np.round(np.clip(v, 0.0, 1.0) * 65535).astype(np.uint16)
+        v = clahe.apply(q).astype(np.float32) / 65535.0
+    return v
+
+
+def _burned_text(img: np.ndarray, extra: ExtraNoise) -> None:
+    """Burned-in patient/site text in a corner (realistic regime, any style)."""
+    s = img.shape[0]
+    rng = np.random.default_rng(extra.device_seed + 3)
+    scale = round(s / 384.0, 3)
+    th = max(1, round(s / 256))
+    text = f"{int(rng.integers(10, 99))}/{int(rng.integers(1, 12)):02d} ID{int(rng.integers(1e5)):05d}"
+    cov = _sprite(text, cv2.FONT_HERSHEY_PLAIN, scale, th)
+    x = int(rng.choice([0.03, 0.55]) * s)
+    y = int(rng.choice([0.01, 0.93]) * s)
+    _burn(img, cov, x, y, float(rng.choice([0.95, 0.05])))
+
+
+def acquire(atten: np.ndarray, style: str, study: StudyNoise,
+            extra: ExtraNoise | None = None) -> np.ndarray:
+    """Detector image ``(S, S)`` float32 in [0, 1] of a posed attenuation map.
+
+    ``extra`` (realistic regime): devices, a per-study look drawn from the style's
+    distribution, scatter veil, local contrast equalisation and burned-in text.
+    """
+    st = STYLES[style] if extra is None else jittered(style, extra.look)
     s = atten.shape[0]
     rng = np.random.default_rng(study.acq_seed)
     if style == "portable":
         atten = _tubes(atten, np.random.default_rng(study.acq_seed + 1))
+    if extra is not None and extra.devices:
+        atten = _devices(atten, extra)
     exposure = 1.0 + 0.06 * float(np.tanh(study.exposure))
     a = atten * exposure
     # quantum noise: larger where less radiation reaches the detector (dense regions)
@@ -163,6 +270,8 @@ def acquire(atten: np.ndarray, style: str, study: StudyNoise) -> np.ndarray:
         v = np.power(v, np.float32(st.gamma))
     if st.blur * s >= 0.3:
         v = cv2.GaussianBlur(v, (0, 0), st.blur * s)
+    if extra is not None:
+        v = _veil_and_equalise(v, extra)
     if st.edge_amount > 0:
         low = cv2.GaussianBlur(v, (0, 0), max(st.edge_radius * s, 0.5))
         v = v + st.edge_amount * (v - low)
@@ -177,4 +286,6 @@ def acquire(atten: np.ndarray, style: str, study: StudyNoise) -> np.ndarray:
     if m[3]:
         v[:, s - m[3]:] = st.collimation_value
     _markers(v, style, study)
+    if extra is not None and "text" in extra.devices:
+        _burned_text(v, extra)
     return np.clip(v, 0.0, 1.0).astype(np.float32)

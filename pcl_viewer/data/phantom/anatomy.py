@@ -75,7 +75,7 @@ def _lungs(noise: ExogenousNoise, parents: StudyParents, ssm: ShapeModel):
     pts = pts * scale + np.array([MIDLINE, LUNG_CENTRE_Y])
     right, left = pts[:N_PER_LUNG].copy(), pts[N_PER_LUNG:].copy()
     # inspiration stretches lungs downwards from the apices
-    insp = 1.0 + 0.045 * np.tanh(noise.study.inspiration / 1.5)
+    insp = inspiration(noise)
     for lung in (right, left):
         top = lung[:, 1].min()
         lung[:, 1] = top + (lung[:, 1] - top) * insp
@@ -90,6 +90,24 @@ def _lungs(noise: ExogenousNoise, parents: StudyParents, ssm: ShapeModel):
     return right, left
 
 
+def inspiration(noise: ExogenousNoise) -> float:
+    """Vertical stretch of the lungs by inspiration depth (realistic: shallow to deep)."""
+    amp = 0.09 if noise.regime == "realistic" else 0.045
+    return 1.0 + amp * float(np.tanh(noise.study.inspiration / 1.5))
+
+
+def cardiothoracic_ratio(noise: ExogenousNoise, parents: StudyParents) -> float:
+    """Widest heart / widest thorax: about 0.40-0.50 in normals; with cardiomegaly
+    (realistic regime) 0.52-0.65; a portable AP study magnifies the heart by 13 %."""
+    ctr = 0.44 + 0.03 * np.tanh(noise.patient.heart / 1.5) + 0.0006 * (parents.age - 55)
+    ex = noise.extra
+    if noise.regime == "realistic" and ex is not None and ex.cardiomegaly:
+        ctr = max(ctr, 0.52 + 0.13 * ex.heart_extra)
+    if parents.style == "portable":
+        ctr *= 1.13  # AP projection magnifies the heart
+    return float(ctr)
+
+
 def chaikin(poly: np.ndarray, iterations: int) -> np.ndarray:
     """Corner-cutting smoothing of a closed polygon ``(P, 2)``."""
     for _ in range(iterations):
@@ -99,9 +117,7 @@ def chaikin(poly: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def _heart(right, left, noise, parents):
-    ctr = 0.44 + 0.03 * np.tanh(noise.patient.heart / 1.5) + 0.0006 * (parents.age - 55)
-    if parents.style == "portable":
-        ctr *= 1.13  # AP projection magnifies the heart
+    ctr = cardiothoracic_ratio(noise, parents)
     thorax = float(left[:, 0].max() - right[:, 0].min())
     wh = ctr * thorax
     base = float(0.5 * (right[SEGMENTS[0] + SEGMENTS[1], 1] + left[SEGMENTS[0] + SEGMENTS[1], 1]))
@@ -203,6 +219,14 @@ def _vessel_tree(lung: np.ndarray, sgn: float, rng: np.random.Generator):
     return np.concatenate(segs), (hx - sgn * 0.015, hy)
 
 
+def _bone_density(noise: ExogenousNoise, parents: StudyParents) -> float:
+    """Bone contrast: falls with age; in the realistic regime it also varies per study."""
+    d = 1.0 - 0.004 * max(parents.age - 50, 0)
+    if noise.regime == "realistic" and noise.extra is not None:
+        d *= 1.0 + 0.3 * float(np.tanh(noise.extra.look[8]))
+    return float(d)
+
+
 def build_anatomy(noise: ExogenousNoise, parents: StudyParents,
                   ssm: ShapeModel | None = None) -> Anatomy:
     """Geometry of the patient of ``noise`` as seen in this study (style only matters for
@@ -211,7 +235,7 @@ def build_anatomy(noise: ExogenousNoise, parents: StudyParents,
     p = noise.patient
     male = parents.sex == "male"
     right, left = _lungs(noise, parents, ssm)
-    insp = 1.0 + 0.045 * np.tanh(noise.study.inspiration / 1.5)
+    insp = inspiration(noise)
     heart, _, heart_top, base = _heart(right, left, noise, parents)
     mediastinum, knob = _mediastinum(heart_top, base, parents.age)
     rib_p, rib_a, dy = _ribs(right, left, noise, parents, insp)
@@ -246,7 +270,7 @@ def build_anatomy(noise: ExogenousNoise, parents: StudyParents,
         thorax_half_width=float(half_width), neck_half_width=0.075 + (0.01 if male else 0.0),
         shoulder_y=float(top - 0.03), soft_tissue=float(0.9 + 0.1 * np.tanh(p.soft_tissue)),
         spine_width=0.068 + (0.006 if male else 0.0), vertebra_period=float(dy * 0.92),
-        vertebra_phase=float(p.rib_phase), bone_density=float(1.0 - 0.004 * max(parents.age - 50, 0)),
+        vertebra_phase=float(p.rib_phase), bone_density=_bone_density(noise, parents),
         gastric=gastric, breasts=breasts,
         lung_bottom={"right": float(right[:, 1].max()), "left": float(left[:, 1].max())},
         hila=[hr, hl],

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from pcl_viewer.data import rle
+from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
 from pcl_viewer.data.phantom.noise import StudyParents
 from pcl_viewer.data.phantom.priors import MANUFACTURER
 from pcl_viewer.data.phantom.scm import Renderer, Study, sample_studies, standard_dos
@@ -148,8 +149,10 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
         for k in CF_KINDS:
             (out / "counterfactuals" / k).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    regime = regime or DEFAULT_REGIME
     studies = sample_studies(n, seed, studies_per_patient=studies_per_patient,
-                             oversample=oversample, styles=tuple(styles), severe=severe)
+                             oversample=oversample, styles=tuple(styles), severe=severe,
+                             regime=regime)
     items = list(enumerate(studies))
     step = max(8, min(64, n // max(1, 4 * workers) or 8))
     jobs = [(items[i:i + step], str(out), size, seed, counterfactuals)
@@ -185,7 +188,8 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
     elapsed = time.perf_counter() - t0
     eff = [int(m[14]) for m in metas]
     summary = {
-        "format": FORMAT, "version": 1, "n": n, "size": size, "seed": seed,
+        "format": FORMAT, "version": 1, "phantom_version": PHANTOM_VERSION, "regime": regime,
+        "n": n, "size": size, "seed": seed,
         "counterfactuals": counterfactuals, "effusion_oversample": oversample,
         "styles": list(styles), "severe": severe, "studies_per_patient": studies_per_patient,
         "n_patients": len({m[3] for m in metas}), "effusion_rate": float(np.mean(eff)),

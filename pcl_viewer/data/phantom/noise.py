@@ -19,6 +19,11 @@ from pcl_viewer.parents import PHANTOM_STYLES, Parents
 EFFUSION_SIDES: tuple[str, ...] = ("right", "left", "bilateral")
 #: P(side) of an effusion: more often right, sometimes bilateral.
 EFFUSION_SIDE_P: tuple[float, ...] = (0.55, 0.33, 0.12)
+#: Severity of an effusion in the realistic regime: Beta(a, b) on [0, 1] (most effusions
+#: are small or moderate, a tail reaches most of the hemithorax).
+SEVERITY_BETA: tuple[float, float] = (1.6, 1.6)
+#: Number of appearance-jitter draws per study (see :mod:`.acquisition`).
+N_LOOK = 10
 
 
 @dataclass
@@ -90,28 +95,79 @@ class EffusionNoise:
 
 
 @dataclass
+class ExtraNoise:
+    """Exogenous noise that only the ``realistic`` regime uses (standard normal unless noted).
+
+    Drawn from its own random stream, so the ``easy`` regime's images are those of the
+    earlier renderer, seed for seed.
+    """
+
+    cardiomegaly: bool  # drawn from P(cardiomegaly | age, sex, effusion) of PadChest
+    heart_extra: float  # uniform [0, 1): how far above normal an enlarged heart is
+    layering: float  # uniform [0, 1): below the care setting's share -> layering haze
+    aeration: float  # lung air content (low values: poorly aerated, low contrast)
+    veil: float  # uniform [0, 1): strength of the scatter veil
+    opacities: list[list[float]]  # per patch: lung (0 right / 1 left), u, v in [0, 1], size, density
+    devices: list[str]  # subset of DEVICES
+    device_seed: int
+    look: list[float]  # N_LOOK standard normals: per-study deviations of the scanner's look
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, *, cardiomegaly: bool, inpatient: bool,
+               portable: bool) -> ExtraNoise:
+        n = rng.standard_normal
+        k = int(rng.poisson(1.6 if (inpatient or portable) else 0.8))
+        opac = [[float(rng.integers(0, 2)), float(rng.uniform(0.1, 0.9)),
+                 float(rng.beta(2.0, 1.6)), float(rng.uniform(0.05, 0.18)),
+                 float(rng.uniform(0.3, 1.0))] for _ in range(k)]
+        sick = 1.0 if (inpatient or portable) else 0.0
+        probs = {"ecg": 0.12 + 0.5 * sick, "line": 0.03 + 0.35 * sick,
+                 "tube": 0.01 + 0.25 * sick, "pacemaker": 0.03 + 0.05 * sick,
+                 "text": 0.5, "clips": 0.05}
+        devices = [d for d in DEVICES if rng.random() < probs[d]]
+        return cls(cardiomegaly=bool(cardiomegaly), heart_extra=float(rng.random()),
+                   layering=float(rng.random()), aeration=float(n()), veil=float(rng.random()),
+                   opacities=opac, devices=devices,
+                   device_seed=int(rng.integers(0, 2**31 - 1)),
+                   look=[round(float(v), 5) for v in n(N_LOOK)])
+
+
+#: Devices and burned-in items the realistic regime draws (in this order).
+DEVICES: tuple[str, ...] = ("ecg", "line", "tube", "pacemaker", "text", "clips")
+
+
+@dataclass
 class ExogenousNoise:
-    """All exogenous noise of one image (JSON-serialisable)."""
+    """All exogenous noise of one image (JSON-serialisable).
+
+    ``regime`` is the look the noise is rendered with (``easy``: the first renderer;
+    ``realistic``: harder, with :class:`ExtraNoise`). Records without it are ``easy``.
+    """
 
     patient: PatientNoise
     study: StudyNoise
     effusion: EffusionNoise
+    regime: str = "easy"
+    extra: ExtraNoise | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (fast: the records are flat dataclasses)."""
-        out = {}
-        for name in ("patient", "study", "effusion"):
+        out: dict = {}
+        names = ("patient", "study", "effusion") + (("extra",) if self.extra else ())
+        for name in names:
             part = dict(vars(getattr(self, name)))
             for k, v in part.items():
                 if isinstance(v, list):
-                    part[k] = list(v)
+                    part[k] = [list(x) if isinstance(x, list) else x for x in v]
             out[name] = part
+        out["regime"] = self.regime
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ExogenousNoise:
+        extra = ExtraNoise(**d["extra"]) if d.get("extra") else None
         return cls(PatientNoise(**d["patient"]), StudyNoise(**d["study"]),
-                   EffusionNoise(**d["effusion"]))
+                   EffusionNoise(**d["effusion"]), d.get("regime", "easy"), extra)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

@@ -4,6 +4,7 @@ Graph (all variables per study)::
 
     sex -> age_bin -> care <- sex        care -> scanner
     (age_bin, sex, care) -> effusion
+    (age_bin, sex, effusion) ~ cardiomegaly   (realistic regime; see below)
 
 ``care`` (outpatient / inpatient) is latent in PadChest. It is identified by
 fixing how each care setting uses the two scanners, ``P(philips | care)`` (a
@@ -13,6 +14,10 @@ observed Philips share and for ``P(effusion | age, sex, care)`` from the two
 observed effusion rates per scanner. Scanner and effusion are then independent
 given (care, age, sex), and the model reproduces the observed joint
 ``P(scanner, effusion | age, sex)`` of every cell, hence every marginal.
+
+Cardiomegaly is drawn with the rate PadChest shows for the study's age bin, sex and
+effusion status, as exogenous noise of the study: it shares causes with the effusion
+(heart failure) but is not its effect, so ``do(effusion)`` leaves the heart as it is.
 
 Source: ``data/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz`` in the
 torchxrayvision package, PA views, sex M/F, known age.
@@ -51,6 +56,7 @@ def read_padchest_pa(csv_path: Path):
     df = df[df.PatientSex_DICOM.isin(SEXES) & df.age.between(0, 100)]
     df["philips"] = df.Manufacturer_DICOM == MANUFACTURER["philips"]
     df["effusion"] = df.Labels.fillna("").str.contains("pleural effusion", regex=False)
+    df["cardiomegaly"] = df.Labels.fillna("").str.contains("cardiomegaly", regex=False)
     df["age_bin"] = np.searchsorted(np.array(AGE_EDGES), df.age.to_numpy(), side="right") - 1
     return df
 
@@ -83,6 +89,18 @@ def build_tables(df) -> dict:
         p_eff["outpatient"][sex] = e0s
         p_eff["inpatient"][sex] = e1s
     p_male = float((df.PatientSex_DICOM == "M").mean())
+    p_cardio = {}
+    for eff in (False, True):
+        key = "effusion" if eff else "no_effusion"
+        p_cardio[key] = {}
+        for sex in SEXES:
+            d = df[(df.PatientSex_DICOM == sex) & (df.effusion == eff)]
+            rates = []
+            for b in range(nb):
+                cell = d[d.age_bin == b]
+                # add-one smoothing: young effusion cells hold few images
+                rates.append(round(float((cell.cardiomegaly.sum() + 1) / (len(cell) + 2)), 6))
+            p_cardio[key][sex] = rates
     return {
         "source": f"torchxrayvision data/{PADCHEST_CSV}, Projection == 'PA'",
         "n_images": int(len(df)),
@@ -92,6 +110,7 @@ def build_tables(df) -> dict:
         "p_inpatient_given_age_sex": p_inpatient,
         "p_philips_given_care": dict(SCANNER_GIVEN_CARE),
         "p_effusion_given_age_sex_care": p_eff,
+        "p_cardiomegaly_given_age_sex_effusion": p_cardio,
         "observed": observed_marginals(df),
         "manufacturer_strings": MANUFACTURER,
     }
@@ -108,6 +127,9 @@ def observed_marginals(df) -> dict:
         "p_effusion_male": round(float(df[df.PatientSex_DICOM == "M"].effusion.mean()), 4),
         "p_effusion_female": round(float(df[df.PatientSex_DICOM == "F"].effusion.mean()), 4),
         "p_effusion_by_age_bin": [round(float(v), 4) for v in by_age.to_numpy()],
+        "p_cardiomegaly": round(float(df.cardiomegaly.mean()), 4),
+        "p_cardiomegaly_effusion": round(float(df[df.effusion].cardiomegaly.mean()), 4),
+        "p_cardiomegaly_no_effusion": round(float(df[~df.effusion].cardiomegaly.mean()), 4),
     }
 
 
@@ -145,6 +167,12 @@ class Priors:
 
     def p_philips(self, care: str) -> float:
         return float(self.tables["p_philips_given_care"][care])
+
+    def p_cardiomegaly(self, sex: str, age: float, effusion: bool) -> float:
+        """P(cardiomegaly | age, sex, effusion) as in PadChest's PA labels."""
+        key = "effusion" if effusion else "no_effusion"
+        return float(self.tables["p_cardiomegaly_given_age_sex_effusion"][key][sex]
+                     [self.age_bin(age)])
 
     def p_effusion(self, sex: str, age: float, care: str, oversample: float = 1.0) -> float:
         """P(effusion | age, sex, care); ``oversample`` multiplies the odds (1 = calibrated)."""

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from pcl_viewer.data.phantom.anatomy import MIDLINE, Anatomy
-from pcl_viewer.data.phantom.effusion import fluid_sides, fluid_weight
-from pcl_viewer.data.phantom.noise import EffusionNoise
+from pcl_viewer.data.phantom.effusion import fluid_sides, fluid_weight, layering_weight
+from pcl_viewer.data.phantom.noise import EffusionNoise, ExogenousNoise, StudyParents
 
 SHIFT = 4  # sub-pixel bits for cv2 drawing
 LUNG_AIR = 0.68  # attenuation removed by a full-depth lung
@@ -195,8 +195,14 @@ def largest_parts(labels: np.ndarray) -> np.ndarray:
     return np.where(keep[comp], labels, 0).astype(labels.dtype)
 
 
-def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
-    """All layers of ``an`` at ``size`` x ``size`` pixels."""
+def rasterise(an: Anatomy, size: int, vessel_seed: int,
+              noise: ExogenousNoise | None = None) -> Layers:
+    """All layers of ``an`` at ``size`` x ``size`` pixels.
+
+    With a ``realistic`` ``noise`` the heart border is soft (it overlaps the lower left
+    lung with low contrast), lung aeration varies and vessel contrast varies.
+    """
+    realistic = noise is not None and noise.regime == "realistic" and noise.extra is not None
     xs, ys = grid(size)
     raw = np.zeros((size, size), np.uint8)
     _fill(an.right_lung, size, 1, raw)
@@ -212,10 +218,15 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
     depth = 1.0 - np.exp(-dist / 0.022)
     # lungs are thicker towards the bases (posterior recesses)
     depth *= (0.85 + 0.25 * _smoothstep(ys, 0.2, 0.75))
-    med_soft = _blur(med.astype(np.float32), 0.004)
-    air = LUNG_AIR * depth * (1.0 - 0.85 * med_soft)
+    med_soft = _blur(med.astype(np.float32), 0.02 if realistic else 0.004)
+    lung_air, vessel_gain = LUNG_AIR, 1.0
+    if realistic:
+        ex = noise.extra
+        lung_air *= 1.0 + 0.3 * float(np.tanh(ex.aeration))
+        vessel_gain = 1.0 + 0.35 * float(np.tanh(ex.look[9]))
+    air = lung_air * depth * (1.0 - 0.85 * med_soft)
     lung_in = (depth * (1.0 - med_soft)).astype(np.float32)
-    vessels = _vessels(an, size) * _blur(lung_in, 0.01)
+    vessels = vessel_gain * _vessels(an, size) * _blur(lung_in, 0.01)
     texture = 0.03 * _texture(vessel_seed, size) * lung_in
     lung = (air - vessels - texture).astype(np.float32)
     body = _body(an, size)
@@ -238,14 +249,84 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int) -> Layers:
                   raw=raw, aerated=aerated, size=size)
 
 
-def fluid_map(an: Anatomy, layers: Layers, noise: EffusionNoise) -> np.ndarray:
+def fluid_map(an: Anatomy, layers: Layers, noise: EffusionNoise,
+              realistic: bool = False) -> np.ndarray:
     """Fluid fraction ``(S, S)`` float32 in [0, 1] inside the affected lung(s)."""
     xs, _ = grid(layers.size)
     fluid = np.zeros((layers.size, layers.size), np.float32)
     for side, sev in fluid_sides(noise).items():
         lung = an.right_lung if side == "right" else an.left_lung
         label = 1 if side == "right" else 2
-        w = fluid_weight(lung, side, sev, noise.meniscus, xs, xs)
+        w = fluid_weight(lung, side, sev, noise.meniscus, xs, xs, realistic)
+        fluid = np.maximum(fluid, w * (layers.raw == label))
+    return fluid
+
+
+def _opacities(an: Anatomy, layers: Layers, patches: list[list[float]], seed: int) -> np.ndarray:
+    """Consolidation / atelectasis: fraction ``(S, S)`` in [0, 1] of lung air replaced.
+
+    Each patch is ``[lung (0 right, 1 left), u, v, size, density]`` with ``u, v`` in the
+    lung's bounding box; its outline is a blurred blob with a coarse texture.
+    """
+    size = layers.size
+    out = np.zeros((size, size), np.float32)
+    rng = np.random.default_rng(seed + 11)
+    for lung_id, u, v, rad, dens in patches:
+        lung = an.right_lung if lung_id < 0.5 else an.left_lung
+        x0, y0 = lung.min(0)
+        x1, y1 = lung.max(0)
+        cx, cy = x0 + u * (x1 - x0), y0 + v * (y1 - y0)
+        blob = np.zeros((size, size), np.float32)
+        for _ in range(4):  # a few overlapping ellipses make an irregular patch
+            ox, oy = rng.normal(0, 0.4 * rad, 2)
+            rx, ry = rad * rng.uniform(0.5, 1.0, 2)
+            cv2.ellipse(blob, (int((cx + ox) * size * 16), int((cy + oy) * size * 16)),
+                        (max(1, int(rx * size * 16)), max(1, int(ry * size * 16))),
+                        float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA, SHIFT)
+        blob = _blur(blob, 0.35 * rad)
+        tex = 0.75 + 0.25 * _texture(int(rng.integers(1 << 30)), size)
+        out = np.maximum(out, np.clip(dens * blob * tex, 0.0, 1.0))
+    return out * (layers.raw > 0)
+
+
+def compose_realistic(an: Anatomy, layers: Layers, parents: StudyParents,
+                      noise: ExogenousNoise) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation and gold mask of the realistic regime (body frame).
+
+    Fluid is as dense as soft tissue, so the hemidiaphragm and the costophrenic angle
+    vanish behind it; its upper edge (meniscus) is soft over several pixels. In a share
+    of inpatient and portable studies the fluid layers behind the lung (supine or
+    semi-erect) as a haze that thickens towards the base, without a meniscus.
+    Consolidation and atelectasis patches replace lung air but stay inside the gold
+    mask; fluid-covered lung (fluid fraction > 0.5) leaves it.
+    """
+    ex = noise.extra
+    fluid = np.zeros_like(layers.base)
+    if parents.effusion:
+        layering_share = 0.5 if (parents.care == "inpatient" or parents.style == "portable") \
+            else 0.0
+        if ex.layering < layering_share:
+            fluid = layering_fluid(an, layers, noise.effusion)
+        else:
+            fluid = fluid_map(an, layers, noise.effusion, realistic=True)
+    soft = _blur(fluid, 0.03)
+    opac = _opacities(an, layers, ex.opacities, ex.device_seed) if ex.opacities else 0.0
+    keep = (1.0 - soft) * (1.0 - opac)
+    atten = layers.base - layers.lung * keep + 0.04 * soft * layers.lung_depth
+    mask = layers.aerated
+    if parents.effusion:
+        mask = largest_parts(np.where(fluid > 0.5, 0, layers.aerated).astype(np.uint8))
+    return atten.astype(np.float32), mask.copy()
+
+
+def layering_fluid(an: Anatomy, layers: Layers, noise: EffusionNoise) -> np.ndarray:
+    """Layering effusion: fluid fraction ``(S, S)`` rising smoothly towards the base."""
+    xs, _ = grid(layers.size)
+    fluid = np.zeros((layers.size, layers.size), np.float32)
+    for side, sev in fluid_sides(noise).items():
+        lung = an.right_lung if side == "right" else an.left_lung
+        label = 1 if side == "right" else 2
+        w = layering_weight(lung, sev, xs)
         fluid = np.maximum(fluid, w * (layers.raw == label))
     return fluid
 

@@ -24,17 +24,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pcl_viewer.data.phantom import DEFAULT_REGIME, REGIMES
 from pcl_viewer.data.phantom.acquisition import acquire, pose_matrix, warp
 from pcl_viewer.data.phantom.anatomy import Anatomy, build_anatomy, default_shape_model
 from pcl_viewer.data.phantom.noise import (
+    SEVERITY_BETA,
     EffusionNoise,
     ExogenousNoise,
+    ExtraNoise,
     PatientNoise,
     StudyNoise,
     StudyParents,
 )
 from pcl_viewer.data.phantom.priors import Priors
-from pcl_viewer.data.phantom.render import Layers, compose, rasterise
+from pcl_viewer.data.phantom.render import Layers, compose, compose_realistic, rasterise
 
 TRAINING_STYLES: tuple[str, str] = ("imagingdynamics", "philips")
 
@@ -51,8 +54,13 @@ class Study:
 
 def sample_studies(n: int, seed: int, *, studies_per_patient: int = 2,
                    oversample: float = 1.0, styles: tuple[str, ...] = TRAINING_STYLES,
-                   severe: bool = False, priors: Priors | None = None) -> list[Study]:
+                   severe: bool = False, priors: Priors | None = None,
+                   regime: str = DEFAULT_REGIME) -> list[Study]:
     """Sample ``n`` studies from the calibrated SCM (``oversample`` = 1 reproduces PadChest).
+
+    ``regime`` ``realistic`` adds :class:`ExtraNoise` (cardiomegaly, opacities, devices,
+    appearance jitter) and Beta-distributed effusion severity, all from a second random
+    stream, so ``easy`` reproduces the earlier renderer's studies seed for seed.
 
     Patients get 1..``studies_per_patient`` studies (same anatomy, new acquisition,
     possibly another care setting, scanner and effusion status). ``styles``
@@ -60,9 +68,12 @@ def sample_studies(n: int, seed: int, *, studies_per_patient: int = 2,
     listed ``portable`` style takes a share ``1/len(styles)`` of inpatient studies and
     half that of outpatient ones; a single style is assigned to every study.
     """
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; expected one of {REGIMES}")
     priors = priors or Priors.load()
     k = default_shape_model().n_modes
     rng = np.random.default_rng(seed)
+    rng2 = np.random.default_rng([seed, 2])  # the realistic regime's own stream
     out: list[Study] = []
     pi = 0
     while len(out) < n:
@@ -84,6 +95,14 @@ def sample_studies(n: int, seed: int, *, studies_per_patient: int = 2,
             eff = bool(rng.random() < priors.p_effusion(sex, age, care, oversample))
             noise = ExogenousNoise(patient, StudyNoise.sample(rng),
                                    EffusionNoise.sample(rng, severe=severe))
+            if regime == "realistic":
+                b = float(rng2.beta(*SEVERITY_BETA))
+                noise.effusion.severity = round(0.45 + 0.55 * b if severe else b, 5)
+                cardio = bool(rng2.random() < priors.p_cardiomegaly(sex, age, eff))
+                noise.extra = ExtraNoise.sample(rng2, cardiomegaly=cardio,
+                                                inpatient=care == "inpatient",
+                                                portable=style == "portable")
+                noise.regime = "realistic"
             parents = StudyParents(style=style, sex="male" if sex == "M" else "female",
                                    effusion=eff, age=round(age, 1), care=care)
             out.append(Study(noise, parents, pi, si))
@@ -107,17 +126,23 @@ class Renderer:
         key = _geometry_key(parents) + (size,)
         if key not in self._cache:
             an = build_anatomy(self.noise, parents)
-            self._cache[key] = (an, rasterise(an, size, self.noise.patient.vessel_seed))
+            self._cache[key] = (an, rasterise(an, size, self.noise.patient.vessel_seed,
+                                              self.noise))
         return self._cache[key]
 
     def render(self, parents: StudyParents, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """Image ``(S, S)`` float32 in [0, 1] and gold mask ``(S, S)`` uint8 in {0, 1, 2}."""
         an, layers = self._layers(parents, size)
-        atten, mask = compose(an, layers, parents.effusion, self.noise.effusion)
-        m = pose_matrix(self.noise.study, parents.style, size)
+        realistic = self.noise.regime == "realistic" and self.noise.extra is not None
+        if realistic:
+            atten, mask = compose_realistic(an, layers, parents, self.noise)
+        else:
+            atten, mask = compose(an, layers, parents.effusion, self.noise.effusion)
+        m = pose_matrix(self.noise.study, parents.style, size, realistic)
         atten = warp(atten, m)
         mask = warp(mask, m, nearest=True)
-        return acquire(atten, parents.style, self.noise.study), mask
+        extra = self.noise.extra if realistic else None
+        return acquire(atten, parents.style, self.noise.study, extra), mask
 
     def counterfactual(self, parents: StudyParents, do: dict,
                        size: int = 128) -> tuple[np.ndarray, np.ndarray]:

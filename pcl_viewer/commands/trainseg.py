@@ -1,0 +1,50 @@
+"""``pcl train-seg``: train the shipped lung segmentation bundle on the phantom."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pcl_viewer.device import DEVICES
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle folder to write (e.g. resources/models/seg-cpu).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".cache/data/ship"), show_default=True,
+              help="Where the training pools are generated.")
+@click.option("--n", "n", default=2000, show_default=True, help="Realistic gold-labelled pool.")
+@click.option("--seed", default=201, show_default=True, help="Seed of that pool.")
+@click.option("--easy-share", default=0.2, show_default=True,
+              help="Extra easy-regime images as a share of --n.")
+@click.option("--epochs", default=None, type=int, help="Epochs (default: the recipe's, 10).")
+@click.option("--eval-n", default=200, show_default=True, help="Fresh images per eval group.")
+@click.option("--threads", default=None, type=int, help="Torch threads (default: all cores).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float, epochs: int | None,
+              eval_n: int, threads: int | None, device: str) -> None:
+    """Random-init U-Net, strong MONAI augmentation, realistic + easy phantom gold labels;
+    scored on fresh images of both regimes and the unseen portable style."""
+    import torch
+    from tqdm import tqdm
+
+    from pcl_viewer.evaluate.benchmark_inputs import git_commit
+    from pcl_viewer.evaluate.ship import train_shipped_segmenter
+
+    if threads:
+        torch.set_num_threads(threads)
+    commit = git_commit()
+    bar = tqdm(unit="step", desc="train-seg")
+
+    def progress(step: int, total: int) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+
+    train_shipped_segmenter(out, cache, n=n, seed=seed, easy_share=easy_share, epochs=epochs,
+                            eval_n=eval_n, command="pcl " + " ".join(sys.argv[1:]),
+                            echo=click.echo, device=device, commit=commit, progress=progress)
+    bar.close()
+    click.echo(f"wrote {out}")

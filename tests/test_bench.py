@@ -120,6 +120,17 @@ def test_report_writes_the_csv_schema_markdown_and_figures(grid):
     # only None and DVD-CL ran: every claim needs another row, so none is measured
     assert {r["verdict"] for r in claims_csv} == {"not measured"}
     assert "| DVD-CL |" in (tmp / "results" / "benchmark_readme.md").read_text()
+    # the committed cells.csv alone regenerates the same tables and claims
+    from pcl_viewer.evaluate.benchmark_report import aggregate, cells_from_csv
+
+    back = cells_from_csv(tmp / "results" / "cells.csv")
+    for x, y in zip(aggregate(back)[0] + aggregate(back)[1],
+                    aggregate(cells)[0] + aggregate(cells)[1], strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], abs=2e-3, nan_ok=True) if isinstance(
+                x[k], float) else x[k] == y[k], k
+    assert len(judge_claims(back)) == len(judge_claims(cells))
     assert (tmp / "figures" / "benchmark.png").stat().st_size > 1000
     assert (tmp / "figures" / "label_efficiency.png").stat().st_size > 1000
 

@@ -177,6 +177,34 @@ def cell_rows(cells: list[dict]) -> list[dict]:
     return out
 
 
+def cells_from_csv(path: Path) -> list[dict]:
+    """Cells back from a committed ``cells.csv`` (what :func:`write_report` needs), so the
+    tables, claims and figures can be regenerated without the cell cache."""
+    def num(v: str) -> float | None:
+        return float(v) if v not in ("", None) else None
+
+    out = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            scores = {"overall": {"dice": num(r["dice_overall"]), "hd95": num(r["hd95"]),
+                                  "asd": num(r["asd"])},
+                      "nf": {"dice": num(r["dice_nf"])}, "pe": {"dice": num(r["dice_pe"])}}
+            for sub in ("portable", "severe"):
+                if num(r[f"dice_{sub}"]) is not None:
+                    scores[sub] = {"dice": num(r[f"dice_{sub}"])}
+            fp = r["init_fingerprint"]
+            out.append({"row": r["row"], "method": r["method"], "seed": int(r["seed"]),
+                        "fold": int(r["fold"]), "budget": r["budget"], "scores": scores,
+                        "n_train": r["n_train"], "n_test": r["n_test"],
+                        "init": None if fp == "random" else "bundle",
+                        "init_fingerprint": None if fp in ("random", "") else fp,
+                        "commit": r["commit"], "train_log": {"device": r["device"]},
+                        "data": r["data"], "seconds": num(r["seconds"]),
+                        "cpu_seconds": num(r.get("cpu_seconds", "")),
+                        "command": f"(from {Path(path).name})"})
+    return out
+
+
 # --- claims -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
 #
 #   scripts/device_bench.sh OUT_DIR [DEADLINE_S] [PRESET] [DEVICE]
 #   BENCH_SEEDS="0 1 2" BENCH_ROWS="none dvd-cl ..." BENCH_FOLDS=0,1,2,3,4 BENCH_DATA=DIR
+#   BENCH_RESULTS=docs/results BENCH_FIGURES=docs/figures BENCH_CACHE=.cache
 #
 # Every process stops at DEADLINE_S after the start (finished cells are kept: the grid
 # is resumable). OUT_DIR receives bench.tgz (cells, pre-training logs and probe scores,
@@ -65,7 +66,7 @@ for u in "${UNITS[@]}"; do
   l="$OUT/logs/${u%%:*}-seed${u##*:}.log"
   printf '%s: ' "$u"; grep -E "^cells:|Error|error" "$l" | tail -1
 done
-RESULTS=docs/results FIGURES=docs/figures
+RESULTS=${BENCH_RESULTS:-docs/results} FIGURES=${BENCH_FIGURES:-docs/figures}
 [ "$LOSS" = ce ] || { RESULTS=/tmp/pcl-$LOSS; FIGURES=$RESULTS/fig; }
 pcl bench --preset "$PRESET" --cache "$CACHE" "${DATA[@]}" --seeds "$(echo $SEEDS | tr ' ' ,)" \
   --folds "$FOLDS" --rows "$(echo $ROWS | tr ' ' ,)" --out "$RESULTS" --figures "$FIGURES" \

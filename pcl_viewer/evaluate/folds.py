@@ -1,7 +1,7 @@
 """Cross-validation folds and label budgets of the fine-tuning benchmark.
 
 Folds: scikit-learn ``StratifiedGroupKFold`` stratified by effusion and
-grouped by patient, so no patient is on both sides of a split (METHOD §1).
+grouped by patient, so no patient is on both sides of a split (docs/method.md §4).
 
 Label budgets: the few-label settings (8 and 32 images) draw their images
 from a fold's training part with a fixed seed, stratified by effusion, and

@@ -1,7 +1,7 @@
 """The shipped segmentation bundle: one row's initialisation fine-tuned on a gold-labelled
 phantom pool, checked on fresh phantom images, written with its model card.
 
-Issue 5 asks for the benchmark's best row fine-tuned on all gold data; the card
+The shipped model is the benchmark's best row fine-tuned on all gold data; the card
 carries that row's line of the benchmark table (``benchmark.csv``) when one is given.
 """
 
@@ -15,7 +15,7 @@ from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, BenchPreset
 from pcl_viewer.evaluate.benchmark_inputs import generate_phantom, git_commit, load_arrays
 from pcl_viewer.train.finetune import FinetuneConfig, finetune, save_segmentation_bundle
 
-# Shipped-model recipe: METHOD §4 fine-tuning with a milder crop (whole-image use) and
+# Shipped-model recipe: the fine-tuning of docs/method.md §4 with a milder crop (whole-image use) and
 # extra gamma/noise jitter for robustness to unseen acquisition styles (portable).
 SHIP_FINETUNE = FinetuneConfig(epochs=12, crop_scale=(0.35, 1.0), gamma=0.35, noise=0.03,
                                loss="dicece")

@@ -1,4 +1,4 @@
-"""Pixel sampling with canonical coordinates (METHOD §3).
+"""Pixel sampling with canonical coordinates (docs/method.md §3).
 
 For each image we draw N canonical pixels (pixels of the untransformed real
 image) from the region visible in every view, and map them into each view with

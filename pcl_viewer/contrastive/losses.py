@@ -1,4 +1,4 @@
-"""Dense contrastive losses of METHOD §3, all on one masked-InfoNCE core.
+"""Dense contrastive losses of docs/method.md §3, all on one masked-InfoNCE core.
 
 Core (SupCon form, Khosla et al., NeurIPS 2020; :mod:`.infonce`), for anchor i
 with positive set P(i) and denominator set A(i), temperature tau::
@@ -135,7 +135,7 @@ class _MultiViewLoss(_PixelContrastLoss):
 
 class DVDLoss(_DualViewLoss):
     """Dual-view dense contrastive loss (DVD-CL), Lafargue-Hauret et al., ISBI 2026
-    (arXiv 2603.17110), METHOD §3.
+    (arXiv 2603.17110), docs/method.md §3.
 
     For each k = 1..V-1, anchors of view 0 against keys of view k (pooled over
     the batch) and the reverse, averaged; then averaged over k. Positive: same
@@ -165,7 +165,7 @@ class VADeRLoss(DVDLoss):
 
 class MVDLoss(_MultiViewLoss):
     """Multi-view dense contrastive loss (MVD-CL), Lafargue-Hauret et al., ISBI 2026
-    (arXiv 2603.17110), METHOD §3.
+    (arXiv 2603.17110), docs/method.md §3.
 
     All V views in one similarity matrix including same-view pairs, self
     excluded from numerator and denominator. Positive: same image, canonical
@@ -190,7 +190,7 @@ class MVDLoss(_MultiViewLoss):
 
 
 class SupervisedDVDLoss(_DualViewLoss):
-    """S-DVD-CL, Lafargue-Hauret et al., ISBI 2026, METHOD §3: :class:`DVDLoss` with
+    """S-DVD-CL, Lafargue-Hauret et al., ISBI 2026, docs/method.md §3: :class:`DVDLoss` with
     positives = keys of the same silver class (same or other images); background
     pixels are keys but never anchors.
 
@@ -207,7 +207,7 @@ class SupervisedDVDLoss(_DualViewLoss):
 
 
 class SupervisedMVDLoss(_MultiViewLoss):
-    """S-MVD-CL, Lafargue-Hauret et al., ISBI 2026, METHOD §3: :class:`MVDLoss` with
+    """S-MVD-CL, Lafargue-Hauret et al., ISBI 2026, docs/method.md §3: :class:`MVDLoss` with
     positives = pixels of the same silver class in any view of any image (self
     excluded); background pixels are keys but never anchors.
 

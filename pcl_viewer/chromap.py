@@ -1,6 +1,6 @@
 """CHRO-map: colour-coded high-resolution overlay of dense U-Net features.
 
-METHOD.md section 5. For the decoder features of one scan's views (the real
+docs/method.md §6. For the decoder features of one scan's views (the real
 image and its counterfactuals), all views share one colour frame:
 
 1. L2-normalise each pixel's ``C``-channel feature vector;

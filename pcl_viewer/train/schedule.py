@@ -1,6 +1,6 @@
 """Optimiser and learning-rate schedule shared by pre-training and fine-tuning.
 
-METHOD §3/§4: AdamW, linear warm-up from lr/100 to lr, then cosine decay to an
+docs/method.md §3/§4: AdamW, linear warm-up from lr/100 to lr, then cosine decay to an
 absolute floor (1e-6). The schedule is per optimisation step.
 """
 

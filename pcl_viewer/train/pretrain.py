@@ -1,4 +1,4 @@
-"""Dense contrastive pre-training loop (METHOD §3).
+"""Dense contrastive pre-training loop (docs/method.md §3).
 
 One step: take B images, stack their V views (real + counterfactuals, or
 copies of the real image), augment them with tracked affines, sample N

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the whole U-Net with a new 3-class head (METHOD §4).
+"""Supervised fine-tuning of the whole U-Net with a new 3-class head (docs/method.md §4).
 
 Used three ways by the benchmark and the shipped model:
 

@@ -1,4 +1,4 @@
-"""Linear probe on frozen decoder features (METHOD §3: it picks the checkpoint).
+"""Linear probe on frozen decoder features (docs/method.md §3: it picks the checkpoint).
 
 A 1x1 convolution (32 -> 3 classes) is trained on the frozen 32-channel
 full-resolution features of some images against their silver masks, and

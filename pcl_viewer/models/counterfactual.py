@@ -1,4 +1,4 @@
-"""Counterfactual inference with the HVAE (METHOD §2): abduction, action, prediction.
+"""Counterfactual inference with the HVAE (docs/method.md §2): abduction, action, prediction.
 
 1. abduct the latents once with the posterior means given ``(x, pa)``;
 2. decode ``mu = mean(z, pa)`` and ``mu_cf = mean(z, pa*)`` for each intervention;

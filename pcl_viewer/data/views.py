@@ -1,4 +1,4 @@
-"""Augmented views with tracked geometry (METHOD §3).
+"""Augmented views with tracked geometry (docs/method.md §3).
 
 Every geometric transform is one affine matrix ``theta`` per view, in the
 convention of :func:`torch.nn.functional.affine_grid` with

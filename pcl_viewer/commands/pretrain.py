@@ -1,4 +1,4 @@
-"""``pcl pretrain``: dense contrastive pre-training (METHOD §3).
+"""``pcl pretrain``: dense contrastive pre-training (docs/method.md §3).
 
 Examples::
 

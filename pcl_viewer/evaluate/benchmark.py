@@ -160,7 +160,7 @@ def bench_preset(name: str) -> BenchPreset:
                            silver_steps=3, silver_min_quality=0.0, seeds=(0, 1))
     if name == "cpu":
         # Sized from measured CPU time per step (1 thread): fine-tune 0.40 CPU-s/step at batch 8
-        # (0.59 s wall on the quiet machine in session 3); docs/benchmark.md projects the grid
+        # (0.59 s wall on a quiet 2-core machine); docs/benchmark.md projects the grid
         # at about 8.5 h of one core, 4.3 h as two processes.
         ft = FinetuneConfig(epochs=12, min_steps=80)
         # Pre-training: 300 steps as 6 epochs of 50 (the same warm-up of 75 steps and cosine

@@ -56,7 +56,8 @@ def make_random_bundles(folder: str, preset: str = "cpu") -> tuple[str, str]:
 
 
 def reference_unet_ms(repeats: int = 10) -> float:
-    """Median wall time of one 128 px inference of the 'cpu' U-Net (MEASURED.md: 16 ms)."""
+    """Median wall time of one 128 px inference of the 'cpu' U-Net (about 16 ms on an
+    idle 2-core machine: the baseline the bench divides by to estimate the load)."""
     import torch
 
     from pcl_viewer.models.unet import build_unet

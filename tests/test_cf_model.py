@@ -1,4 +1,4 @@
-"""Counterfactual inference (METHOD §2) on a toy structural causal model, and model bundles.
+"""Counterfactual inference (docs/method.md §2) on a toy structural causal model, and model bundles.
 
 Toy SCM at 32 px: a disc whose brightness is set by ``scanner`` (0.45 vs 0.85) on a
 background also set by it, and a bright blob in the lower left when ``effusion`` is present;

@@ -1,4 +1,4 @@
-"""CHRO-map (METHOD.md section 5): ellipse, colours, frame, overlays, command."""
+"""CHRO-map (docs/method.md §6): ellipse, colours, frame, overlays, command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Each pixel loss equals a slow loop-by-loop reference written from METHOD §3."""
+"""Each pixel loss equals a slow loop-by-loop reference written from docs/method.md §3."""
 
 from __future__ import annotations
 

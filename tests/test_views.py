@@ -1,4 +1,4 @@
-"""Augmentation pipelines with tracked affines (METHOD §3)."""
+"""Augmentation pipelines with tracked affines (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Long use keeps resident memory flat: many scans in a row through the review loop and
 through the viewer's pipeline (open, counterfactuals, segment, CHRO-map, drop the result).
 
-Criterion (issue 8): RSS growth under 10 % after the first 20 scans. The suite runs
+Criterion: RSS growth under 10 % after the first 20 scans. The suite runs
 40 small scans; ``PCL_MEMORY_SCANS=200`` runs the full figure and prints it:
 
     PCL_MEMORY_SCANS=200 .venv/bin/python -m pytest -q -s tests/test_memory.py

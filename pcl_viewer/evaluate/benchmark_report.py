@@ -575,6 +575,8 @@ def pretrain_curves(runs: Path) -> list[dict]:
             out.append({"row": slug, "method": ROW_BY_SLUG[slug].name if slug in ROW_BY_SLUG
                         else slug, "seed": seed, "epoch": int(h["epoch"]), "step": step,
                         "loss": h.get("loss"), "probe_dice": h.get("probe_dice")})
+    order = {r.slug: i for i, r in enumerate(ROWS)}
+    out.sort(key=lambda c: (order.get(c["row"], len(order)), c["seed"], c["epoch"]))
     return out
 
 

@@ -21,7 +21,7 @@ def guard_none_refcount() -> list | None:
         return None
     import PySide6
 
-    # The project pins PySide6 < 6.12; the guard is for users whose napari brings 6.12.
+    # The `pyside6` extra pins PySide6 < 6.12; the guard is for environments that bring 6.12.
     if tuple(int(v) for v in PySide6.__version__.split(".")[:2]) < (6, 12):
         return None
     return [None] * 2_000_000

@@ -32,6 +32,6 @@ fi
 stamp="$VENV/.pcl-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing pcl-viewer and its dependencies"
-  "$VENV/bin/pip" install -q -e ".[gui,test]"
+  "$VENV/bin/pip" install -q -e ".[gui,pyside6,test,umap]"
   touch "$stamp"
 fi

@@ -396,6 +396,8 @@ def test_a_fifo_and_a_link_to_a_device_are_error_rows_and_never_block(
     res = review_cli([str(tmp_path / "in"), "--out", str(tmp_path / "out")], fake_pipeline,
                      monkeypatch)
     assert res.exit_code == 0, res.output
+    # The test's segmentation bundle is not a pinned shipped one: the CLI says so.
+    assert "note: unverified bundle 'seg-smoke' (fingerprint " in res.output
     errors = {Path(e["path"]).name: e["error"] for e in read_csv(tmp_path / "out" / "errors.csv")}
     assert errors["pipe.png"].startswith("not a regular file (a FIFO")
     assert errors["zero.png"].startswith("not a regular file (a character device")

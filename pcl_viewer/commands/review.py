@@ -104,6 +104,8 @@ def _review(inputs: tuple[str, ...], out: str, cf_bundle: str, seg_bundle: str,
 
         configure_threads(threads)
     bundles = {k: f"{b.name}@{b.fingerprint}" for k, b in pipeline.bundles.items()}
+    for notice in _bundle_notices(pipeline):
+        click.echo(f"note: {notice}", err=True)
     from tqdm import tqdm
 
     gen = rv.iter_review(inputs[0], out_path, pipeline, cfg, bundles=bundles, restart=restart)
@@ -123,6 +125,24 @@ def _review(inputs: tuple[str, ...], out: str, cf_bundle: str, seg_bundle: str,
         f"{summary.flagged} flagged, {summary.errors} unreadable"
     )
     click.echo(f"report: {rv.display_text(summary.files['html'])}")
+
+
+def _bundle_notices(pipeline) -> list[str]:
+    """The "unverified bundle" line of every bundle in use that is not a pinned shipped one."""
+    from pcl_viewer.models.bundle import BundleError, ModelBundle
+
+    notices = []
+    for info in pipeline.bundles.values():
+        path = getattr(info, "path", None)
+        if not path or not Path(path).is_dir():
+            continue
+        try:
+            notice = ModelBundle.load(path).notice
+        except BundleError as exc:
+            notice = str(exc)
+        if notice:
+            notices.append(notice)
+    return notices
 
 
 def _pipeline(cf_bundle: str | None, seg_bundle: str | None, device: str):

@@ -285,3 +285,26 @@ def test_the_shipped_bundles_match_their_pins():
         except BundleError as exc:
             pytest.fail(f"{exc}; {how}")
         assert bundle.verified, f"{folder} is not verified; {how}"
+
+
+def test_the_config_schemas_cover_every_config_field():
+    """A new field in a network config needs its bounds in the bundle schema (else every
+    bundle with it is refused as 'unknown key'); a removed one must leave the schema."""
+    from dataclasses import fields
+
+    from pcl_viewer.models import bundle as b
+    from pcl_viewer.models.classifiers import ClassifierConfig
+    from pcl_viewer.models.hvae import HVAEConfig
+    from pcl_viewer.models.unet import UNetConfig
+
+    for schema, cls in ((b.UNET_SCHEMA, UNetConfig), (b.HVAE_SCHEMA, HVAEConfig),
+                        (b.CLASSIFIER_SCHEMA, ClassifierConfig)):
+        names = {f.name for f in fields(cls)}
+        assert set(schema.fields) == names, (
+            f"{cls.__name__} fields {sorted(names ^ set(schema.fields))} differ from the "
+            "bundle schema: give them bounds in pcl_viewer/models/bundle.py")
+    for preset in ("smoke", "cpu", "paper"):  # every preset's config passes its schema
+        b.UNET_SCHEMA(json.loads(json.dumps(UNetConfig.for_preset(preset).to_dict())), "u")
+        b.HVAE_SCHEMA(json.loads(json.dumps(HVAEConfig.for_preset(preset).to_dict())), "h")
+        b.CLASSIFIER_SCHEMA(json.loads(json.dumps(ClassifierConfig.for_preset(preset).to_dict())),
+                            "c")

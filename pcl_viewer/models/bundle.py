@@ -189,6 +189,7 @@ def _object(fields: dict[str, Check], required: tuple[str, ...] = ()) -> Check:
                 raise _Invalid(where, f"missing key {k!r}")
         for k, v in x.items():
             fields[k](v, f"{where}.{k}" if where else k)
+    check.fields = tuple(fields)  # type: ignore[attr-defined]  # for the schema tests
     return check
 
 

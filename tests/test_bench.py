@@ -465,3 +465,21 @@ def test_pretrain_first_initialises_every_row_before_any_cell(monkeypatch, tmp_p
                       max_cells=3, pretrain_first=True)
     assert res["ran"] == 3
     assert events[:2] == ["init none", "init vader"] and events[2:] == ["finetune"] * 3
+
+
+def test_report_only_rebuilds_from_a_committed_cells_csv_without_the_cache(grid, tmp_path):
+    """A clone has docs/results/cells.csv but no cell cache: --report-only uses the CSV."""
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    tmp, *_ = grid
+    out = tmp_path / "results"
+    write_report(load_cells(tmp / "cells"), out, tmp_path / "figures", "# first")
+    (out / "benchmark.md").unlink()
+    r = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(tmp_path / "empty"),
+                                   "--out", str(out), "--rows", "none,dvd-cl", "--report-only"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert f"read 18 from {out / 'cells.csv'}" in r.output
+    md = (out / "benchmark.md").read_text()
+    assert "from 18 of 18 cells" in md and "| DVD-CL | 2 x 2 |" in md

@@ -234,6 +234,7 @@ HVAE_SCHEMA = _object({
     "cf_latents": _str(choices=("prior-relative", "posterior")),
     "fluid_dim": _int(0, 256),
     "fluid_beta": _float(0.0, 1000.0),
+    "fluid_mode": _str(16, choices=("embed", "head")),
 })
 CLASSIFIER_SCHEMA = _object({
     "image_size": _SIZE,

@@ -109,3 +109,15 @@ def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(tmp_pa
     with torch.no_grad():  # and from here on it is a parameter like any other
         run.ema.parent_embed[0].weight[:, 3:] = 1.0
     assert not torch.allclose(run.ema.abduct(x, pa)["mu"][1:3], ref[1:3], atol=1e-4)
+
+
+def test_until_step_stops_the_hvae_stage_and_a_rerun_continues_exactly(tmp_path):
+    torch.set_num_threads(1)
+    data = toy_data(n=64)
+    ref = train_cf(data, _cfg(), tmp_path / "ref", progress=False)
+    cut = train_cf(data, _cfg(), tmp_path / "cut", progress=False, until_step=3)
+    assert (cut.stage, cut.step) == ("hvae", 3)  # 3 is not a checkpoint multiple: saved anyway
+    again = train_cf(data, _cfg(), tmp_path / "cut", progress=False)
+    assert again.stage == "done"
+    for key, value in ref.ema.state_dict().items():
+        assert torch.equal(value, again.ema.state_dict()[key]), key

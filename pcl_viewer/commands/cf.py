@@ -48,9 +48,13 @@ def _threads(n: int | None) -> None:
 @click.option("--fluid-dim", type=int, default=0, show_default=True,
               help="Dimensions of the global effusion-noise latent (side and severity of the "
                    "fluid; enters the decoder as effusion * u_f). 0: none.")
+@click.option("--fluid-mode", type=click.Choice(["embed", "head"]), default="embed",
+              show_default=True,
+              help="embed: u_f joins the parent embedding; head: effusion acts only through a "
+                   "parent-gated fluid head on the decoder's last features.")
 @click.option("--cf-pair-weight", type=float, default=0.0, show_default=True,
-              help="Weight of counterfactual supervision: MAE between the model counterfactual "
-                   "and the dataset's true counterfactual (needs --counterfactuals data).")
+              help="Weight of counterfactual supervision: error of the model counterfactual "
+                   "against the dataset's true one, relative to the identity's (needs --counterfactuals data).")
 @click.option("--cf-pair-batch", type=int, default=16, show_default=True)
 @click.option("--init", "init_bundle", default=None,
               help="Warm start from this counterfactual bundle's HVAE and classifiers "
@@ -58,6 +62,9 @@ def _threads(n: int | None) -> None:
 @click.option("--lr", type=float, default=None, help="HVAE learning rate (default 2e-3).")
 @click.option("--kl-warmup", type=int, default=None,
               help="Steps over which the KL weight ramps up (default 300; 0 with --init).")
+@click.option("--until-step", type=int, default=None,
+              help="Stop the HVAE stage at this step (schedules still span --steps) and "
+                   "write the bundle from there; rerun with a larger value to continue.")
 @click.option("--classifiers-only", is_flag=True,
               help="Train only the attribute classifiers and write a classifier-only bundle "
                    "(an independent judge for eval-cf).")
@@ -66,9 +73,9 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
              finetune_minimality: float, finetune_minutes: float | None, device: str,
-             fluid_dim: int, cf_pair_weight: float, cf_pair_batch: int,
+             fluid_dim: int, fluid_mode: str, cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
-             classifiers_only: bool) -> None:
+             until_step: int | None, classifiers_only: bool) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
     _threads(threads)
     from pcl_viewer.device import choose_device
@@ -95,7 +102,8 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
                         cls_steps=classifier_steps if classifier_steps is not None else d["cls_steps"],
                         checkpoint_every=checkpoint_every or d["checkpoint_every"],
                         cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
-                        hvae_overrides={"fluid_dim": fluid_dim} if fluid_dim else {},
+                        hvae_overrides=({"fluid_dim": fluid_dim, "fluid_mode": fluid_mode}
+                                        if fluid_dim else {}),
                         init_bundle=init_bundle or "")
     if lr is not None:
         cfg.lr = lr
@@ -108,7 +116,8 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
                                  param_hint="--cf-pair-weight")
     click.echo(f"train-cf: {len(data.x_train)} train / {len(data.x_val)} val images from "
                f"{data_dir}; run folder {run_dir}; device {device}", err=True)
-    run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None, device=device)
+    run = train_cf(data, cfg, run_dir, stop_after=0 if export_only else None, device=device,
+                   until_step=until_step)
     command = "pcl train-cf " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     if classifiers_only:
         bundle = export_classifiers(run, data, out, command=command)

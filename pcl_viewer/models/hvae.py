@@ -7,7 +7,7 @@ posterior and residual block, a conditional prior ``p(z_l | z_<l, pa)``, a
 fixed-scale discretised Gaussian likelihood and a beta-weighted KL.
 
 Images are ``(B, 1, S, S)`` float in [0, 1]; internally they live in [-1, 1].
-Counterfactual inference (METHOD §2) uses :meth:`HVAE.abduct` (posterior means
+Counterfactual inference (docs/method.md §2) uses :meth:`HVAE.abduct` (posterior means
 and the prior-relative exogenous noise of every latent) and :meth:`HVAE.decode`.
 """
 
@@ -58,6 +58,11 @@ class HVAEConfig:
     # drawn from its prior (the posterior of a normal image) when fluid is added. 0: off.
     fluid_dim: int = 0
     fluid_beta: float = 1.0  # KL weight of u_f
+    # "embed": u_f joins the parent embedding everywhere. "head": effusion acts only through
+    # a parent-gated fluid head, mean = (tanh(out(h) + effusion * F(h, u_f)) + 1) / 2, and the
+    # rest of the decoder and the priors see the parents with effusion set to 0; an effusion
+    # counterfactual is then exactly the fluid F paints or removes (see FluidHead).
+    fluid_mode: str = "embed"
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -209,7 +214,8 @@ class HVAE(nn.Module):
         if missing:
             raise ValueError(f"latent resolutions {missing} not in {res}")
         self.parent_embed = nn.Sequential(
-            nn.Linear(cfg.parent_dim + cfg.fluid_dim, e), nn.GELU(), nn.Linear(e, e), nn.GELU()
+            nn.Linear(cfg.parent_dim + (cfg.fluid_dim if cfg.fluid_mode == "embed" else 0), e),
+            nn.GELU(), nn.Linear(e, e), nn.GELU()
         )
         # Bottom-up encoder (no parents, as in causal-gen).
         self.stem = nn.Conv2d(1, w[0], 3, padding=1)
@@ -237,6 +243,10 @@ class HVAE(nn.Module):
             self.dec_blocks.append(nn.ModuleList(blocks))
             self.dec_up.append(nn.Conv2d(w[i], w[i - 1], 1) if i > 0 else nn.Identity())
         self.out = nn.Conv2d(w[0], 1, 3, padding=1)
+        if cfg.fluid_mode not in ("embed", "head"):
+            raise ValueError(f"unknown fluid_mode {cfg.fluid_mode!r}")
+        self.fluid_head = (FluidHead(w[0], cfg.fluid_dim)
+                           if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
 
     # -- building blocks ---------------------------------------------------
     def embed(self, pa: torch.Tensor, fluid: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,6 +256,8 @@ class HVAE(nn.Module):
         Without ``fluid`` (and with ``fluid_dim > 0``) the prior mean ``u_f = 0`` is used.
         """
         pa = pa.float()
+        if self.fluid_head is not None:  # effusion acts only through the fluid head
+            return self.parent_embed(pa * pa.new_tensor([1.0, 1.0, 0.0]))
         if self.cfg.fluid_dim:
             if fluid is None:
                 fluid = pa.new_zeros(pa.shape[0], self.cfg.fluid_dim)
@@ -298,9 +310,16 @@ class HVAE(nn.Module):
         # 1x1 before upsampling: the same map at a quarter of the cost.
         return F.interpolate(self.dec_up[i](h), scale_factor=2, mode="nearest")
 
-    def _to_image(self, h: torch.Tensor) -> torch.Tensor:
-        """Decoder features -> mean image ``(B, 1, S, S)`` in [0, 1]."""
-        return (torch.tanh(self.out(F.gelu(h))) + 1) / 2
+    def _to_image(self, h: torch.Tensor, pa: torch.Tensor | None = None,
+                  fluid: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder features -> mean image ``(B, 1, W, W)`` in [0, 1]; with the fluid head,
+        ``effusion * F(h, u_f)`` is added before the tanh (``u_f`` None: its prior mean 0)."""
+        logits = self.out(F.gelu(h))
+        if self.fluid_head is not None and pa is not None:
+            if fluid is None:
+                fluid = h.new_zeros(h.shape[0], self.cfg.fluid_dim)
+            logits = logits + pa[:, 2, None, None, None].float() * self.fluid_head(h, fluid)
+        return (torch.tanh(logits) + 1) / 2
 
     # -- training -------------------------------------------------------------
     def forward(self, x: torch.Tensor, pa: torch.Tensor, beta: float | None = None
@@ -341,7 +360,7 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        mu = self._to_image(h)
+        mu = self._to_image(h, pa, fluid)
         xw = self.to_work(x)
         nll = discretised_gaussian_nll(2 * xw - 1, 2 * mu - 1, cfg.sigma, cfg.bins)
         n_pix = xw[0].numel()
@@ -355,10 +374,14 @@ class HVAE(nn.Module):
 
         ``x`` (B,1,S,S) under ``pa`` (B,3) and its true counterfactual ``x_true`` under
         ``pa_true``: abduct ``x`` (posterior means, with gradients), decode under both parent
-        sets and return the mean |x + mu(z, pa_true) - mu(z, pa) - x_true| at the working
-        size (intensity units in [0, 1]). Where the intervention adds effusion, the fluid
-        noise ``u_f`` is read from ``x_true`` (the SCM shares it between the pair; a normal
-        image cannot show it), so the decoder learns to place the fluid that ``u_f`` names.
+        sets; per pair, the mean |x + mu(z, pa_true) - mu(z, pa) - x_true| at the working
+        size divided by the identity's mean |x - x_true| (+ 1e-3), averaged over the batch
+        (1 = no better than leaving the image unchanged, 0 = exact). The division gives a
+        small local change (effusion, ~1 % of the intensity mass) the same weight as a global
+        one (scanner); with the plain mean the scanner pairs dominated and the cheapest
+        answer for effusion was no change at all. Where the intervention adds effusion, the
+        fluid noise ``u_f`` is read from ``x_true`` (the SCM shares it between the pair; a
+        normal image cannot show it), so the decoder learns to place the fluid ``u_f`` names.
         """
         acts = self.encode(x)
         q = self.fluid_posterior(acts)
@@ -370,8 +393,10 @@ class HVAE(nn.Module):
             fluid_cf = torch.where(add, q_true[0], fluid)
         latents, mu = self._abduct_walk(acts, pa, fluid)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
-        x_cf = self.to_work(x) + mu_cf - mu
-        return (x_cf - self.to_work(x_true)).abs().mean()
+        xw, tw = self.to_work(x), self.to_work(x_true)
+        err = (xw + mu_cf - mu - tw).abs().mean(dim=(1, 2, 3))
+        identity = (xw - tw).abs().mean(dim=(1, 2, 3)).detach()
+        return (err / (identity + 1e-3)).mean()
 
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
                      fluid: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
@@ -391,7 +416,7 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        return {"z": zs, "u": us}, self._to_image(h)
+        return {"z": zs, "u": us}, self._to_image(h, pa, fluid)
 
     def _decode_walk(self, latents: dict, pa: torch.Tensor, fluid: torch.Tensor | None,
                      mode: str) -> torch.Tensor:
@@ -414,7 +439,7 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        return self._to_image(h)
+        return self._to_image(h, pa, fluid)
 
     # -- counterfactual inference ----------------------------------------------
     @torch.no_grad()
@@ -462,6 +487,32 @@ class HVAE(nn.Module):
         """
         mode = mode or self.cfg.cf_latents
         return self.to_image(self._decode_walk(latents, pa, latents.get("fluid"), mode))
+
+
+class FluidHead(nn.Module):
+    """Fluid of an effusion in pre-tanh units: ``(B, C, W, W)`` decoder features and ``(B, F)``
+    effusion noise -> ``(B, 1, W, W)``. Two 3x3 convolutions whose hidden features are scaled
+    and shifted by the noise (FiLM), so the noise can choose side and extent; the last 1x1
+    layer starts at zero (a warm-started model starts with no fluid)."""
+
+    def __init__(self, width: int, fluid_dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(width, hidden, 3, padding=1)
+        self.c2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.c3 = nn.Conv2d(hidden, 1, 1)
+        self.film1 = nn.Linear(fluid_dim, 2 * hidden)
+        self.film2 = nn.Linear(fluid_dim, 2 * hidden)
+        nn.init.zeros_(self.c3.weight)
+        nn.init.zeros_(self.c3.bias)
+
+    def forward(self, h: torch.Tensor, fluid: torch.Tensor) -> torch.Tensor:
+        y = self.c1(F.gelu(h))
+        scale, shift = self.film1(fluid)[:, :, None, None].chunk(2, dim=1)
+        y = F.gelu(y * (1 + scale) + shift)
+        y = self.c2(y)
+        scale, shift = self.film2(fluid)[:, :, None, None].chunk(2, dim=1)
+        y = F.gelu(y * (1 + scale) + shift)
+        return self.c3(y)
 
 
 def fluid_eps(x: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:

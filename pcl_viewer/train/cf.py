@@ -56,13 +56,13 @@ class CFTrainConfig:
     cls_lr: float = 2e-3
     checkpoint_every: int = 100
     hvae_overrides: dict = field(default_factory=dict)
-    # Counterfactual supervision (0: off): weight of HVAE.cf_pair_loss, the mean absolute
-    # error at the working size between the model counterfactual and the SCM's true one,
-    # on ``cf_pair_batch`` pairs per step (half of the factual images with effusion),
+    # Counterfactual supervision (0: off): weight of HVAE.cf_pair_loss, the absolute error
+    # at the working size between the model counterfactual and the SCM's true one relative
+    # to the identity's, on ``cf_pair_batch`` pairs per step (half of the factual images with effusion),
     # interventions drawn as scanner / effusion / both with ``cf_pair_kinds``.
     cf_pair_weight: float = 0.0
     cf_pair_batch: int = 16
-    cf_pair_kinds: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    cf_pair_kinds: tuple[float, float, float] = (0.2, 0.6, 0.2)
     # Warm start: a counterfactual bundle whose HVAE and classifier weights initialise the
     # run (new inputs, e.g. the effusion-noise columns, start at zero so the start equals it).
     init_bundle: str = ""
@@ -324,7 +324,7 @@ def calibrate_classifiers(cls: AttributeClassifiers, x: np.ndarray, pa: np.ndarr
 
 def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
              stop_after: int | None = None, progress: bool = True,
-             device: str | torch.device = "cpu") -> _Run:
+             device: str | torch.device = "cpu", until_step: int | None = None) -> _Run:
     """Train (or resume) classifiers then the HVAE; returns the finished run state.
 
     ``device``: where the models train (a checkpoint resumes on any device; tensors are
@@ -333,7 +333,9 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
 
     ``stop_after`` ends the process-level loop after that many optimisation steps in this
     call (tests use it to simulate a kill; the last checkpoint is at a multiple of
-    ``checkpoint_every``).
+    ``checkpoint_every``). ``until_step`` ends the HVAE stage at that step (checkpointed)
+    while the schedules still run over ``cfg.steps``: a run cut short by a time budget can
+    be reproduced exactly.
     """
     run_dir = Path(run_dir)
     hvae_cfg = HVAEConfig.for_preset(cfg.preset)
@@ -359,6 +361,11 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
         while run.step < total:
             if stop_after is not None and done >= stop_after:
                 bar.close()
+                return run
+            if stage == "hvae" and until_step is not None and run.step >= until_step:
+                bar.close()
+                if run.step % cfg.checkpoint_every:
+                    save_checkpoint(run_dir / "checkpoint", run.state())
                 return run
             if stage == "classifier":
                 stats = {"loss": _classifier_step(run, data, pos_weight)}
@@ -452,7 +459,7 @@ def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
                 batch_size: int = 24, margin: float = 0.02, lam_lr: float = 5.0,
                 minimality: float = 10.0, max_seconds: float | None = None,
                 progress: bool = True) -> dict:
-    """Counterfactual fine-tuning (METHOD §2) of the EMA HVAE, in place.
+    """Counterfactual fine-tuning (docs/method.md §2) of the EMA HVAE, in place.
 
     The encoder (stem, bottom-up blocks, posterior heads) is frozen; the decoder is trained
     so that the frozen, calibrated classifiers read the counterfactual parents on

@@ -29,7 +29,6 @@ in tqdm, the napari widget in a ``thread_worker``.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import os
@@ -270,32 +269,23 @@ def _error(path: str | os.PathLike, stage: str, reason: str) -> dict[str, str]:
     return {"path": os.fsdecode(path), "stage": stage, "error": reason}
 
 
-def _reader_options() -> set[str]:
-    from pcl_viewer.data.readers import read_scan
-
-    return set(inspect.signature(read_scan).parameters)
-
-
-def read_for_review(path: str, max_pixels: int | None = None,
+def read_for_review(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     timeout_s: float | None = None) -> Any:
     """Read one scan, or return the error row; never raises for a bad file.
 
     Args:
         path: the file.
-        max_pixels: refuse a scan with more pixels (an error row naming its size).
-        timeout_s: time limit of the decode in seconds (None: none).
+        max_pixels: refuse a scan with more pixels (samples, for colour) from its header,
+            before decoding: an error row naming its size. None: the reader's side limits.
+        timeout_s: time limit of the decode in seconds, in a helper process that is killed
+            when it runs over (None or 0: decoded in this process, no limit).
     """
     from pcl_viewer.data.readers import read_scan
     from pcl_viewer.data.scan import ScanReadError
 
-    kwargs: dict[str, Any] = {}
-    options = _reader_options()
-    if max_pixels and "max_pixels" in options:
-        kwargs["max_pixels"] = int(max_pixels)
-    if timeout_s and "timeout_s" in options:
-        kwargs["timeout_s"] = float(timeout_s)
     try:
-        scan = read_scan(path, **kwargs)
+        scan = read_scan(path, max_pixels=int(max_pixels) if max_pixels else None,
+                         timeout_s=float(timeout_s) if timeout_s else None)
     except ScanReadError as exc:
         return _error(path, "read", exc.reason)
     except Exception as exc:  # noqa: BLE001 - a reader bug must not end a review

@@ -1,26 +1,33 @@
 """Build and update the napari layers of pipeline results (runs in the Qt thread only).
 
-Every layer this module makes is aligned with its scan layer (same scale and
-translate), carries the result's provenance in ``metadata`` (bundles and
-fingerprints, parents, intervention, strength) and is found again by
-``(scan layer, view key, kind)`` so a re-run updates it in place. The user's
-own layers are never modified.
+Every layer this module makes has its scan layer's scale, carries the result's
+provenance in ``metadata`` (bundles and fingerprints, parents, intervention,
+strength, domain check) and is found again by ``(scan layer, view key, kind)`` so
+a re-run updates it in place. In the compare layout (the default) each view sits
+in its own tile beside the scan (translated by whole tiles); otherwise every view
+lies on the scan. The user's own layers are never modified: a labels layer the user
+has edited (painted, filled, erased) is left alone and a re-run writes a new one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import math
 from typing import Any
 
 import numpy as np
 
+from pcl_viewer.colors import LUNG_COLOURS
 from pcl_viewer.data.scan import Scan
 from pcl_viewer.pipeline import FACTUAL, PipelineResult, View
 
 KINDS = ("image", "difference", "labels", "chromap")
-# index = label value: background, right lung, left lung. A cyclic map keeps uint8 labels
-# a plain texture lookup (a direct map costs a numba compile on first use: seconds).
-LUNG_COLOURS = ["transparent", "#1f9bff", "#ffb000"]
+# Short suffixes: napari's layer list elides the middle of long names, so the part
+# that tells two layers apart sits at the end.
+SUFFIX = {"image": "", "difference": " diff", "labels": " lungs", "chromap": " CHRO"}
 DIFF_LIMIT = 0.25
+TILE_GAP = 0.04  # gap between compare tiles, as a fraction of the scan's larger side
 
 
 def layer_key(layer) -> str:
@@ -53,10 +60,28 @@ def scan_from_layer(layer) -> Scan:
 
 
 def layer_name(scan: str, view: View, kind: str) -> str:
-    base = scan if view.key == FACTUAL else f"{scan} [{view.name}]"
-    suffix = {"image": "", "difference": " difference", "labels": " lungs",
-              "chromap": " CHRO-map"}[kind]
-    return base + suffix
+    """Short, distinct names: ``chest: lungs``, ``chest: scanner``, ``chest: effusion x0.5
+    CHRO`` (the full intervention, e.g. ``do(scanner=philips)``, is in the metadata)."""
+    tag = "" if view.key == FACTUAL else view.key
+    if view.key != FACTUAL and abs(view.strength - 1.0) > 1e-9:
+        tag += f" x{view.strength:g}"
+    suffix = SUFFIX[kind]
+    if not tag and kind == "image":
+        return scan
+    return f"{scan}: {(tag + suffix).strip()}"
+
+
+def tile_offset(scan_layer, index: int, n_views: int) -> tuple[float, float]:
+    """World offset (row, column) of tile ``index`` of ``n_views`` in the compare layout:
+    a near-square grid (2 x 2 for four views), row-major, tile 0 the scan itself."""
+    h, w = np.asarray(scan_layer.data.shape[-2:], np.float64) * np.abs(scan_layer.scale[-2:])
+    cols = max(1, math.ceil(math.sqrt(n_views)))
+    gap = TILE_GAP * max(h, w)
+    return (index // cols) * (h + gap), (index % cols) * (w + gap)
+
+
+def _digest(data: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=16).hexdigest()
 
 
 def finished_part(view: View, stage: str) -> View:
@@ -76,6 +101,63 @@ class LayerBuilder:
     def __init__(self, viewer) -> None:
         self.viewer = viewer
         self._layers: dict[tuple[str, str, str], Any] = {}
+        self._digests: dict[str, str] = {}  # labels layer key -> digest of the data we set
+        self.compare = True  # compare layout: one tile per view
+        self._suffix: dict[tuple[str, str, str], str] = {}  # " (new)" after a kept edit
+        self.tiles = 0  # tiles planned for the run (views to come); at least the views shown
+
+    def snapshot(self, scan_layer) -> dict[tuple[str, str, str], Any]:
+        """The layers of ``scan_layer`` now, for :meth:`rollback`."""
+        uid = layer_key(scan_layer)
+        return {k: ly for k, ly in self._layers.items() if k[0] == uid and self._alive(ly)}
+
+    def rollback(self, scan_layer, before: dict[tuple[str, str, str], Any],
+                 result: PipelineResult | None, difference: bool = False) -> None:
+        """Undo an unfinished run: remove the layers it added for ``scan_layer`` and give the
+        others the data of ``result`` (the scan's last finished result) again."""
+        uid = layer_key(scan_layer)
+        for key, layer in list(self._layers.items()):
+            if key[0] != uid or (key in before and layer_key(before[key]) == layer_key(layer)):
+                continue
+            self._layers.pop(key)
+            if self._alive(layer):
+                self.viewer.layers.remove(layer)
+        self._layers.update({k: ly for k, ly in before.items() if self._alive(ly)})
+        if result is not None:
+            for view in result.views.values():
+                labels = self.get(scan_layer, view.key, "labels")
+                if labels is not None and self.edited(labels):  # the user's edit stays
+                    view = dataclasses.replace(view, labels=None)
+                self.show_view(scan_layer, result, view, difference=difference,
+                               chromap_visible=None)
+
+    def edited(self, layer) -> bool:
+        """True when a labels layer's data is no longer what this builder last put there
+        (painted, filled or erased by the user, or changed by another plugin)."""
+        digest = self._digests.get(layer_key(layer))
+        return digest is not None and digest != _digest(np.asarray(layer.data))
+
+    def offset(self, scan_layer, result: PipelineResult, key: str) -> tuple[float, ...]:
+        """The translate of ``key``'s layers: the scan's, plus the tile offset when comparing."""
+        base = tuple(float(t) for t in scan_layer.translate)
+        if not self.compare:
+            return base
+        keys = list(result.views)
+        idx = keys.index(key) if key in keys else 0
+        dy, dx = tile_offset(scan_layer, idx, max(len(keys), self.tiles))
+        return (*base[:-2], base[-2] + dy, base[-1] + dx)
+
+    def set_compare(self, scan_layer, result: PipelineResult | None, on: bool) -> None:
+        """Switch the compare layout on or off for the layers of ``scan_layer``."""
+        self.compare = on
+        if result is None:
+            return
+        for key in result.views:
+            t = self.offset(scan_layer, result, key)
+            for kind in KINDS:
+                layer = self.get(scan_layer, key, kind)
+                if layer is not None and tuple(layer.translate) != t:
+                    layer.translate = t
 
     def _alive(self, layer) -> bool:
         return layer is not None and layer_key(layer) in {layer_key(ly) for ly in self.viewer.layers}
@@ -100,42 +182,57 @@ class LayerBuilder:
                 touched.append(self._put(scan_layer, result, view, "difference", diff))
         if view.labels is not None:
             touched.append(self._put(scan_layer, result, view, "labels", view.labels))
-        if view.overlay is not None:
-            visible = view.key == FACTUAL if chromap_visible is None else chromap_visible
+        if view.overlay is not None:  # visible None: as it is (new layers: hidden)
             touched.append(self._put(scan_layer, result, view, "chromap", view.overlay,
-                                     visible=visible))
+                                     visible=chromap_visible))
         return touched
-
 
     def _put(self, scan_layer, result: PipelineResult, view: View, kind: str, data: np.ndarray,
              visible: bool | None = None):
         meta = {**result.metadata(view.key), "kind": kind, "scan_layer": scan_layer.name}
-        name = layer_name(scan_layer.name, view, kind)
         key = (layer_key(scan_layer), view.key, kind)
+        name = layer_name(scan_layer.name, view, kind) + self._suffix.get(key, "")
         layer = self.get(scan_layer, view.key, kind)
+        translate = self.offset(scan_layer, result, view.key)
+        if layer is not None and kind == "labels" and self.edited(layer):
+            # The user's edit stays as it is (with its undo history); a new layer takes
+            # the new labels.
+            self._layers.pop(key)
+            self._digests.pop(layer_key(layer), None)
+            layer = None
+            self._suffix[key] = self._suffix.get(key, "") + " (new)"
+            name += " (new)"
         if layer is not None:
             # Each setter refreshes the layer (thumbnail, texture upload, canvas redraw) in
             # the Qt thread, even for an unchanged value: touch only what changed. A view
             # comes back after its labels and again after its CHRO-map with the same arrays.
             if layer.data is not data:
                 layer.data = data
+                if kind == "labels":
+                    self._digests[layer_key(layer)] = _digest(data)
             if layer.metadata != meta:
                 layer.metadata = meta
             if layer.name != name:
                 layer.name = name
             if visible is not None and layer.visible != visible:
                 layer.visible = visible
+            if tuple(layer.translate) != translate:
+                layer.translate = translate
             return layer
         common = {"name": name, "metadata": meta, "scale": tuple(scan_layer.scale),
-                  "translate": tuple(scan_layer.translate)}
+                  "translate": translate}
         if kind == "labels":
             from napari.utils.colormaps import CyclicLabelColormap
 
-            cmap = CyclicLabelColormap(colors=LUNG_COLOURS, background_value=0)
+            # A cyclic map keeps uint8 labels a plain texture lookup (a direct map costs a
+            # numba compile on first use: seconds).
+            cmap = CyclicLabelColormap(colors=list(LUNG_COLOURS), background_value=0)
             layer = self.viewer.add_labels(data, opacity=0.45, colormap=cmap, **common)
+            self._digests[layer_key(layer)] = _digest(data)
         elif kind == "chromap":
+            # hidden until asked for: it would cover the labels of its view
             layer = self.viewer.add_image(data, rgb=True, blending="translucent",
-                                          visible=True if visible is None else visible, **common)
+                                          visible=bool(visible), **common)
         elif kind == "difference":
             layer = self.viewer.add_image(data, colormap="PiYG",
                                           contrast_limits=(-DIFF_LIMIT, DIFF_LIMIT), **common)
@@ -154,4 +251,4 @@ def prewarm_labels() -> None:
     from napari.utils.colormaps import CyclicLabelColormap
 
     Labels(np.zeros((2, 2), np.uint8),
-           colormap=CyclicLabelColormap(colors=LUNG_COLOURS, background_value=0))
+           colormap=CyclicLabelColormap(colors=list(LUNG_COLOURS), background_value=0))

@@ -6,6 +6,7 @@ widget (:mod:`._widget`) wires them to runs and layers.
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
@@ -27,8 +28,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from pcl_viewer.colors import legend_html
 from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES
-from pcl_viewer.pipeline import MAX_STRENGTH, ConsistencyRow, PipelineResult
+from pcl_viewer.pipeline import FACTUAL, MAX_STRENGTH, ConsistencyRow, PipelineResult, View
 from pcl_viewer_napari._plot import EmbeddingPlot
 from pcl_viewer_napari._progress import ProgressBar
 
@@ -130,11 +132,11 @@ class ScanPanel(QGroupBox):
         return {n: c.currentText() for n, c in self.parent_combos.items()
                 if c.currentText() != "auto"}
 
-    def show_parents(self, result: PipelineResult) -> None:
-        """Each parent used, with the classifier's probability of that value."""
-        probs = result.probabilities or {}
+    def show_parents(self, result: PipelineResult | None) -> None:
+        """Each parent used, with the classifier's probability of that value ("–" for none)."""
+        probs = (result.probabilities if result is not None else None) or {}
         for name, label in self.prob_labels.items():
-            if result.parents is None:
+            if result is None or result.parents is None:
                 label.setText("–")
                 continue
             value = getattr(result.parents, name)
@@ -160,6 +162,11 @@ class CounterfactualPanel(QGroupBox):
             grid.addWidget(check, i // 2, i % 2)
         self.diff_check = QCheckBox("difference layers")
         grid.addWidget(self.diff_check, 2, 0)
+        self.compare_check = QCheckBox("compare side by side")
+        self.compare_check.setChecked(True)
+        self.compare_check.setToolTip("each view in its own tile beside the scan; off: all "
+                                      "views on top of the scan")
+        grid.addWidget(self.compare_check, 4, 0, 1, 2)
         self.strength_slider = QSlider(Qt.Orientation.Horizontal)
         self.strength_slider.setRange(0, int(MAX_STRENGTH * 100))
         self.strength_slider.setValue(100)
@@ -169,6 +176,16 @@ class CounterfactualPanel(QGroupBox):
         grid.addWidget(self.strength_slider, 3, 1)
         self.generate_btn = QPushButton("Generate")
         grid.addWidget(self.generate_btn, 2, 1)
+        self.quality_label = QLabel(wordWrap=True)
+        self.quality_label.setTextFormat(Qt.TextFormat.RichText)
+        grid.addWidget(self.quality_label, 5, 0, 1, 2)
+
+    def show_quality(self, result: PipelineResult | None) -> None:
+        """Per counterfactual: reversibility, the classifiers' read-back of the intervened
+        parent (against the bundle's targets), and its caveat while it misses them."""
+        views = [v for k, v in (result.views.items() if result else ()) if k != FACTUAL
+                 and v.quality is not None]
+        self.quality_label.setText("<br>".join(_quality_html(v) for v in views))
 
     def interventions(self) -> tuple[str, ...]:
         return tuple(k for k, c in self.intervention_checks.items() if c.isChecked())
@@ -178,7 +195,7 @@ class CounterfactualPanel(QGroupBox):
 
     def _on_strength(self, value: int) -> None:
         self.strength_label.setText(f"strength {value / 100.0:.2f}"
-                                    + (" (extrap.)" if value != 100 else ""))
+                                    + (" (extrap.)" if value > 100 else ""))
 
 
 class AnalysisPanel(QGroupBox):
@@ -209,6 +226,9 @@ class AnalysisPanel(QGroupBox):
         self.table.horizontalHeader().setMinimumSectionSize(36)
         self.table.horizontalHeader().setStretchLastSection(True)
         lay.addWidget(self.table)
+        self.legend = QLabel(f"Lung labels: {legend_html()}")
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        lay.addWidget(self.legend)
         self.chromap_box = QWidget()
         self.chromap_layout = QHBoxLayout(self.chromap_box)
         self.chromap_layout.setContentsMargins(0, 0, 0, 0)
@@ -217,6 +237,11 @@ class AnalysisPanel(QGroupBox):
         lay.addWidget(self.chromap_box)
         self.plot = EmbeddingPlot(self)
         lay.addWidget(self.plot)
+
+    def clear(self) -> None:
+        """No result for the scan shown: empty table, no CHRO-map toggles, empty plot."""
+        self.show_table([])
+        self.show_chromap_controls(None, {})
 
     def show_table(self, rows: list[ConsistencyRow]) -> None:
         """One row per counterfactual: Dice vs the factual labels and lung-area changes."""
@@ -231,23 +256,34 @@ class AnalysisPanel(QGroupBox):
                 self.table.setItem(r, c, item)
         self.table.resizeColumnsToContents()
 
-    def show_chromap_controls(self, result: PipelineResult, layers: dict[str, Any]) -> None:
+    def show_chromap_controls(self, result: PipelineResult | None,
+                              layers: dict[str, Any]) -> None:
         """A checkbox per CHRO-map layer (``{view key: layer}``), both ways in sync with the
         layer's visibility, and the embedding plot."""
         while self.chromap_layout.count():
             w = self.chromap_layout.takeAt(0).widget()
             if w is not None:
                 w.deleteLater()
+        for layer, callback in getattr(self, "_links", []):  # the old boxes' layer links
+            try:
+                layer.events.visible.disconnect(callback)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        self._links: list[tuple[Any, Any]] = []
         self.chromap_checks = {}
-        if result.chromap is None:
+        if result is None or result.chromap is None:
             self.plot.clear()
             return
         for key, cm_layer in layers.items():
             check = QCheckBox(key)
             check.setChecked(cm_layer.visible)
             check.toggled.connect(lambda on, ly=cm_layer: setattr(ly, "visible", on))
-            cm_layer.events.visible.connect(
-                lambda e, c=check, ly=cm_layer: c.setChecked(ly.visible))
+
+            def follow(event, c=check, ly=cm_layer) -> None:
+                c.setChecked(ly.visible)
+
+            cm_layer.events.visible.connect(follow)
+            self._links.append((cm_layer, follow))
             self.chromap_checks[key] = check
             self.chromap_layout.addWidget(check)
         self.plot.show_result(result)
@@ -304,6 +340,47 @@ def _with_browse(parent: QWidget, combo: QComboBox) -> QWidget:
     btn.clicked.connect(browse)
     lay.addWidget(btn)
     return w
+
+
+class DomainBanner(QLabel):
+    """A persistent line at the top of the widget: the scan is outside the models' world
+    (red), or the domain check cannot say (grey). Hidden for typical scans."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent, wordWrap=True)
+        self.setVisible(False)
+        self.out_of_domain: bool | None = None
+
+    def show_domain(self, domain) -> None:
+        """``domain``: a ``DomainResult`` or None (no check ran: hidden)."""
+        self.out_of_domain = None if domain is None else domain.out_of_domain
+        if domain is None or domain.out_of_domain is False:
+            self.setVisible(False)
+            self.setText("")
+            return
+        if domain.out_of_domain:
+            self.setStyleSheet("background:#8b1e1e;color:white;padding:4px;font-weight:600;")
+        else:
+            self.setStyleSheet("background:#3a3f47;color:#d0d0d0;padding:4px;")
+        self.setText(domain.message)
+        self.setVisible(True)
+
+
+def _quality_html(view: View) -> str:
+    q = view.quality
+    tgt = q.targets
+    rev = f"reversibility {q.reversibility_mae:.3f}"
+    if "reversibility_mae" in tgt:
+        rev += f" (target &le; {tgt['reversibility_mae']:g})"
+    reads = ", ".join(f"{getattr(view.parents, n)} p={p:.2f}" for n, p in q.readback.items())
+    line = f"<b>{html.escape(view.key)}</b>: {rev}"
+    if reads:
+        line += f"; read-back {html.escape(reads)}"
+        if "effectiveness" in tgt:
+            line += f" (target &ge; {tgt['effectiveness']:g})"
+    if q.caveat:
+        line += f'<br><span style="color:#f0a040">&#9888; {html.escape(q.caveat)}</span>'
+    return line
 
 
 def _pct(x: float | None) -> str:

@@ -75,6 +75,13 @@ class UiQueue(QObject):
         wait = 0.0 if self._hurry else self._next_turn - time.perf_counter()
         self._timer.start(max(0, int(1000 * wait)))
 
+    def drop(self, which: Callable[[str], bool]) -> int:
+        """Remove the queued calls whose label ``which`` accepts; returns how many."""
+        keep = deque(item for item in self._queue if not which(item[0]))
+        dropped = len(self._queue) - len(keep)
+        self._queue = keep
+        return dropped
+
     def __len__(self) -> int:
         return len(self._queue)
 

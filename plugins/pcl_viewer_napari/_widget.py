@@ -18,6 +18,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QVBoxLayout, QWidget
 
+from pcl_viewer.domain import DomainResult
 from pcl_viewer.pipeline import FACTUAL, STAGES, PipelineResult, Step, View
 from pcl_viewer_napari import _compat, _workers  # noqa: F401  (_compat: the None guard)
 from pcl_viewer_napari._layers import (
@@ -31,6 +32,7 @@ from pcl_viewer_napari._layers import (
 from pcl_viewer_napari._panels import (
     AnalysisPanel,
     CounterfactualPanel,
+    DomainBanner,
     ModelPanel,
     RunBar,
     ScanPanel,
@@ -68,6 +70,11 @@ class PCLViewerWidget(QWidget):
         self._pending: PipelineResult | None = None
         self._last_step: Step | None = None
         self._t0 = 0.0
+        self._before: dict = {}  # the running scan's layers before the run (for rollback)
+        self._tiled: set[str] = set()  # scans whose compare tiles the camera has been fitted to
+        self._nprogress = None  # napari.utils.progress of the run (activity dock)
+        self.cancel_latency: float | None = None  # seconds from Cancel to the run's end
+        self._cancel_t = 0.0
         self._build_ui()
         self.queue = UiQueue(self, after_turn=self._show_progress)
         # Timer objects, not QTimer.singleShot(ms, callable): see _compat.
@@ -75,6 +82,10 @@ class PCLViewerWidget(QWidget):
         self._strength_timer.timeout.connect(self._apply_strength)
         self._progress_timer = QTimer(self, interval=PROGRESS_INTERVAL_MS)
         self._progress_timer.timeout.connect(self._show_progress)
+        self._rollback: tuple[Any, dict] | None = None
+        self._rollback_timer = QTimer(self, singleShot=True, interval=0)
+        self._rollback_timer.timeout.connect(self._finish_rollback)
+        self.rollback_seconds: float | None = None  # from Cancel to the layers rolled back
         self._prewarm_timer = QTimer(self, singleShot=True, interval=0)
         self._prewarm_timer.timeout.connect(prewarm_labels)
         self._prewarm_timer.start()
@@ -89,6 +100,8 @@ class PCLViewerWidget(QWidget):
         root.setContentsMargins(4, 4, 4, 4)
         root.setSpacing(4)
         s = self.settings
+        self.banner = DomainBanner()
+        root.addWidget(self.banner)
         self.model_panel = ModelPanel(s.cf_bundle, s.seg_bundle, s.device)
         self.scan_panel = ScanPanel()
         self.cf_panel = CounterfactualPanel()
@@ -121,6 +134,8 @@ class PCLViewerWidget(QWidget):
         self.segment_btn.clicked.connect(lambda: self.run("segment"))
         self.run_all_btn.clicked.connect(lambda: self.run("all"))
         self.strength_slider.valueChanged.connect(lambda _: self._strength_timer.start())
+        self.scan_combo.currentTextChanged.connect(lambda _: self.show_result_of())
+        self.cf_panel.compare_check.toggled.connect(self._set_compare)
 
         self.run_bar = RunBar()
         root.addWidget(self.run_bar)
@@ -151,15 +166,45 @@ class PCLViewerWidget(QWidget):
         return self._running_layer is not None
 
     def _refresh_scans(self, *_: Any) -> None:
+        before = self.scan_combo.currentText()
         self.scan_panel.set_scans([
             ly.name for ly in self.viewer.layers
             if isinstance(ly, napari.layers.Image) and not is_derived(ly)
             and not ly.rgb and ly.ndim == 2])
+        if self.scan_combo.currentText() != before and not self.running:
+            self.show_result_of()
 
     def _on_layer_removed(self, event) -> None:
         gone = event.value
         self.results.pop(layer_key(gone), None)
         self._refresh_scans()
+
+    def show_result_of(self, layer=None) -> None:
+        """Show the last finished result of ``layer`` (default: the scan chosen) in every
+        panel (parents, domain banner, counterfactual quality, table, CHRO-map toggles and
+        plot), or empty panels when it has none. Nothing of another scan stays."""
+        if self.running:
+            return
+        layer = layer if layer is not None else self.scan_layer()
+        result = self.result_for(layer)
+        self.scan_panel.show_parents(result)
+        self.banner.show_domain(result.domain if result is not None else None)
+        self.cf_panel.show_quality(result)
+        if result is None:
+            self.analysis_panel.clear()
+            self.status.setText("Ready" if layer is None else
+                                f"{layer.name}: no result yet (Run all)")
+            return
+        self.analysis_panel.show_table(result.consistency)
+        chromaps = {key: self.builder.get(layer, key, "chromap") for key in result.views}
+        self.analysis_panel.show_chromap_controls(
+            result, {k: ly for k, ly in chromaps.items() if ly is not None})
+
+    def _set_compare(self, on: bool) -> None:
+        for entry in self.results.values():
+            self.builder.set_compare(entry[0], entry[1], on)
+        self.builder.compare = on
+        self.viewer.reset_view()
 
     def scan_layer(self):
         """The image layer chosen as the scan, or None."""
@@ -194,15 +239,23 @@ class PCLViewerWidget(QWidget):
         except ValueError as exc:
             show_error(f"pcl-viewer: {exc}")
             return False
+        self._finish_rollback()  # a cancelled run's layers are gone before the next starts
         params = self._params(mode, interventions)
         self._remember_settings()
         self._cancel.clear()
+        self.cancel_latency = self.rollback_seconds = None
+        self._cancel_t = 0.0
         self.queue.timings = []
+        self._before = self.builder.snapshot(layer)
+        done = self.result_for(layer)
+        self.builder.tiles = max(len(done.views) if done else 0,
+                                 1 + len(params["run"]["interventions"] or ()))
         self._running_layer = layer
         self._set_busy(True)
         self.progress.setValue(0)
         self.status.setText(f"{mode}: starting…")
         self._last_step = None
+        self._start_activity(mode)
         self._progress_timer.start()
         self._t0 = time.perf_counter()
         self.worker = _workers.start(lambda: self._job(scan, params),
@@ -230,10 +283,39 @@ class PCLViewerWidget(QWidget):
         return (yield from pipeline.run(scan, cancel=self._cancel.is_set, **params["run"]))
 
     def cancel(self) -> None:
-        """Stop the run between two stages; finished layers stay, nothing is half-built."""
+        """Stop the run (the pipeline polls the flag between stages and within them); the
+        partial results still queued for display are dropped, and when the run has
+        stopped the scan's layers and panels go back to its last finished result."""
         if self.running:
+            self._cancel_t = time.perf_counter()
             self._cancel.set()
+            self.queue.drop(lambda label: not label.startswith("done"))
             self.status.setText("Cancelling…")
+
+    def _finish_rollback(self) -> None:
+        """Remove the layers an unfinished run added and restore the ones it changed."""
+        if self._rollback is None:
+            return
+        (layer, before), self._rollback = self._rollback, None
+        self.builder.rollback(layer, before, self.result_for(layer),
+                              difference=self.diff_check.isChecked())
+        if self._cancel_t:
+            self.rollback_seconds = time.perf_counter() - self._cancel_t
+
+    def _start_activity(self, mode: str) -> None:
+        """A progress bar in napari's activity dock as well (napari.utils.progress)."""
+        from napari.utils import progress
+
+        self._close_activity()
+        self._nprogress = progress(total=1000, desc=f"pcl-viewer {mode}")
+
+    def _close_activity(self, done: bool = False) -> None:
+        if self._nprogress is not None:
+            if done:
+                self._nprogress.set_description("pcl-viewer: done")
+                self._nprogress.update(self._nprogress.total - self._nprogress.n)
+            self._nprogress.close()
+            self._nprogress = None
 
     def _set_busy(self, busy: bool) -> None:
         for w in self._busy_widgets:
@@ -249,7 +331,9 @@ class PCLViewerWidget(QWidget):
         inline = _workers.synchronous()
         if inline:
             self._show_progress()
-        if isinstance(step.item, PipelineResult | View | list):
+        if self._cancel.is_set():  # rolled back when the run stops: not worth showing
+            return
+        if isinstance(step.item, PipelineResult | View | list | DomainResult):
             self.queue.put(f"{step.stage} {step.i}/{step.n}", self._on_step, step, inline=inline)
 
     def _enqueue_done(self, status: str, value: Any) -> None:
@@ -264,6 +348,9 @@ class PCLViewerWidget(QWidget):
         k = ALL_STAGES.index(step.stage) if step.stage in ALL_STAGES else 0
         frac = (k + (step.i / step.n if step.n else 1.0)) / len(ALL_STAGES)
         self.progress.setValue(int(1000 * frac))
+        if self._nprogress is not None and int(1000 * frac) > self._nprogress.n:
+            self._nprogress.set_description(f"pcl-viewer: {step.stage}")
+            self._nprogress.update(int(1000 * frac) - self._nprogress.n)
         text = f"{step.stage} {step.i}/{step.n}"
         if self.status.text() != text:
             self.status.setText(text)
@@ -274,11 +361,18 @@ class PCLViewerWidget(QWidget):
             return
         item = step.item
         try:
-            if isinstance(item, PipelineResult):
+            if isinstance(item, PipelineResult):  # the panels now follow this run
                 self._pending = item
                 self.scan_panel.show_parents(item)
+                self.banner.show_domain(None)
+                self.cf_panel.show_quality(None)
+                self.analysis_panel.clear()
+            elif isinstance(item, DomainResult):
+                self.banner.show_domain(item)
             elif isinstance(item, View):
                 self._show_view(item, step.stage)
+            elif isinstance(item, list) and item and isinstance(item[0], View):
+                self.cf_panel.show_quality(self._pending)
             elif isinstance(item, list):
                 self.analysis_panel.show_table(item)
         except Exception as exc:  # a display error must not kill the run silently
@@ -298,27 +392,36 @@ class PCLViewerWidget(QWidget):
 
     def _on_done(self, status: str, value: Any) -> None:
         self._progress_timer.stop()
+        self._close_activity(done=status == "ok")
         layer, self._running_layer = self._running_layer, None
         self.last_outcome = (status, value)
         self.last_run_seconds = time.perf_counter() - self._t0
         self._set_busy(False)
         self._pending = None
+        if status != "ok":
+            # The scan's layers go back to its last finished result in the next event-loop
+            # turn: removing layers repaints the canvas each time (seconds under load), and
+            # the controls and panels should come back first.
+            self._rollback = (layer, self._before)
+            self._rollback_timer.start()
         if status == "ok":
             self.progress.setValue(1000)
             self.results[layer_key(layer)] = (layer, value)
-            self.scan_panel.show_parents(value)
-            self.analysis_panel.show_table(value.consistency)
-            chromaps = {key: self.builder.get(layer, key, "chromap") for key in value.views}
-            self.analysis_panel.show_chromap_controls(
-                value, {k: ly for k, ly in chromaps.items() if ly is not None})
+            self.show_result_of(layer)
+            if self.builder.compare and layer_key(layer) not in self._tiled and len(value.views) > 1:
+                self._tiled.add(layer_key(layer))
+                self.viewer.reset_view()  # fit the camera to the tiles once per scan
             total = sum(value.timings.values())
             self.status.setText(f"Done in {self.last_run_seconds:.2f} s (model work {total:.2f} s)."
                                 + AppState.load_notice())
         elif status == "cancelled":
+            self.cancel_latency = time.perf_counter() - self._cancel_t
             self.progress.setValue(0)
-            self.status.setText("Cancelled: layers made before the cancel are complete; "
-                                "the last finished result is kept.")
+            self.show_result_of(layer)
+            self.status.setText("Cancelled: the scan shows its last finished result"
+                                + (" (none yet)." if self.result_for(layer) is None else "."))
         else:
+            self.show_result_of(layer)
             self.progress.setValue(0)
             message = f"pcl-viewer: {type(value).__name__}: {value}" if not isinstance(
                 value, ValueError | OSError) else f"pcl-viewer: {value}"
@@ -374,19 +477,37 @@ class PCLViewerWidget(QWidget):
     def _export_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export the scan's layers to")
         if folder:
-            self.export(folder)
+            self.export(folder, background=True)
 
-    def export(self, folder: str | Path) -> list[Path]:
-        """Write the consistency CSV and every layer of the current scan into ``folder``."""
+    def export(self, folder: str | Path, background: bool = False):
+        """Write the consistency CSV and every layer of the current scan into ``folder``.
+
+        ``background``: in a worker thread (PNG/NIfTI encoding of a large scan takes
+        seconds); returns the worker, and a notification says when it is done. Otherwise
+        returns the paths written.
+        """
         from pcl_viewer_napari._export import export_scan
 
         layer = self.scan_layer()
         if layer is None:
             show_warning("pcl-viewer: no scan to export")
             return []
-        written = export_scan(folder, layer, self.builder.layers_of(layer), self.result_for(layer))
-        show_info(f"pcl-viewer: exported {len(written)} files to {folder}")
-        return written
+        args = (folder, layer, self.builder.layers_of(layer), self.result_for(layer))
+        if not background:
+            written = export_scan(*args)
+            show_info(f"pcl-viewer: exported {len(written)} files to {folder}")
+            return written
+        from napari.qt.threading import create_worker
+
+        self.status.setText(f"Exporting to {folder}…")
+        worker = create_worker(export_scan, *args, _start_thread=False)
+        worker.returned.connect(lambda w: (show_info(f"pcl-viewer: exported {len(w)} files "
+                                                     f"to {folder}"),
+                                           self.status.setText(f"Exported {len(w)} files.")))
+        worker.errored.connect(lambda exc: show_error(f"pcl-viewer: export failed: {exc}"))
+        self.export_worker = worker
+        worker.start()
+        return worker
 
     def _remember_settings(self) -> None:
         self.settings = Settings(*self.model_panel.bundles(), self.reducer_combo.currentText())

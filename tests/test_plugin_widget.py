@@ -474,3 +474,38 @@ def test_the_activity_dock_shows_the_runs_progress(app, monkeypatch):
     assert run_and_measure(widget, "all").status == "ok"
     assert closed == [("pcl-viewer: done: ", 1000, 1000)]  # filled, then closed at the end
     assert widget._nprogress is None
+
+
+def test_a_banner_stays_on_a_photo_and_on_noise_but_not_on_a_phantom_scan(app, tmp_path):
+    from skimage import data
+
+    from pcl_viewer.paths import models_dir, samples_dir
+    from pcl_viewer.pipeline import Pipeline
+    from pcl_viewer_napari._sample_data import sample_layers
+
+    if not (models_dir() / "cf-cpu").is_dir() or not list(samples_dir().glob("*.png")):
+        pytest.skip("needs the shipped cf-cpu bundle and sample scans")
+    viewer, widget, scan = app
+    pipe = Pipeline.from_bundles("cf-cpu", None, "cpu")
+    if not pipe.domain.calibrated:
+        pytest.skip(f"domain check uncalibrated for the shipped cf-cpu: {pipe.domain.reason}")
+    widget.cf_combo.setCurrentText("cf-cpu")
+    AppState.set(pipe, "cf-cpu", "seg-smoke", "cpu")
+    rng = np.random.default_rng(0)
+    photo = viewer.add_image(data.camera().astype(np.float32) / 255.0, name="camera")
+    noise = viewer.add_image(rng.random((300, 300)).astype(np.float32), name="noise")
+    (phantom,) = [viewer.add_image(d, **k) for d, k, _ in sample_layers("philips-normal")]
+    banners = {}
+    for layer in (photo, noise, phantom):
+        widget.select_scan(layer)
+        assert run_and_measure(widget, "parents").status == "ok"
+        banners[layer.name] = (not widget.banner.isHidden(), widget.banner.out_of_domain)
+    assert banners == {"camera": (True, True), "noise": (True, True),
+                       "philips-normal": (False, False)}
+    assert widget.banner.text() == ""
+    widget.select_scan(noise)  # the banner follows the scan shown
+    assert not widget.banner.isHidden() and widget.banner.text().startswith("OUT OF DOMAIN")
+    widget.intervention_checks["effusion"].setChecked(False)
+    widget.intervention_checks["both"].setChecked(False)
+    assert run_and_measure(widget, "generate").status == "ok"
+    assert widget.builder.get(noise, "scanner", "image").metadata["out_of_domain"] is True

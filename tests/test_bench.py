@@ -483,3 +483,24 @@ def test_report_only_rebuilds_from_a_committed_cells_csv_without_the_cache(grid,
     assert f"read 18 from {out / 'cells.csv'}" in r.output
     md = (out / "benchmark.md").read_text()
     assert "from 18 of 18 cells" in md and "| DVD-CL | 2 x 2 |" in md
+
+
+def test_folds_and_budgets_run_a_subset_that_a_later_run_extends(tmp_path):
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    threads = torch.get_num_threads()
+    args = ["--preset", "smoke", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+            "--rows", "none", "--threads", "1"]
+    first = CliRunner().invoke(bench, [*args, "--folds", "1", "--budgets", "all"])
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert "0 already done, 1 computed now, 0 left" in first.output
+    more = CliRunner().invoke(bench, [*args, "--folds", "0,1"])
+    torch.set_num_threads(threads)
+    assert "1 already done, 5 computed now, 0 left" in more.output
+    cells = load_cells(tmp_path / "c" / "runs" / "smoke" / data_key() / "cells")
+    assert sorted((c["fold"], c["budget"]) for c in cells) == [
+        (k, b) for k in (0, 1) for b in ("32", "8", "all")]
+    bad = CliRunner().invoke(bench, [*args, "--budgets", "16"])
+    assert bad.exit_code == 2 and "budgets are 8, 32, all" in bad.output

@@ -111,6 +111,9 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
 @click.option("--folds", default=None,
               help="Comma-separated folds to run, of the preset's split (default: all); a "
                    "later run with more folds resumes and adds them.")
+@click.option("--budgets", default=None,
+              help="Comma-separated label budgets to run, of the preset's (8, 32, all; "
+                   "default: all three); a later run with more budgets resumes and adds them.")
 @click.option("--data", "real", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None,
               help="A real PadChest + CheXmask folder instead of the phantom (evaluation on "
@@ -147,7 +150,8 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
                    "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
                    "its own device (CUDA when present).")
 def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows: str | None,
-          seeds: str | None, folds: str | None, real: Path | None, cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
+          seeds: str | None, folds: str | None, budgets: str | None, real: Path | None,
+          cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
           jobs: int, loss: str | None,
           pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
@@ -187,6 +191,12 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         cfg = replace(cfg, folds=tuple(int(x) for x in folds.split(",")))
         if not set(cfg.folds) <= set(range(cfg.n_folds)):
             raise click.BadParameter(f"folds are 0..{cfg.n_folds - 1}", param_hint="--folds")
+    if budgets:
+        chosen_budgets = tuple(b.strip() for b in budgets.split(","))
+        if not set(chosen_budgets) <= set(cfg.budgets):
+            raise click.BadParameter(f"budgets are {', '.join(cfg.budgets)}",
+                                     param_hint="--budgets")
+        cfg = replace(cfg, budgets=tuple(b for b in cfg.budgets if b in chosen_budgets))
     if real is not None and ship is not None:
         raise click.BadParameter("--ship trains on the phantom", param_hint="--data")
     runs = cache / "runs" / preset / data_key(real)
@@ -223,7 +233,7 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         child += ["--loss", loss] if loss else []
         child += ["--cf-bundle", cf_bundle] if cf_bundle else []
         child += ["--data", str(real)] if real is not None else []
-        child += ["--folds", ",".join(map(str, cfg.fold_ids()))]
+        child += ["--folds", ",".join(map(str, cfg.fold_ids())), "--budgets", ",".join(cfg.budgets)]
         from pcl_viewer.evaluate.parallel import run_rows_in_processes
 
         # One worker process per (row, seed): the most even split of the grid's work.

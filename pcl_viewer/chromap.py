@@ -419,6 +419,49 @@ class ChroMap:
         hsv = np.concatenate([hs, grey[..., None]], axis=-1)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
+    # -- linking pixels and embedding points (the viewer's linked CHRO-map) ---------
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        """``(h, w)`` of the feature grid of one view."""
+        return tuple(self.view_rgb.shape[1:3])
+
+    def index_of(self, v: int, row: float, col: float) -> int:
+        """Embedding index of native pixel ``(row, col)`` of view ``v`` (nearest feature cell).
+
+        Uses the fitted geometry (native -> padded square -> feature grid); without one,
+        the native image is taken to fill the grid.
+        """
+        h, w = self.feature_shape
+        geo = self.geometry
+        if geo is not None:
+            r = (float(row) + geo.pad_top) * geo.size / geo.side
+            c = (float(col) + geo.pad_left) * geo.size / geo.side
+        else:
+            r, c = float(row), float(col)
+        r_i = int(np.clip(np.floor(r), 0, h - 1))
+        c_i = int(np.clip(np.floor(c), 0, w - 1))
+        return int(v * h * w + r_i * w + c_i)
+
+    def select_near(self, index: int, radius: float = 0.08) -> np.ndarray:
+        """``(V, h, w)`` bool: the pixels of every view whose embedding lies within ``radius``
+        (unit-disc units) of point ``index``: the same feature, wherever it is."""
+        d = np.hypot(*(self.embedding - self.embedding[index]).T)
+        return (d <= radius).reshape(self.n_views, *self.feature_shape)
+
+    def select_region(self, lo: tuple[float, float], hi: tuple[float, float]) -> np.ndarray:
+        """``(V, h, w)`` bool: the pixels whose embedding lies in the box ``lo``..``hi``
+        (unit-disc x, y), e.g. a region brushed in the embedding plot."""
+        (x0, y0), (x1, y1) = np.minimum(lo, hi), np.maximum(lo, hi)
+        e = self.embedding
+        inside = (e[:, 0] >= x0) & (e[:, 0] <= x1) & (e[:, 1] >= y0) & (e[:, 1] <= y1)
+        return inside.reshape(self.n_views, *self.feature_shape)
+
+    def mask_native(self, mask: np.ndarray, native_shape: tuple[int, int]) -> np.ndarray:
+        """``(h, w)`` bool feature-grid mask -> ``(H, W)`` bool at native size (nearest)."""
+        small = np.ascontiguousarray(mask, dtype=np.uint8)
+        return self._upsample(small, native_shape, None).astype(bool)
+
     def _upsample(self, small: np.ndarray, native_shape: tuple[int, int],
                   geometry: Geometry | None) -> np.ndarray:
         geo = geometry if geometry is not None else self.geometry

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian machine: Qt/Xvfb system packages, a venv,
 # the CPU build of torch 2.13.0 first (a plain `torch` would pull a CUDA build),
-# then the project with its GUI and test extras.
+# then the project with its GUI and test extras. SETUP_TEST=1 (make test) also
+# installs Chromium, which only the tests need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -10,7 +11,8 @@ PY="${PYTHON:-python3}"
 need_debs=()
 for pkg in xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 \
            libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-render-util0 \
-           libxcb-image0 libxcb-xfixes0 libxcb-xkb1 libdbus-1-3 libfontconfig1 chromium ${EXTRA_DEBS:-}; do
+           libxcb-image0 libxcb-xfixes0 libxcb-xkb1 libdbus-1-3 libfontconfig1 \
+           ${SETUP_TEST:+chromium} ${EXTRA_DEBS:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if [ ${#need_debs[@]} -gt 0 ]; then

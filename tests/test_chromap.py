@@ -351,3 +351,31 @@ def test_cli_missing_bundles_are_clear_errors(seg_bundle_path, tmp_path):
     res = _run_cli([str(tmp_path / "missing.png"), "--out", str(tmp_path / "f.png")])
     assert res.exit_code != 0 and "no such file" in res.output
     assert not (tmp_path / "f.png").exists()
+
+
+# ------------------------------------------------------------------ linking ---
+
+
+def test_a_clicked_pixel_selects_the_same_feature_in_every_view():
+    f = _features(v=3)
+    f[2] = f[0]  # view 2 repeats view 0: the same features at the same places
+    img = np.zeros((40, 20), np.float32)  # padded to 40 x 40 -> 16 x 16 grid
+    _, geo = to_model(img, 16)
+    cm = ChroMap.fit(f, geometry=geo)
+    idx = cm.index_of(0, row=20, col=0)  # native column 0 = grid column 4 (padding)
+    assert idx == 0 * 256 + 8 * 16 + 4
+    sel = cm.select_near(idx, radius=0.05)
+    assert sel.shape == (3, 16, 16) and sel[0, 8, 4] and sel[2, 8, 4]
+    np.testing.assert_array_equal(sel[0], sel[2])
+    assert sel.sum() < sel.size / 2  # a feature, not the whole scan
+    native = cm.mask_native(sel[0], img.shape)
+    assert native.shape == (40, 20) and native[20, 0]
+
+
+def test_a_brushed_box_of_the_embedding_selects_exactly_its_points():
+    cm = ChroMap.fit(_features(v=2))
+    e = cm.embedding
+    sel = cm.select_region((0.0, 0.0), (1.0, 1.0))
+    expected = ((e[:, 0] >= 0) & (e[:, 1] >= 0)).reshape(sel.shape)
+    np.testing.assert_array_equal(sel, expected)
+    assert 0 < sel.sum() < sel.size

@@ -509,3 +509,28 @@ def test_a_banner_stays_on_a_photo_and_on_noise_but_not_on_a_phantom_scan(app, t
     widget.intervention_checks["both"].setChecked(False)
     assert run_and_measure(widget, "generate").status == "ok"
     assert widget.builder.get(noise, "scanner", "image").metadata["out_of_domain"] is True
+
+
+def test_linked_chromap_marks_a_clicked_pixel_and_its_feature_in_every_view(app):
+    viewer, widget, scan = app
+    assert run_and_measure(widget, "all").status == "ok"
+    result = widget.result_for(scan)
+    row, col = 128, 60  # a pixel of the scan (tile 0)
+    world = np.asarray(scan.translate) + np.asarray(scan.scale) * (row, col)
+    assert widget.link_at(world) == ("factual", row, col)
+    linked = {k: widget.builder.get(scan, k, "linked") for k in result.views}
+    assert all(ly is not None and ly.data.shape == scan.data.shape for ly in linked.values())
+    assert linked["factual"].data[row, col] == 1  # the clicked pixel is in its feature
+    assert 0 < linked["factual"].data.mean() < 0.5
+    np.testing.assert_allclose(widget.plot.marked[0], result.chromap.embedding[
+        result.chromap.index_of(0, row, col)])
+    # the same pixel in the scanner tile is found through that tile's offset
+    tile = np.asarray(widget.builder.offset(scan, result, "scanner"))
+    assert widget.link_at(tile + np.asarray(scan.scale) * (row, col)) == ("scanner", row, col)
+
+    widget.plot.brushed.emit((0.0, 0.0), (1.0, 1.0))  # brushing a quarter of the disc
+    expected = result.chromap.select_region((0.0, 0.0), (1.0, 1.0))
+    for v, key in enumerate(result.views):
+        np.testing.assert_array_equal(linked[key].data.astype(bool), result.chromap.mask_native(
+            expected[v], scan.data.shape))
+    assert widget.plot.box == ((0.0, 0.0), (1.0, 1.0))

@@ -22,10 +22,12 @@ from pcl_viewer.colors import LUNG_COLOURS
 from pcl_viewer.data.scan import Scan
 from pcl_viewer.pipeline import FACTUAL, PipelineResult, View
 
-KINDS = ("image", "difference", "labels", "chromap")
+KINDS = ("image", "difference", "labels", "chromap", "linked")
 # Short suffixes: napari's layer list elides the middle of long names, so the part
 # that tells two layers apart sits at the end.
-SUFFIX = {"image": "", "difference": " diff", "labels": " lungs", "chromap": " CHRO"}
+SUFFIX = {"image": "", "difference": " diff", "labels": " lungs", "chromap": " CHRO",
+          "linked": " linked"}
+LINKED_COLOUR = "#ff3cff"  # pixels of the selected CHRO-map feature
 DIFF_LIMIT = 0.25
 TILE_GAP = 0.04  # gap between compare tiles, as a fraction of the scan's larger side
 
@@ -187,6 +189,20 @@ class LayerBuilder:
                                      visible=chromap_visible))
         return touched
 
+    def remove_kind(self, scan_layer, kind: str) -> None:
+        """Remove this builder's ``kind`` layers of ``scan_layer`` (e.g. stale "linked")."""
+        uid = layer_key(scan_layer)
+        for key, layer in list(self._layers.items()):
+            if key[0] == uid and key[2] == kind:
+                self._layers.pop(key)
+                if self._alive(layer):
+                    self.viewer.layers.remove(layer)
+
+    def show_linked(self, scan_layer, result: PipelineResult, masks: dict[str, np.ndarray]) -> list:
+        """One "linked" labels layer per view: ``masks`` ``{view key: (H, W) bool}``."""
+        return [self._put(scan_layer, result, result.views[k], "linked", m.astype(np.uint8))
+                for k, m in masks.items()]
+
     def _put(self, scan_layer, result: PipelineResult, view: View, kind: str, data: np.ndarray,
              visible: bool | None = None):
         meta = {**result.metadata(view.key), "kind": kind, "scan_layer": scan_layer.name}
@@ -229,6 +245,12 @@ class LayerBuilder:
             cmap = CyclicLabelColormap(colors=list(LUNG_COLOURS), background_value=0)
             layer = self.viewer.add_labels(data, opacity=0.45, colormap=cmap, **common)
             self._digests[layer_key(layer)] = _digest(data)
+        elif kind == "linked":
+            from napari.utils.colormaps import CyclicLabelColormap
+
+            cmap = CyclicLabelColormap(colors=["transparent", LINKED_COLOUR],
+                                       background_value=0)
+            layer = self.viewer.add_labels(data, opacity=0.8, colormap=cmap, **common)
         elif kind == "chromap":
             # hidden until asked for: it would cover the labels of its view
             layer = self.viewer.add_image(data, rgb=True, blending="translucent",

@@ -235,6 +235,10 @@ class AnalysisPanel(QGroupBox):
         self.chromap_checks: dict[str, QCheckBox] = {}
         lay.addWidget(QLabel("CHRO-map layers"))
         lay.addWidget(self.chromap_box)
+        self.link_check = QCheckBox("link: click a pixel or drag a box on the plot")
+        self.link_check.setToolTip("marks the pixel's point in the embedding and the pixels "
+                                   "of the same feature in every view")
+        lay.addWidget(self.link_check)
         self.plot = EmbeddingPlot(self)
         lay.addWidget(self.plot)
 

@@ -11,7 +11,7 @@ import html
 from functools import lru_cache
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
@@ -93,8 +93,44 @@ def render_embedding(embedding: np.ndarray, labels: np.ndarray, size: int = 240,
     return img
 
 
+def to_pixel(points: np.ndarray, size: int) -> np.ndarray:
+    """``(N, 2)`` unit-disc x, y -> ``(N, 2)`` picture row, column (as :func:`render_embedding`)."""
+    scale = (size - 2) / (2 * EXTENT)
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    return np.stack([(EXTENT - p[:, 1]) * scale, (p[:, 0] + EXTENT) * scale], -1)
+
+
+def to_disc(row: float, col: float, size: int) -> tuple[float, float]:
+    """Picture row, column -> unit-disc x, y (inverse of :func:`to_pixel`)."""
+    scale = (size - 2) / (2 * EXTENT)
+    return col / scale - EXTENT, EXTENT - row / scale
+
+
+def draw_marks(img: np.ndarray, points: np.ndarray | None,
+               box: tuple[tuple[float, float], tuple[float, float]] | None) -> np.ndarray:
+    """A copy of the plot ``img`` with a white cross on each point and the brushed box."""
+    out = img.copy()
+    size = img.shape[0]
+    if points is not None:
+        for r, c in to_pixel(points, size).round().astype(int):
+            out[max(r - 5, 0) : r + 6, min(max(c, 0), size - 1)] = (255, 255, 255)
+            out[min(max(r, 0), size - 1), max(c - 5, 0) : c + 6] = (255, 255, 255)
+    if box is not None:
+        (r0, c0), (r1, c1) = to_pixel(np.array(box), size).round().astype(int).clip(0, size - 1)
+        r0, r1, c0, c1 = min(r0, r1), max(r0, r1), min(c0, c1), max(c0, c1)
+        out[[r0, r1], c0 : c1 + 1] = (255, 255, 255)
+        out[r0 : r1 + 1, [c0, c1]] = (255, 255, 255)
+    return out
+
+
 class EmbeddingPlot(QWidget):
-    """2-D embedding of every pixel of every view, one dot colour per view, with a legend."""
+    """2-D embedding of every pixel of every view, one dot colour per view, with a legend.
+
+    Dragging a box on the picture emits ``brushed(lo, hi)`` (unit-disc x, y corners);
+    :meth:`mark` draws crosses on points (e.g. the pixel clicked in a view).
+    """
+
+    brushed = Signal(tuple, tuple)
 
     def __init__(self, parent: QWidget | None = None, height: int = 250) -> None:
         super().__init__(parent)
@@ -108,10 +144,47 @@ class EmbeddingPlot(QWidget):
         lay.addWidget(self.image)
         lay.addWidget(self.legend)
         self.pixels: np.ndarray | None = None  # the picture shown, (size, size, 3) uint8
+        self.marked: np.ndarray | None = None  # (k, 2) unit-disc points marked, or None
+        self.box: tuple | None = None
+        self._press: tuple[float, float] | None = None
+        self.image.mousePressEvent = self._on_press
+        self.image.mouseReleaseEvent = self._on_release
         self.clear()
+
+    def _disc_at(self, event) -> tuple[float, float] | None:
+        if self.pixels is None:
+            return None
+        pos = event.position() if hasattr(event, "position") else event.pos()
+        size = self.pixels.shape[0]
+        col = pos.x() - (self.image.width() - size) / 2
+        row = pos.y() - (self.image.height() - size) / 2
+        return to_disc(row, col, size)
+
+    def _on_press(self, event) -> None:
+        self._press = self._disc_at(event)
+
+    def _on_release(self, event) -> None:
+        start, end = self._press, self._disc_at(event)
+        self._press = None
+        if start is not None and end is not None and start != end:
+            self.brushed.emit(tuple(start), tuple(end))
+
+    def mark(self, points: np.ndarray | None = None, box=None) -> None:
+        """Cross each ``(k, 2)`` unit-disc point and outline ``box`` (lo, hi) on the plot."""
+        self.marked = None if points is None else np.asarray(points).reshape(-1, 2)
+        self.box = box
+        if self.pixels is not None:
+            self._show(draw_marks(self.pixels, self.marked, box))
+
+    def _show(self, pixels: np.ndarray) -> None:
+        h, w, _ = pixels.shape
+        pixels = np.ascontiguousarray(pixels)
+        qimage = QImage(pixels.data, w, h, 3 * w, QImage.Format.Format_RGB888)
+        self.image.setPixmap(QPixmap.fromImage(qimage))  # copies the pixels
 
     def clear(self, message: str = "CHRO-map embedding: run Segment") -> None:
         self.pixels = None
+        self.marked = self.box = None
         self.image.clear()
         self.image.setText(f'<span style="color:#aaaaaa">{html.escape(message)}</span>')
         self.legend.setText("")
@@ -122,9 +195,8 @@ class EmbeddingPlot(QWidget):
             return
         self.pixels = render_embedding(result.embedding, result.embedding_labels,
                                        self.size_px, seed=seed)
-        h, w, _ = self.pixels.shape
-        qimage = QImage(self.pixels.data, w, h, 3 * w, QImage.Format.Format_RGB888)
-        self.image.setPixmap(QPixmap.fromImage(qimage))  # copies the pixels
+        self.marked = self.box = None
+        self._show(self.pixels)
         entries = [f'<span style="color:{VIEW_COLOURS[v % len(VIEW_COLOURS)]}">&#9679;</span>'
                    f"&nbsp;{html.escape(key)}" for v, key in enumerate(result.views)]
         self.legend.setText(f'<span style="color:#aaaaaa">{html.escape(str(result.reducer))}'

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import napari
+import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QVBoxLayout, QWidget
@@ -136,6 +137,8 @@ class PCLViewerWidget(QWidget):
         self.strength_slider.valueChanged.connect(lambda _: self._strength_timer.start())
         self.scan_combo.currentTextChanged.connect(lambda _: self.show_result_of())
         self.cf_panel.compare_check.toggled.connect(self._set_compare)
+        self.plot.brushed.connect(lambda lo, hi: self.link_region(lo, hi))
+        self.viewer.mouse_drag_callbacks.append(self._on_canvas_click)
 
         self.run_bar = RunBar()
         root.addWidget(self.run_bar)
@@ -199,6 +202,59 @@ class PCLViewerWidget(QWidget):
         chromaps = {key: self.builder.get(layer, key, "chromap") for key in result.views}
         self.analysis_panel.show_chromap_controls(
             result, {k: ly for k, ly in chromaps.items() if ly is not None})
+
+    # ------------------------------------------------------ linked CHRO-map ---
+
+    def _on_canvas_click(self, viewer, event) -> None:
+        if self.analysis_panel.link_check.isChecked() and event.type == "mouse_press":
+            self.link_at(event.position)
+
+    def _view_at(self, position) -> tuple[str, float, float] | None:
+        """``(view key, row, col)`` of the native pixel under a world ``position`` (any tile)."""
+        layer = self.scan_layer()
+        result = self.result_for(layer)
+        if result is None:
+            return None
+        scale = np.asarray(layer.scale[-2:], np.float64)
+        h, w = layer.data.shape[-2:]
+        for key in result.views:
+            origin = np.asarray(self.builder.offset(layer, result, key)[-2:], np.float64)
+            row, col = (np.asarray(position[-2:], np.float64) - origin) / scale
+            if 0 <= row < h and 0 <= col < w:
+                return key, float(row), float(col)
+        return None
+
+    def link_at(self, position) -> tuple[str, float, float] | None:
+        """Link the pixel under world ``position``: its point is marked in the embedding plot
+        and the pixels of the same feature (nearby in the embedding) in every view are
+        highlighted. Returns the ``(view, row, col)`` hit, or None."""
+        hit = self._view_at(position)
+        result = self.result_for(self.scan_layer())
+        if hit is None or result is None or result.chromap is None:
+            return None
+        key, row, col = hit
+        cm = result.chromap
+        idx = cm.index_of(list(result.views).index(key), row, col)
+        self._show_linked(result, cm.select_near(idx))
+        self.plot.mark(cm.embedding[idx][None])
+        self.status.setText(f"linked: {key} pixel ({row:.0f}, {col:.0f}) and its feature in "
+                            "every view")
+        return hit
+
+    def link_region(self, lo, hi) -> None:
+        """Highlight the pixels of every view whose embedding lies in the box ``lo``..``hi``."""
+        result = self.result_for(self.scan_layer())
+        if result is None or result.chromap is None:
+            return
+        self._show_linked(result, result.chromap.select_region(lo, hi))
+        self.plot.mark(None, box=(tuple(lo), tuple(hi)))
+
+    def _show_linked(self, result: PipelineResult, masks) -> None:
+        layer = self.scan_layer()
+        cm = result.chromap
+        native = {key: cm.mask_native(masks[v], view.image.shape)
+                  for v, (key, view) in enumerate(result.views.items())}
+        self.builder.show_linked(layer, result, native)
 
     def _set_compare(self, on: bool) -> None:
         for entry in self.results.values():
@@ -407,6 +463,7 @@ class PCLViewerWidget(QWidget):
         if status == "ok":
             self.progress.setValue(1000)
             self.results[layer_key(layer)] = (layer, value)
+            self.builder.remove_kind(layer, "linked")  # they belonged to the old CHRO-map
             self.show_result_of(layer)
             if self.builder.compare and layer_key(layer) not in self._tiled and len(value.views) > 1:
                 self._tiled.add(layer_key(layer))

@@ -10,7 +10,9 @@ picture of the real window and exits (needs a display; use xvfb-run on a server)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 DEFAULT_SAMPLE = "imagingdynamics-effusion"
 
@@ -27,8 +29,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def usage_error(args: argparse.Namespace) -> str | None:
+    """The one-line reason the arguments cannot work, checked before anything is imported."""
+    from pcl_viewer_napari._sample_data import SAMPLES
+
+    if args.sample not in SAMPLES:
+        return f"unknown sample {args.sample!r}; choose one of {', '.join(SAMPLES)}"
+    missing = [s for s in args.scans if not Path(s).exists()]
+    if missing:
+        return f"no such scan: {', '.join(missing)}"
+    return None
+
+
+def no_display() -> bool:
+    """True on Linux without an X or Wayland display (Qt would abort with a long message)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    if os.environ.get("QT_QPA_PLATFORM", "").startswith(("offscreen", "minimal", "vnc")):
+        return False
+    return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = usage_error(args)
+    if problem:
+        print(f"pcl-viewer: {problem}", file=sys.stderr)
+        return 2
+    if no_display() and not args.benchmark:
+        print("pcl-viewer: no display (DISPLAY and WAYLAND_DISPLAY are unset); run it on a "
+              "desktop, or under xvfb-run for --screenshot", file=sys.stderr)
+        return 2
     import torch  # noqa: F401  (torch before any QApplication exists)
 
     if args.benchmark:
@@ -49,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         widget.device_combo.setCurrentText(args.device)
     opened = [ly for path in args.scans for ly in widget.open_scan(path)]
+    if args.scans and not opened:
+        print(f"pcl-viewer: could not open {', '.join(args.scans)}", file=sys.stderr)
+        viewer.close()
+        return 1
     if not opened:
         from pcl_viewer_napari._sample_data import sample_layers
 

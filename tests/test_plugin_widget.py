@@ -477,11 +477,11 @@ def test_the_activity_dock_shows_the_runs_progress(app, monkeypatch):
 
 
 def test_a_banner_stays_on_a_photo_and_on_noise_but_not_on_a_phantom_scan(app, tmp_path):
+    from pcl_viewer_napari._sample_data import sample_layers
     from skimage import data
 
     from pcl_viewer.paths import models_dir, samples_dir
     from pcl_viewer.pipeline import Pipeline
-    from pcl_viewer_napari._sample_data import sample_layers
 
     if not (models_dir() / "cf-cpu").is_dir() or not list(samples_dir().glob("*.png")):
         pytest.skip("needs the shipped cf-cpu bundle and sample scans")

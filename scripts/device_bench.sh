@@ -5,6 +5,7 @@
 #
 #   scripts/device_bench.sh OUT_DIR [DEADLINE_S] [PRESET] [DEVICE]
 #   BENCH_SEEDS="0 1 2" BENCH_ROWS="none dvd-cl ..." BENCH_FOLDS=0,1,2,3,4 BENCH_DATA=DIR
+#   BENCH_BUDGETS=8,32,all
 #   BENCH_RESULTS=docs/results BENCH_FIGURES=docs/figures BENCH_CACHE=.cache
 #
 # Every process stops at DEADLINE_S after the start (finished cells are kept: the grid
@@ -28,6 +29,7 @@ dvd-aug mvd-aug s-dvd-aug s-mvd-aug dvd-cl-dagger mvd-cl-dagger s-dvd-cl-dagger 
 s-mvd-cl-dagger s-mvd-cl-oracle seg-gold"}
 SEEDS=${BENCH_SEEDS:-"0 1 2"}
 FOLDS=${BENCH_FOLDS:-0,1,2,3,4}
+BUDGETS=${BENCH_BUDGETS:-8,32,all}
 DATA=()
 [ -n "${BENCH_DATA:-}" ] && DATA=(--data "$BENCH_DATA")
 # Not every row needs the CUDA smoke: a failure there ends the run before the data work.
@@ -57,7 +59,7 @@ for u in "${UNITS[@]}"; do
   r=${u%%:*}; s=${u##*:}
   timeout "$(left)" pcl bench --preset "$PRESET" --cache "$CACHE" "${DATA[@]}" \
     --out "/tmp/pcl-res-$r-$s" --figures "/tmp/pcl-res-$r-$s/fig" --rows "$r" --seeds "$s" \
-    --folds "$FOLDS" --pretrain-first --threads 1 --device "$DEVICE" --loss "$LOSS" \
+    --folds "$FOLDS" --budgets "$BUDGETS" --pretrain-first --threads 1 --device "$DEVICE" --loss "$LOSS" \
     >"$OUT/logs/$r-seed$s.log" 2>&1 &
 done
 wait
@@ -69,7 +71,7 @@ done
 RESULTS=${BENCH_RESULTS:-docs/results} FIGURES=${BENCH_FIGURES:-docs/figures}
 [ "$LOSS" = ce ] || { RESULTS=/tmp/pcl-$LOSS; FIGURES=$RESULTS/fig; }
 pcl bench --preset "$PRESET" --cache "$CACHE" "${DATA[@]}" --seeds "$(echo $SEEDS | tr ' ' ,)" \
-  --folds "$FOLDS" --rows "$(echo $ROWS | tr ' ' ,)" --out "$RESULTS" --figures "$FIGURES" \
+  --folds "$FOLDS" --budgets "$BUDGETS" --rows "$(echo $ROWS | tr ' ' ,)" --out "$RESULTS" --figures "$FIGURES" \
   --report-only --loss "$LOSS" >"$OUT/logs/report.log" 2>&1
 REPORT=$?; echo "report rc=$REPORT"; tail -2 "$OUT/logs/report.log"
 # The weights of the three best rows (by Dice at the full budget), to ship one of them.

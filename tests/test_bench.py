@@ -14,6 +14,7 @@ from pcl_viewer.evaluate.benchmark import (
     bench_preset,
     cell_path,
     load_cells,
+    plan_cells,
     run_grid,
 )
 from pcl_viewer.evaluate.benchmark_inputs import data_key
@@ -504,3 +505,14 @@ def test_folds_and_budgets_run_a_subset_that_a_later_run_extends(tmp_path):
         (k, b) for k in (0, 1) for b in ("32", "8", "all")]
     bad = CliRunner().invoke(bench, [*args, "--budgets", "16"])
     assert bad.exit_code == 2 and "budgets are 8, 32, all" in bad.output
+
+
+def test_the_none_row_runs_once_as_seed_0_whatever_seeds_a_run_asks_for():
+    from dataclasses import replace
+
+    preset = replace(bench_preset("smoke"), seeds=(1, 2))
+    none, vader = ROW_BY_SLUG["none"], ROW_BY_SLUG["vader"]
+    assert preset.row_seeds(none) == (0,) and preset.row_seeds(vader) == (1, 2)
+    cells = plan_cells(preset, _toy_sets(), [none, vader])
+    assert {(c.row.slug, c.seed) for c in cells} == {("none", 0), ("vader", 1), ("vader", 2)}
+    assert preset.n_cells([none, vader]) == len(cells) == 3 * 2 * 3

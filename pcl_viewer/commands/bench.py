@@ -107,7 +107,7 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
 @click.option("--rows", default=None, help="Comma-separated row slugs (default: all rows).")
 @click.option("--seeds", default=None,
               help="Comma-separated pre-training seeds (default: the preset's, 0,1,2 for cpu). "
-                   "The None row always runs the first one only.")
+                   "The None row runs once, as seed 0 (it has nothing to pre-train).")
 @click.option("--folds", default=None,
               help="Comma-separated folds to run, of the preset's split (default: all); a "
                    "later run with more folds resumes and adds them.")
@@ -240,7 +240,8 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
         # Seed-major: every row's seed 0 before any seed 1, so an interrupted grid has
         # complete (seed, fold) tables of every row for the claims.
         units = [(f"{r.slug}-seed{sd}", ["--rows", r.slug, "--seeds", str(sd)])
-                 for sd in cfg.seeds for r in chosen if sd in cfg.row_seeds(r)]
+                 for sd in sorted(set(cfg.seeds) | {0}) for r in chosen
+                 if sd in cfg.row_seeds(r)]
         status = run_rows_in_processes(units, jobs, child, cells_dir, expected, runs / "logs",
                                        command, echo=click.echo)
         failed = sorted(s for s, rc in status.items() if rc)

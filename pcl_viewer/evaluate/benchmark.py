@@ -139,8 +139,10 @@ class BenchPreset:
         return tuple(range(self.n_folds)) if self.folds is None else tuple(self.folds)
 
     def row_seeds(self, row: Row) -> tuple[int, ...]:
-        """Pre-training seeds of ``row``: one for the None row (nothing is pre-trained)."""
-        return self.seeds[:1] if row.kind == "none" else self.seeds
+        """Pre-training seeds of ``row``; the None row has nothing to pre-train and runs
+        once, as seed 0, whichever seeds a run asks for (so a run adding seeds 1 and 2
+        later does not repeat it, and its cells pair with every seed of the others)."""
+        return (0,) if row.kind == "none" else self.seeds
 
     def n_cells(self, rows: Iterable[Row]) -> int:
         return sum(len(self.row_seeds(r)) for r in rows) * len(self.fold_ids()) * len(self.budgets)
@@ -252,7 +254,7 @@ def plan_cells(preset: BenchPreset, sets: BenchSets, rows: Iterable[Row]) -> lis
     order = sorted(preset.budgets, key=lambda b: (b != "all", b))
     rows = list(rows)
     cells = []
-    for seed in preset.seeds:
+    for seed in sorted(set(preset.seeds) | {0}):
         for k in preset.fold_ids():
             tr, te = folds[k]
             for b in order:

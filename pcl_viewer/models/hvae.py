@@ -63,6 +63,10 @@ class HVAEConfig:
     # rest of the decoder and the priors see the parents with effusion set to 0; an effusion
     # counterfactual is then exactly the fluid F paints or removes (see FluidHead).
     fluid_mode: str = "embed"
+    # KL(q(u_f | x) || N(0, I)) weight inside cf_pair_loss (nats, against a relative error
+    # of order 1): keeps the codes the pairs teach distributed like the prior that adding
+    # effusion draws from.
+    fluid_pair_kl: float = 0.02
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -311,14 +315,17 @@ class HVAE(nn.Module):
         return F.interpolate(self.dec_up[i](h), scale_factor=2, mode="nearest")
 
     def _to_image(self, h: torch.Tensor, pa: torch.Tensor | None = None,
-                  fluid: torch.Tensor | None = None) -> torch.Tensor:
+                  fluid: torch.Tensor | None = None, detach_fluid: bool = False
+                  ) -> torch.Tensor:
         """Decoder features -> mean image ``(B, 1, W, W)`` in [0, 1]; with the fluid head,
-        ``effusion * F(h, u_f)`` is added before the tanh (``u_f`` None: its prior mean 0)."""
+        ``effusion * F(h, u_f)`` is added before the tanh (``u_f`` None: its prior mean 0).
+        ``detach_fluid``: F enters as a constant (no gradient to the head, h or u_f)."""
         logits = self.out(F.gelu(h))
         if self.fluid_head is not None and pa is not None:
             if fluid is None:
                 fluid = h.new_zeros(h.shape[0], self.cfg.fluid_dim)
-            logits = logits + pa[:, 2, None, None, None].float() * self.fluid_head(h, fluid)
+            fl = self.fluid_head(h, fluid)
+            logits = logits + pa[:, 2, None, None, None].float() * (fl.detach() if detach_fluid else fl)
         return (torch.tanh(logits) + 1) / 2
 
     # -- training -------------------------------------------------------------
@@ -360,7 +367,11 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        mu = self._to_image(h, pa, fluid)
+        # The ELBO takes the fluid head's output as given: the head learns only from
+        # counterfactual pairs and the rest of the decoder learns to leave the fluid to it.
+        # (Trained jointly, the reconstruction term held the head at zero: the latents
+        # already drew the fluid, and any fluid from the head was counted twice.)
+        mu = self._to_image(h, pa, fluid, detach_fluid=True)
         xw = self.to_work(x)
         nll = discretised_gaussian_nll(2 * xw - 1, 2 * mu - 1, cfg.sigma, cfg.bins)
         n_pix = xw[0].numel()
@@ -382,21 +393,31 @@ class HVAE(nn.Module):
         answer for effusion was no change at all. Where the intervention adds effusion, the
         fluid noise ``u_f`` is read from ``x_true`` (the SCM shares it between the pair; a
         normal image cannot show it), so the decoder learns to place the fluid ``u_f`` names.
+        ``u_f`` is drawn from its posterior and ``fluid_pair_kl`` * KL to N(0, I) is added
+        (averaged over the pairs whose code is used), as in a VAE whose reconstruction term
+        is the pair error.
         """
         acts = self.encode(x)
         q = self.fluid_posterior(acts)
         fluid = fluid_cf = None
-        if q is not None:
-            fluid = q[0]
+        kl = x.new_zeros(())
+        if q is not None:  # reparameterised draws: the pair error is u_f's reconstruction term
             q_true = self.fluid_posterior(self.encode(x_true))
-            add = ((pa[:, 2] < 0.5) & (pa_true[:, 2] > 0.5))[:, None]
-            fluid_cf = torch.where(add, q_true[0], fluid)
+            add = (pa[:, 2] < 0.5) & (pa_true[:, 2] > 0.5)
+            fluid = q[0] + q[1] * torch.randn_like(q[0])
+            fluid_true = q_true[0] + q_true[1] * torch.randn_like(q_true[0])
+            fluid_cf = torch.where(add[:, None], fluid_true, fluid)
+            zero, one = torch.zeros_like(q[0]), torch.ones_like(q[1])
+            kl_x = gaussian_kl(q[0], q[1], zero, one).sum(1)
+            kl_t = gaussian_kl(q_true[0], q_true[1], zero, one).sum(1)
+            used = torch.where(add, kl_t, torch.where(pa[:, 2] > 0.5, kl_x, torch.zeros_like(kl_x)))
+            kl = used.mean()
         latents, mu = self._abduct_walk(acts, pa, fluid)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
         xw, tw = self.to_work(x), self.to_work(x_true)
         err = (xw + mu_cf - mu - tw).abs().mean(dim=(1, 2, 3))
         identity = (xw - tw).abs().mean(dim=(1, 2, 3)).detach()
-        return (err / (identity + 1e-3)).mean()
+        return (err / (identity + 1e-3)).mean() + self.cfg.fluid_pair_kl * kl
 
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
                      fluid: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
@@ -451,18 +472,19 @@ class HVAE(nn.Module):
         ``cf_latents="prior-relative"`` an intervention keeps ``u`` and recomputes ``z`` from
         the prior under the new parents (causal-gen's counterfactual latents).
 
-        With effusion noise (``fluid_dim > 0``) ``"fluid"`` (B, fluid_dim) is one draw from
-        q(u_f | x): where fluid is visible the posterior is narrow (the draw is close to its
-        mean), on a normal image it is the prior, so adding effusion draws side and severity
-        as the data do instead of collapsing to one mean pattern. The draw is deterministic:
-        its standard-normal part is seeded by ``fluid_seed`` and the image's content.
+        With effusion noise (``fluid_dim > 0``) ``"fluid"`` (B, fluid_dim) is the effusion
+        noise: where effusion is present (the fluid is visible) its posterior mean; where it
+        is absent the image says nothing about it, so it is a draw from its prior N(0, I), and
+        adding effusion draws side and severity as the data do instead of collapsing to one
+        mean pattern. The draw is deterministic: seeded by ``fluid_seed`` and the image's
+        content.
         """
         acts = self.encode(x)
         fluid = None
         q = self.fluid_posterior(acts)
-        if q is not None:
+        if q is not None:  # visible fluid: the posterior mean; none: a draw from the prior
             eps = fluid_eps(x, self.cfg.fluid_dim, fluid_seed).to(q[0].device)
-            fluid = q[0] + q[1] * eps
+            fluid = torch.where(pa[:, 2:3] > 0.5, q[0], eps)
         latents, mu = self._abduct_walk(acts, pa, fluid)
         if fluid is not None:
             latents["fluid"] = fluid

@@ -105,7 +105,7 @@ def test_a_rerun_sets_each_layer_once_and_draws_the_embedding(app):
     # setting them again re-uploaded textures and redrew the canvas in the Qt thread.
     viewer, widget, scan = app
     assert run_and_measure(widget, "all").status == "ok"
-    derived = [ly for ly in viewer.layers if is_derived(ly)]
+    derived = [ly for ly in viewer.layers if is_derived(ly) and ly.metadata["kind"] != "captions"]
     sets = {ly.name: 0 for ly in derived}
     for ly in derived:
         ly.events.data.connect(lambda e, name=ly.name: sets.__setitem__(name, sets[name] + 1))
@@ -295,7 +295,7 @@ def test_segment_lungs_menu_command_segments_the_selected_scan(app):
         del os.environ["PCL_VIEWER_SYNC"]
     assert widget.last_outcome[0] == "ok"
     labels = [ly for ly in viewer.layers if ly.metadata.get("kind") == "labels"]
-    assert [ly.name for ly in labels] == ["chest: lungs"]
+    assert [ly.name for ly in labels] == ["chest: scan lungs"]
 
 
 def test_heartbeat_gap_during_a_full_run(app):
@@ -418,7 +418,7 @@ def test_a_rerun_never_overwrites_an_edited_lungs_layer_and_undo_still_works(app
     assert run_and_measure(widget, "segment").status == "ok"
     np.testing.assert_array_equal(lungs.data, edited)  # the edit is kept as it was
     new = widget.builder.get(scan, "factual", "labels")
-    assert new is not lungs and new.name == "chest: lungs (new)"
+    assert new is not lungs and new.name == "chest: scan lungs (new)"
     np.testing.assert_array_equal(new.data, model_labels)  # same scan, same model
     lungs.undo()
     np.testing.assert_array_equal(lungs.data, model_labels)
@@ -534,3 +534,21 @@ def test_linked_chromap_marks_a_clicked_pixel_and_its_feature_in_every_view(app)
         np.testing.assert_array_equal(linked[key].data.astype(bool), result.chromap.mask_native(
             expected[v], scan.data.shape))
     assert widget.plot.box == ((0.0, 0.0), (1.0, 1.0))
+
+
+def test_each_counterfactuals_quality_and_the_effusion_caveat_are_shown(app):
+    viewer, widget, scan = app
+    AppState.pipeline.cf_evaluation = {  # as in a CF bundle card's held-out evaluation
+        "targets": {"reversibility_mae": 0.02, "effectiveness": 0.9},
+        "meets_targets": {"truth_effusion": False, "truth_scanner": True}}
+    assert run_and_measure(widget, "generate").status == "ok"
+    lines = widget.cf_panel.quality_label.text().split("<br>")
+    assert [line.split("</b>")[0] for line in lines if line.startswith("<b>")] == [
+        "<b>scanner", "<b>effusion", "<b>both"]
+    caveats = [line for line in lines if "stress test" in line]
+    assert len(caveats) == 2 and all("truth_effusion" in c for c in caveats[:1])
+    AppState.pipeline.cf_evaluation = {"targets": {"reversibility_mae": 0.02},
+                                       "meets_targets": {"truth_effusion": True}}
+    AppState.pipeline._qualities.clear()
+    assert run_and_measure(widget, "generate").status == "ok"
+    assert "stress test" not in widget.cf_panel.quality_label.text()  # targets met: no caveat

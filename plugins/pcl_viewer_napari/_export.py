@@ -29,6 +29,8 @@ def export_scan(folder: str | Path, scan_layer, layers: list,
     for ly in [scan_layer, *layers]:
         stem = _safe(ly.name)
         kind = ly.metadata.get("kind", "scan")
+        if kind in ("captions", "linked"):  # display aids, not results
+            continue
         if kind == "labels":
             written += [write_labels(folder / f"{stem}.png", ly.data),
                         write_labels(folder / f"{stem}.nii.gz", ly.data, spacing=spacing)]

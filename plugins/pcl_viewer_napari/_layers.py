@@ -62,13 +62,13 @@ def scan_from_layer(layer) -> Scan:
 
 
 def layer_name(scan: str, view: View, kind: str) -> str:
-    """Short, distinct names: ``chest: lungs``, ``chest: scanner``, ``chest: effusion x0.5
-    CHRO`` (the full intervention, e.g. ``do(scanner=philips)``, is in the metadata)."""
-    tag = "" if view.key == FACTUAL else view.key
+    """Short, distinct names: ``chest: scan lungs``, ``chest: scanner``, ``chest: effusion
+    x0.5 CHRO`` (the full intervention, e.g. ``do(scanner=philips)``, is in the metadata)."""
+    tag = "scan" if view.key == FACTUAL else view.key
     if view.key != FACTUAL and abs(view.strength - 1.0) > 1e-9:
         tag += f" x{view.strength:g}"
     suffix = SUFFIX[kind]
-    if not tag and kind == "image":
+    if view.key == FACTUAL and kind == "image":
         return scan
     return f"{scan}: {(tag + suffix).strip()}"
 
@@ -188,6 +188,30 @@ class LayerBuilder:
             touched.append(self._put(scan_layer, result, view, "chromap", view.overlay,
                                      visible=chromap_visible))
         return touched
+
+    def show_captions(self, scan_layer, result: PipelineResult) -> Any:
+        """Each tile's view name in the canvas, above its top-left corner (compare layout
+        only; hidden otherwise). One Points layer per scan, updated in place."""
+        keys = list(result.views)
+        pos = np.array([self.offset(scan_layer, result, k)[-2:] for k in keys], np.float64)
+        pos[:, 0] -= 0.01 * scan_layer.data.shape[-2] * abs(scan_layer.scale[-2])
+        text = [("scan" if k == FACTUAL else result.views[k].name) for k in keys]
+        key = (layer_key(scan_layer), "*", "captions")
+        layer = self._layers.get(key)
+        if layer is not None and self._alive(layer):
+            if not np.array_equal(layer.data, pos) or list(layer.features["caption"]) != text:
+                layer.data = pos
+                layer.features = {"caption": text}
+            if layer.visible != self.compare:
+                layer.visible = self.compare
+            return layer
+        layer = self.viewer.add_points(
+            pos, name=f"{scan_layer.name}: captions", size=0, features={"caption": text},
+            text={"string": "{caption}", "anchor": "lower_left", "color": "white", "size": 11},
+            metadata={"pcl_viewer": True, "kind": "captions", "scan_layer": scan_layer.name},
+            visible=self.compare)
+        self._layers[key] = layer
+        return layer
 
     def remove_kind(self, scan_layer, kind: str) -> None:
         """Remove this builder's ``kind`` layers of ``scan_layer`` (e.g. stale "linked")."""

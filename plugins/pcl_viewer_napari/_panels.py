@@ -371,19 +371,29 @@ class DomainBanner(QLabel):
 
 
 def _quality_html(view: View) -> str:
+    """One line per counterfactual: reversibility and read-back against the bundle's targets
+    (a cross marks a missed one), then its caveat, if any, in amber."""
     q = view.quality
     tgt = q.targets
     rev = f"reversibility {q.reversibility_mae:.3f}"
     if "reversibility_mae" in tgt:
-        rev += f" (target &le; {tgt['reversibility_mae']:g})"
-    reads = ", ".join(f"{getattr(view.parents, n)} p={p:.2f}" for n, p in q.readback.items())
+        ok = q.reversibility_mae <= tgt["reversibility_mae"]
+        rev += f" ({'&le;' if ok else '&gt;'} {tgt['reversibility_mae']:g}{'' if ok else ' &#10007;'})"
+    reads = []
+    for name, p in q.readback.items():
+        mark = ("" if "effectiveness" not in tgt or p >= tgt["effectiveness"]
+                else " &#10007;")
+        reads.append(f"{html.escape(getattr(view.parents, name))} p={p:.2f}{mark}")
     line = f"<b>{html.escape(view.key)}</b>: {rev}"
     if reads:
-        line += f"; read-back {html.escape(reads)}"
-        if "effectiveness" in tgt:
-            line += f" (target &ge; {tgt['effectiveness']:g})"
-    if q.caveat:
-        line += f'<br><span style="color:#f0a040">&#9888; {html.escape(q.caveat)}</span>'
+        line += "; read-back " + ", ".join(reads)
+    held_out = [m.removeprefix("held-out ") for m in q.misses if m.startswith("held-out")]
+    if held_out and not q.caveat:
+        line += f"; held-out misses: {html.escape(', '.join(held_out))}"
+    if q.caveat and "effusion" in view.do:
+        line += ('<br><span style="color:#f0a040">&#9888; do(effusion) is a stress test: it '
+                 f"misses {html.escape(', '.join(held_out) or 'its targets')}; read lung "
+                 "changes under it with care.</span>")
     return line
 
 

@@ -17,7 +17,7 @@ import napari
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer, Signal
-from qtpy.QtWidgets import QCheckBox, QFileDialog, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QFileDialog, QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from pcl_viewer.domain import DomainResult
 from pcl_viewer.pipeline import FACTUAL, STAGES, PipelineResult, Step, View
@@ -97,7 +97,14 @@ class PCLViewerWidget(QWidget):
     # --------------------------------------------------------------- UI ---
 
     def _build_ui(self) -> None:
-        root = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea(widgetResizable=True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        outer.addWidget(scroll)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        root = QVBoxLayout(inner)
         root.setContentsMargins(4, 4, 4, 4)
         root.setSpacing(4)
         s = self.settings
@@ -257,9 +264,11 @@ class PCLViewerWidget(QWidget):
         self.builder.show_linked(layer, result, native)
 
     def _set_compare(self, on: bool) -> None:
-        for entry in self.results.values():
-            self.builder.set_compare(entry[0], entry[1], on)
         self.builder.compare = on
+        for scan_layer, result in self.results.values():
+            self.builder.set_compare(scan_layer, result, on)
+            if len(result.views) > 1:
+                self.builder.show_captions(scan_layer, result)
         self.viewer.reset_view()
 
     def scan_layer(self):
@@ -464,6 +473,8 @@ class PCLViewerWidget(QWidget):
             self.progress.setValue(1000)
             self.results[layer_key(layer)] = (layer, value)
             self.builder.remove_kind(layer, "linked")  # they belonged to the old CHRO-map
+            if len(value.views) > 1:
+                self.builder.show_captions(layer, value)
             self.show_result_of(layer)
             if self.builder.compare and layer_key(layer) not in self._tiled and len(value.views) > 1:
                 self._tiled.add(layer_key(layer))

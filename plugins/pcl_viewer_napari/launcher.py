@@ -3,8 +3,8 @@
     pcl-viewer [SCAN ...] [--bundle B] [--seg-bundle B] [--device D] [--screenshot PNG]
     pcl-viewer --benchmark          (same as python -m pcl_viewer_napari.bench)
 
-``--screenshot`` runs the whole pipeline, arranges the views in a grid, saves a
-picture of the real window and exits (needs a display; use xvfb-run on a server).
+``--screenshot`` runs the whole pipeline, saves a picture of the real window in its
+default compare layout and exits (needs a display; use xvfb-run on a server).
 """
 
 from __future__ import annotations
@@ -102,23 +102,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _screenshot(viewer, widget, path: str) -> int:
+    """Run everything on the scan shown, then save the window as it is by default (the
+    compare layout: one tile per view with its lungs) and exit."""
     from pcl_viewer_napari._timing import run_and_measure
-
-    timing = run_and_measure(widget, "all", timeout_s=600)
-    print(f"pcl-viewer: run {timing.status} in {timing.seconds:.2f} s, "
-          f"heartbeat gap {timing.max_gap_ms:.0f} ms")
-    from qtpy.QtWidgets import QApplication
-
-    def settle() -> None:
-        for _ in range(10):
-            QApplication.processEvents()
 
     viewer.window._qt_window.resize(1600, 1000)
     settle()
-    layer = widget.scan_layer()
-    if timing.status == "ok" and layer is not None:
-        arrange_grid(viewer, widget, layer)
-        settle()
+    timing = run_and_measure(widget, "all", timeout_s=600)
+    print(f"pcl-viewer: run {timing.status} in {timing.seconds:.2f} s, "
+          f"heartbeat gap {timing.max_gap_ms:.0f} ms")
+    settle()
     viewer.reset_view()
     settle()
     viewer.screenshot(path, canvas_only=False, flash=False)
@@ -127,28 +120,12 @@ def _screenshot(viewer, widget, path: str) -> int:
     return 0 if timing.status == "ok" else 1
 
 
-def arrange_grid(viewer, widget, scan_layer) -> None:
-    """Grid of cells: each view with its lungs, then the CHRO-maps of the factual and effusion
-    views (grid stride 2: two consecutive layers share a cell; hidden layers take no cell)."""
-    b = widget.builder
-    views = list(widget.result_for(scan_layer).views)
+def settle(n: int = 10) -> None:
+    """Let Qt handle pending events and paints."""
+    from qtpy.QtWidgets import QApplication
 
-    def name(key: str, kind: str) -> str | None:
-        if key == "factual" and kind == "image":
-            return scan_layer.name
-        ly = b.get(scan_layer, key, kind)
-        return ly.name if ly is not None else None
-
-    order = [name(k, kind) for k in views for kind in ("image", "labels")]
-    chromaps = [name(k, "chromap") for k in views]
-    shown = set(order) | {chromaps[0], chromaps[2] if len(chromaps) > 2 else None}
-    order = [n for n in order + chromaps if n is not None]
-    for j, n in enumerate(order):
-        viewer.layers.move(viewer.layers.index(viewer.layers[n]), j)
-    for ly in viewer.layers:
-        ly.visible = ly.name in shown
-    viewer.grid.stride = 2
-    viewer.grid.enabled = True
+    for _ in range(n):
+        QApplication.processEvents()
 
 
 if __name__ == "__main__":

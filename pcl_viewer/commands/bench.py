@@ -159,7 +159,8 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
     """Fine-tuning benchmark: every row x seed x fold x label budget not done yet.
 
     Resumable: finished cells (CACHE/runs/PRESET/DATA/cells/ROW/seedS/foldK-BUDGET.json,
-    DATA = phantom-v<version>-<regime> or real-<folder>-<hash>) are never recomputed;
+    DATA = phantom-v<version>-<regime>-<renderer hash> or real-<folder>-<hash>) are never
+    recomputed;
     pre-training runs are cached under CACHE/runs/PRESET/DATA/ROW/seedS/. Each cell
     records the device it was fine-tuned on (``train_log.device``).
     """

@@ -45,16 +45,20 @@ REAL_EVAL_MIN_QUALITY = 0.9
 
 def data_key(real: Path | None = None) -> str:
     """Name of one grid's data under ``CACHE/runs/<preset>/``: cells and pre-trainings
-    of another phantom version, regime or real folder never mix with these.
+    of another phantom version, regime, renderer or real folder never mix with these.
 
-    ``phantom-v<version>-<regime>``, or ``real-<folder name>-<hash of its path>``.
+    ``phantom-v<version>-<regime>-<renderer source hash, 8 hex>`` (the data sets are
+    regenerated when the renderer changes, so the cells made on the old ones must not
+    be reused), or ``real-<folder name>-<hash of its path>``.
     """
     if real is not None:
         path = str(Path(real).resolve())
         return f"real-{Path(real).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
     from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
+    from pcl_viewer.data.phantom.generate import renderer_version
 
-    return f"phantom-v{PHANTOM_VERSION}-{DEFAULT_REGIME}"
+    renderer = renderer_version()["source_sha256"][:8]
+    return f"phantom-v{PHANTOM_VERSION}-{DEFAULT_REGIME}-{renderer}"
 
 
 def git_commit() -> str:

@@ -72,9 +72,10 @@ def test_do_effusion_removes_lung_only_where_fluid_is(studies, severity, layerin
     if diff.any():
         rows = np.nonzero(right)[0]
         assert np.nonzero(diff)[0].mean() > rows.mean(), "fluid sits at the base"
-    # the image changes mostly on the right side (image left)
+    # the image changes mostly on the right side (image left); vendor processing
+    # (local contrast equalisation, veil) spreads a little of it over the image
     change = np.abs(cf_img - img)
-    assert change[:, :64].sum() > 2 * change[:, 64:].sum()
+    assert change[:, :64].sum() > 1.5 * change[:, 64:].sum()
     # the scanner counterfactual of the effusion image keeps its mask
     eff = replace(parents, effusion=True)
     _, sc_mask = counterfactual(noise, eff, {"scanner": "imagingdynamics"}, 128)

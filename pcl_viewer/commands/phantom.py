@@ -113,12 +113,14 @@ def montage(out: Path, size: int, seed: int, regime: str) -> None:
               help="Folder (default: the shipped resources/samples).")
 @click.option("--size", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def samples(out: Path | None, size: int, seed: int) -> None:
+@click.option("--regime", type=click.Choice(["realistic", "easy"]), default="realistic",
+              show_default=True)
+def samples(out: Path | None, size: int, seed: int, regime: str) -> None:
     """Write the shipped 512-px sample scans and samples.json."""
     from pcl_viewer.data.phantom.montage import write_samples
     from pcl_viewer.paths import samples_dir
 
-    info = write_samples(out or samples_dir(), size=size, seed=seed)
+    info = write_samples(out or samples_dir(), size=size, seed=seed, regime=regime)
     click.echo(f"wrote {len(info)} samples to {out or samples_dir()}")
 
 

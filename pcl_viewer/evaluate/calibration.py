@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,10 @@ def calibrate_none_row(data_root: Path, out_csv: Path, description: str, folds=(
         for b in budgets:
             lab = label_budget(tr, eff, b, seed=preset.fold_seed, fold=k)
             t0 = time.perf_counter()
+            # the benchmark's fine-tuning seed of this fold, so the cells match its None row
+            cfg = replace(preset.finetune, seed=preset.finetune.seed + 1000 * k)
             model, log = finetune(arr["image"][lab], arr["gold"][lab], preset.unet_config(),
-                                  preset.finetune, device="cpu")
+                                  cfg, device="cpu")
             r = summary(predict(model, arr["image"][te], device="cpu"), arr["gold"][te], eff[te])
             row = {"run": run, "regime": regime, "phantom_version": PHANTOM_VERSION,
                    "fold": k, "budget": b, "n_train": len(lab), "n_test": len(te),

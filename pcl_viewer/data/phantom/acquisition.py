@@ -59,13 +59,13 @@ def pose_matrix(study: StudyNoise, style: str, size: int,
                 realistic: bool = False) -> np.ndarray:
     """2x3 affine body frame -> detector: rotation, magnification and shift of the patient.
 
-    ``realistic``: a few degrees of rotation (more on portable studies), +-8 % scale and
-    +-5 % shift, instead of the earlier near-fixed pose.
+    ``realistic``: a few degrees of rotation (more on portable studies), +-12 % scale and
+    +-7 % shift, instead of the earlier near-fixed pose.
     """
     st = STYLES[style]
-    rot = st.rotation_deg * (2.5 if realistic else 1.0)
+    rot = st.rotation_deg * (3.5 if realistic else 1.0)
     ang = rot * float(np.tanh(study.rotation / 2.0) * 2.0)
-    ds, dxy = (0.08, 0.05) if realistic else (0.03, 0.02)
+    ds, dxy = (0.12, 0.07) if realistic else (0.03, 0.02)
     scale = st.magnification * (1.0 + ds * float(np.tanh(study.scale)))
     m = cv2.getRotationMatrix2D((size / 2.0, size / 2.0), ang, scale)
     m[0, 2] += dxy * size * float(np.tanh(study.shift_x))
@@ -159,7 +159,7 @@ def jittered(style: str, look: list[float]) -> Style:
         centre=st.centre + 0.05 * float(t(look[1])),
         gamma=st.gamma * float(np.exp(0.15 * t(look[2]))),
         edge_amount=max(0.0, st.edge_amount * float(np.exp(0.5 * t(look[4]))) + 0.15 * float(t(look[4]))),
-        noise=st.noise * float(np.exp(0.5 * t(look[5]))),
+        noise=st.noise * float(np.exp(0.7 * t(look[5]))),
         noise_corr=st.noise_corr + 0.002 * abs(float(look[5])),
         blur=st.blur * float(np.exp(0.4 * t(look[7]))),
         window=(lo + shift, hi + shift))
@@ -214,7 +214,7 @@ def _veil_and_equalise(v: np.ndarray, extra: ExtraNoise) -> np.ndarray:
     """Scatter veil (lower contrast everywhere) and, in half the studies, local contrast
     equalisation (CLAHE, as vendor processing does)."""
     s = v.shape[0]
-    k = 0.5 * extra.veil**1.5
+    k = 0.6 * extra.veil**1.2
     if k > 0.005:
         low = cv2.GaussianBlur(v, (0, 0), 0.15 * s)
         v = (1.0 - k) * v + k * (0.55 * low + 0.45 * float(v.mean()))

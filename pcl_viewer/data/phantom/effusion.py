@@ -54,7 +54,7 @@ def fluid_weight(lung: np.ndarray, side: str, severity: float, meniscus: float,
     # the fluid thins towards its upper edge: a wide ramp in the realistic regime, so the
     # border of the aerated lung is a soft, low-contrast meniscus (labels are uncertain
     # there, as on real films)
-    fade = 0.05 + 0.05 * severity if realistic else 0.02 + 0.025 * severity
+    fade = 0.09 + 0.09 * severity if realistic else 0.02 + 0.025 * severity
     w = np.clip((ys[:, None] - y_top[None, :]) / fade + 0.3, 0.0, 1.0)
     return w.astype(np.float32)
 
@@ -68,8 +68,8 @@ def layering_weight(lung: np.ndarray, severity: float, ys: np.ndarray) -> np.nda
     """
     top, bottom = lung[:, 1].min(), lung[:, 1].max()
     t = np.clip((ys - top) / max(bottom - top, 1e-6), 0.0, 1.0)
-    amp = 0.3 + 0.45 * severity
-    w = amp * t ** (2.5 - 1.2 * severity)
+    amp = 0.45 + 0.6 * severity
+    w = np.clip(amp * t ** (2.5 - 1.2 * severity), 0.0, 1.0)
     # the posterior costophrenic recess fills first: a denser band at the very base
     w = np.maximum(w, np.clip((t - (0.93 - 0.25 * severity)) / 0.06, 0.0, 1.0) * 0.95)
     return w[:, None].astype(np.float32)

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pcl_viewer.data.phantom import DEFAULT_REGIME
+from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
 from pcl_viewer.data.phantom.generate import write_png16
 from pcl_viewer.data.phantom.scm import Renderer, Study, sample_studies, standard_dos
 
@@ -110,7 +110,8 @@ def make_montage(out: Path, size: int = 256, seed: int = 0,
     return canvas
 
 
-def write_samples(out: Path, size: int = 512, seed: int = 0) -> list[dict]:
+def write_samples(out: Path, size: int = 512, seed: int = 0,
+                  regime: str = DEFAULT_REGIME) -> list[dict]:
     """Five scans: both scanners x (normal, effusion) and one portable; plus samples.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,13 @@ def write_samples(out: Path, size: int = 512, seed: int = 0) -> list[dict]:
     chosen = (("philips", False), ("philips", True), ("imagingdynamics", False),
               ("imagingdynamics", True), ("portable", False))
     info = []
-    for (style, eff), st in zip(chosen, _pick(seed + 1, len(chosen))):
+    if regime == "easy":
+        picked = _pick(seed + 1, len(chosen))
+    else:  # typical studies with a moderate one-sided effusion noise
+        pool = sample_studies(600, seed + 1, studies_per_patient=1, regime=regime)
+        picked = [s for s in pool if _typical(s) and 0.4 < s.noise.effusion.severity < 0.75
+                  and s.noise.effusion.side != "bilateral"][: len(chosen)]
+    for (style, eff), st in zip(chosen, picked):
         parents = replace(st.parents, style=style, effusion=eff)
         img, mask = Renderer(st.noise).render(parents, size)
         name = f"phantom_{style}_{'effusion' if eff else 'normal'}.png"
@@ -133,5 +140,6 @@ def write_samples(out: Path, size: int = 512, seed: int = 0) -> list[dict]:
             "noise": st.noise.to_dict(),
         })
     (out / "samples.json").write_text(json.dumps(
-        {"generator": f"pcl phantom samples --size {size} --seed {seed}", "samples": info}))
+        {"generator": f"pcl phantom samples --size {size} --seed {seed} --regime {regime}",
+         "phantom_version": PHANTOM_VERSION, "regime": regime, "samples": info}))
     return info

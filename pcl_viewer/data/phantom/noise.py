@@ -21,7 +21,7 @@ EFFUSION_SIDES: tuple[str, ...] = ("right", "left", "bilateral")
 EFFUSION_SIDE_P: tuple[float, ...] = (0.55, 0.33, 0.12)
 #: Severity of an effusion in the realistic regime: Beta(a, b) on [0, 1] (most effusions
 #: are small or moderate, a tail reaches most of the hemithorax).
-SEVERITY_BETA: tuple[float, float] = (1.6, 1.6)
+SEVERITY_BETA: tuple[float, float] = (2.0, 1.3)
 #: Number of appearance-jitter draws per study (see :mod:`.acquisition`).
 N_LOOK = 10
 
@@ -111,12 +111,19 @@ class ExtraNoise:
     devices: list[str]  # subset of DEVICES
     device_seed: int
     look: list[float]  # N_LOOK standard normals: per-study deviations of the scanner's look
+    # uniform [0, 1): where the annotator puts the border of lung hidden by fluid (the
+    # fluid fraction above which lung is no longer labelled, 0.25-0.75): labels are
+    # uncertain where the border is hidden, as annotators disagree on real films
+    annotator: float = 0.5
+    # uniform [-1, 1]: how tightly the annotator draws the lung outline (inside or
+    # outside the true border by up to 2 px at 128 px): inter-annotator variation
+    margin: float = 0.0
 
     @classmethod
     def sample(cls, rng: np.random.Generator, *, cardiomegaly: bool, inpatient: bool,
                portable: bool) -> ExtraNoise:
         n = rng.standard_normal
-        k = int(rng.poisson(1.6 if (inpatient or portable) else 0.8))
+        k = int(rng.poisson(2.0 if (inpatient or portable) else 1.2))
         opac = [[float(rng.integers(0, 2)), float(rng.uniform(0.1, 0.9)),
                  float(rng.beta(2.0, 1.6)), float(rng.uniform(0.05, 0.18)),
                  float(rng.uniform(0.3, 1.0))] for _ in range(k)]
@@ -129,7 +136,8 @@ class ExtraNoise:
                    layering=float(rng.random()), aeration=float(n()), veil=float(rng.random()),
                    opacities=opac, devices=devices,
                    device_seed=int(rng.integers(0, 2**31 - 1)),
-                   look=[round(float(v), 5) for v in n(N_LOOK)])
+                   look=[round(float(v), 5) for v in n(N_LOOK)], annotator=float(rng.random()),
+                   margin=float(rng.uniform(-1.0, 1.0)))
 
 
 #: Devices and burned-in items the realistic regime draws (in this order).

@@ -222,7 +222,7 @@ def rasterise(an: Anatomy, size: int, vessel_seed: int,
     lung_air, vessel_gain = LUNG_AIR, 1.0
     if realistic:
         ex = noise.extra
-        lung_air *= 1.0 + 0.3 * float(np.tanh(ex.aeration))
+        lung_air *= 1.0 + 0.4 * float(np.tanh(ex.aeration))
         vessel_gain = 1.0 + 0.35 * float(np.tanh(ex.look[9]))
     air = lung_air * depth * (1.0 - 0.85 * med_soft)
     lung_in = (depth * (1.0 - med_soft)).astype(np.float32)
@@ -298,25 +298,44 @@ def compose_realistic(an: Anatomy, layers: Layers, parents: StudyParents,
     of inpatient and portable studies the fluid layers behind the lung (supine or
     semi-erect) as a haze that thickens towards the base, without a meniscus.
     Consolidation and atelectasis patches replace lung air but stay inside the gold
-    mask; fluid-covered lung (fluid fraction > 0.5) leaves it.
+    mask; fluid-covered lung leaves it where the fluid fraction exceeds the annotator's
+    threshold (0.1-0.9, exogenous noise: the hidden border is uncertain), and the
+    annotator draws every outline up to 2 px (at 128 px) inside or outside the border.
     """
     ex = noise.extra
     fluid = np.zeros_like(layers.base)
     if parents.effusion:
-        layering_share = 0.5 if (parents.care == "inpatient" or parents.style == "portable") \
-            else 0.0
+        layering_share = 0.6 if (parents.care == "inpatient" or parents.style == "portable") \
+            else 0.35
         if ex.layering < layering_share:
             fluid = layering_fluid(an, layers, noise.effusion)
         else:
             fluid = fluid_map(an, layers, noise.effusion, realistic=True)
-    soft = _blur(fluid, 0.03)
+    soft = _blur(fluid, 0.035)
     opac = _opacities(an, layers, ex.opacities, ex.device_seed) if ex.opacities else 0.0
     keep = (1.0 - soft) * (1.0 - opac)
     atten = layers.base - layers.lung * keep + 0.04 * soft * layers.lung_depth
     mask = layers.aerated
     if parents.effusion:
-        mask = largest_parts(np.where(fluid > 0.5, 0, layers.aerated).astype(np.uint8))
-    return atten.astype(np.float32), mask.copy()
+        hidden = fluid > 0.1 + 0.8 * ex.annotator
+        mask = largest_parts(np.where(hidden, 0, layers.aerated).astype(np.uint8))
+    return atten.astype(np.float32), annotator_margin(mask, 2.0 * ex.margin * layers.size / 128)
+
+
+def annotator_margin(mask: np.ndarray, offset_px: float) -> np.ndarray:
+    """Move each lung's outline outwards (``offset_px`` > 0) or inwards by a sub-pixel
+    distance: an annotator who draws on or inside the border. ``(S, S)`` uint8 0/1/2."""
+    if abs(offset_px) < 0.05:
+        return mask.copy()
+    out = np.zeros_like(mask)
+    for lab in (1, 2):
+        m = (mask == lab).astype(np.uint8)
+        if offset_px < 0:
+            keep = cv2.distanceTransform(m, cv2.DIST_L2, 5) > -offset_px
+        else:
+            keep = cv2.distanceTransform(1 - m, cv2.DIST_L2, 5) <= offset_px
+        out[keep & (out == 0)] = lab
+    return out
 
 
 def layering_fluid(an: Anatomy, layers: Layers, noise: EffusionNoise) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import napari
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from pcl_viewer.domain import DomainResult
@@ -47,6 +47,7 @@ ALL_STAGES = ("load", *STAGES)
 # The progress rides along with the partial results' turns (one repaint for both); this
 # timer covers stretches without results. See _uiqueue for why repaints are rationed.
 PROGRESS_INTERVAL_MS = 500
+DOCK_WIDTH = 440  # px: the panels' controls, table and embedding plot side by side
 
 
 class PCLViewerWidget(QWidget):
@@ -99,8 +100,9 @@ class PCLViewerWidget(QWidget):
     def _build_ui(self) -> None:
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QScrollArea(widgetResizable=True)
+        self.scroll = scroll = QScrollArea(widgetResizable=True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         outer.addWidget(scroll)
         inner = QWidget()
         scroll.setWidget(inner)
@@ -154,6 +156,9 @@ class PCLViewerWidget(QWidget):
         self.cancel_btn, self.export_btn = self.run_bar.cancel_btn, self.run_bar.export_btn
         self.cancel_btn.clicked.connect(self.cancel)
         self.export_btn.clicked.connect(self._export_dialog)
+        # the dock as wide as its content (the scroll area only scrolls vertically)
+        self.setMinimumWidth(max(inner.sizeHint().width(), DOCK_WIDTH)
+                             + scroll.verticalScrollBar().sizeHint().width())
         self._busy_widgets = [self.cf_combo, self.seg_combo, self.device_combo, self.scan_combo,
                               self.infer_btn, self.generate_btn, self.segment_btn,
                               self.run_all_btn, self.strength_slider, self.reducer_combo,
@@ -475,6 +480,7 @@ class PCLViewerWidget(QWidget):
             self.builder.remove_kind(layer, "linked")  # they belonged to the old CHRO-map
             if len(value.views) > 1:
                 self.builder.show_captions(layer, value)
+                self.viewer.layers.selection.active = layer  # not the captions
             self.show_result_of(layer)
             if self.builder.compare and layer_key(layer) not in self._tiled and len(value.views) > 1:
                 self._tiled.add(layer_key(layer))

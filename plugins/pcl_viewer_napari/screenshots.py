@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from pcl_viewer_napari.launcher import settle
 
     viewer = napari.Viewer(title="pcl-viewer")
-    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window._qt_window.resize(1600, 1150)
     widget = dock_widget(viewer)
     (scan,) = [viewer.add_image(d, **k) for d, k, _ in sample_layers(SAMPLE)]
     widget.select_scan(scan)
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     widget.analysis_panel.link_check.setChecked(True)
     widget.set_chromap_visible("factual", True)
     widget.link_at(np.asarray(scan.translate) + np.asarray(scan.scale) * pixel)
+    bar = widget.scroll.verticalScrollBar()
+    bar.setValue(bar.maximum())  # the embedding plot with the pixel's point
     settle()
     shot(viewer, out / "linked_chromap.png")
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         ly.visible = ly is photo
     widget.select_scan(photo)
     run_and_measure(widget, "parents", timeout_s=600)
+    widget.scroll.verticalScrollBar().setValue(0)
     viewer.reset_view()
     settle()
     shot(viewer, out / "domain_banner.png")

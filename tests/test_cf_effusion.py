@@ -179,7 +179,7 @@ def test_pair_loss_reads_added_fluid_from_the_true_counterfactual():
     assert loss.item() > 0 and grad is not None and grad.abs().sum() > 0
     # a null intervention with an identical target costs nothing
     zero = model.cf_pair_loss(x, pa, x, pa)
-    assert zero.item() == pytest.approx(0.0, abs=1e-4)
+    assert zero.item() == pytest.approx(0.0, abs=1e-3)
 
 
 def test_old_bundles_without_effusion_noise_still_build():

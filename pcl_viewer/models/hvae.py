@@ -385,12 +385,13 @@ class HVAE(nn.Module):
 
         ``x`` (B,1,S,S) under ``pa`` (B,3) and its true counterfactual ``x_true`` under
         ``pa_true``: abduct ``x`` (posterior means, with gradients), decode under both parent
-        sets; per pair, the mean |x + mu(z, pa_true) - mu(z, pa) - x_true| at the working
-        size divided by the identity's mean |x - x_true| (+ 1e-3), averaged over the batch
-        (1 = no better than leaving the image unchanged, 0 = exact). The division gives a
-        small local change (effusion, ~1 % of the intensity mass) the same weight as a global
-        one (scanner); with the plain mean the scanner pairs dominated and the cheapest
-        answer for effusion was no change at all. Where the intervention adds effusion, the
+        sets; per pair, the mean squared error of x + mu(z, pa_true) - mu(z, pa) against
+        x_true at the working size divided by the identity's, |x - x_true|^2 (+ 1e-5),
+        averaged over the batch (1 = no better than leaving the image unchanged, 0 = exact).
+        The division gives a small local change (effusion) the same weight as a global one
+        (scanner); with a plain mean the scanner pairs dominated and the cheapest answer for
+        effusion was no change at all. Squared, not absolute: the sign-only gradient of an
+        absolute error outside the fluid (most pixels) drowned the fluid's signal. Where the intervention adds effusion, the
         fluid noise ``u_f`` is read from ``x_true`` (the SCM shares it between the pair; a
         normal image cannot show it), so the decoder learns to place the fluid ``u_f`` names.
         ``u_f`` is drawn from its posterior and ``fluid_pair_kl`` * KL to N(0, I) is added
@@ -415,9 +416,9 @@ class HVAE(nn.Module):
         latents, mu = self._abduct_walk(acts, pa, fluid)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
         xw, tw = self.to_work(x), self.to_work(x_true)
-        err = (xw + mu_cf - mu - tw).abs().mean(dim=(1, 2, 3))
-        identity = (xw - tw).abs().mean(dim=(1, 2, 3)).detach()
-        return (err / (identity + 1e-3)).mean() + self.cfg.fluid_pair_kl * kl
+        err = (xw + mu_cf - mu - tw).square().mean(dim=(1, 2, 3))
+        identity = (xw - tw).square().mean(dim=(1, 2, 3)).detach()
+        return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl
 
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
                      fluid: torch.Tensor | None) -> tuple[dict, torch.Tensor]:

@@ -202,10 +202,10 @@ def test_batches_are_cut_by_pixels_and_the_read_ahead_is_counted(
         held["max"] = max(held["max"], held["now"])
         return item
 
-    def append(out, item):
+    def append(out, item, sync=True):
         held["now"] -= sum(r.get("shape", [0, 0])[0] * r.get("shape", [0, 0])[1]
                            for r in item.get("batch", []) if r.get("status") == "ok")
-        real_append(out, item)
+        real_append(out, item, sync)
 
     monkeypatch.setattr(rv, "read_for_review", read)
     monkeypatch.setattr(rv, "append_journal", append)
@@ -364,7 +364,7 @@ def test_a_full_disk_is_one_line_leaves_no_temp_file_and_no_stale_report(
 def test_a_full_disk_while_journalling_is_one_line(tmp_path, fake_pipeline, monkeypatch):
     write_scans(tmp_path / "in", 3)
 
-    def full(out, item):
+    def full(out, item, sync=True):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(out) / rv.JOURNAL))
 
     monkeypatch.setattr(rv, "append_journal", full)

@@ -190,6 +190,7 @@ def _object(fields: dict[str, Check], required: tuple[str, ...] = ()) -> Check:
         for k, v in x.items():
             fields[k](v, f"{where}.{k}" if where else k)
     check.fields = tuple(fields)  # type: ignore[attr-defined]  # for the schema tests
+    check.fields_map = dict(fields)  # type: ignore[attr-defined]
     return check
 
 
@@ -242,15 +243,55 @@ CLASSIFIER_SCHEMA = _object({
     "widths": _list(_CHANNELS, 1, 10),
     "attributes": _list(_str(32, pattern=r"[a-z][a-z0-9_]*"), 1, 16),
 })
-# Architecture -> schema of its component config. A registered architecture without a
-# schema is refused: its config would reach a builder unchecked.
-CONFIG_SCHEMAS: dict[str, Check] = {
-    "dense-unet": _object({"unet": UNET_SCHEMA,
-                           "heads": _list(_str(choices=("seg", "proj", "global")), 1, 3)},
-                          required=("unet",)),
-    "hvae": _object({"hvae": HVAE_SCHEMA}, required=("hvae",)),
-    "attribute-classifier": _object({"classifier": CLASSIFIER_SCHEMA}, required=("classifier",)),
+# Bounds of a config field that has none above, by its annotated type: a field added to a
+# network config later is bounded (and its bundles load) without editing this module.
+GENERIC_BOUNDS: dict[str, Check] = {
+    "int": _int(-1024, 1024),
+    "float": _float(-1e6, 1e6),
+    "str": _str(64),
+    "bool": _bool,
+    "tuple[int, ...]": _list(_int(0, 1024), 0, 16),
+    "tuple[str, ...]": _list(_str(64), 0, 16),
 }
+# Architecture -> (key of the config in the component config, "module:ConfigClass",
+# explicit bounds). The keys allowed are the fields of the config dataclass.
+CONFIG_CLASSES: dict[str, tuple[str, str, Check]] = {
+    "dense-unet": ("unet", "pcl_viewer.models.unet:UNetConfig", UNET_SCHEMA),
+    "hvae": ("hvae", "pcl_viewer.models.hvae:HVAEConfig", HVAE_SCHEMA),
+    "attribute-classifier": ("classifier", "pcl_viewer.models.classifiers:ClassifierConfig",
+                             CLASSIFIER_SCHEMA),
+}
+_EXTRA_FIELDS = {"dense-unet": {"heads": _list(_str(choices=("seg", "proj", "global")), 1, 3)}}
+# Architecture -> schema of its component config, for architectures registered with one.
+# An architecture with neither is refused: its config would reach a builder unchecked.
+CONFIG_SCHEMAS: dict[str, Check] = {}
+
+
+def config_fields(arch: str) -> dict[str, Check]:
+    """Checker of every field of ``arch``'s config dataclass: its explicit bounds, else the
+    generic bounds of its annotated type. A field of another type raises BundleError."""
+    import dataclasses
+
+    key, target, explicit = CONFIG_CLASSES[arch]
+    module, name = target.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    checks: dict[str, Check] = {}
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        check = explicit.fields_map.get(f.name) or GENERIC_BOUNDS.get(kind)  # type: ignore[attr-defined]
+        if check is None:
+            raise BundleError(f"{target} field {f.name!r} ({kind}) has no bounds in "
+                              "pcl_viewer/models/bundle.py; add them there")
+        checks[f.name] = check
+    return checks
+
+
+def _config_schema(arch: str) -> Check:
+    if arch in CONFIG_SCHEMAS:
+        return CONFIG_SCHEMAS[arch]
+    key = CONFIG_CLASSES[arch][0]
+    return _object({key: _object(config_fields(arch)), **_EXTRA_FIELDS.get(arch, {})},
+                   required=(key,))
 
 
 def _file_name(x: Any, where: str) -> None:
@@ -273,10 +314,10 @@ def _component(x: Any, where: str) -> None:
     if arch not in ARCHITECTURES:
         raise _Invalid(f"{where}.architecture", f"unknown architecture {arch!r}; "
                                                 f"known: {', '.join(sorted(ARCHITECTURES))}")
-    if arch not in CONFIG_SCHEMAS:
+    if arch not in CONFIG_SCHEMAS and arch not in CONFIG_CLASSES:
         raise _Invalid(f"{where}.architecture", f"architecture {arch!r} has no config schema "
                                                 "(register_architecture(..., schema=...))")
-    CONFIG_SCHEMAS[arch](x["config"], f"{where}.config")
+    _config_schema(arch)(x["config"], f"{where}.config")
 
 
 CARD_SCHEMA = _object({

@@ -387,6 +387,11 @@ class PCLViewerWidget(QWidget):
             self._nprogress.close()
             self._nprogress = None
 
+    def preload(self):
+        """Load the chosen bundles and warm the models up in the background (the launcher
+        calls this once the window is up); returns the thread."""
+        return AppState.preload(*self.model_panel.bundles())
+
     def _set_busy(self, busy: bool) -> None:
         for w in self._busy_widgets:
             w.setEnabled(not busy)

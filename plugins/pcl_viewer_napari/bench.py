@@ -7,7 +7,12 @@ segmentations, CHRO-maps with pca):
   layers built inline) and in the napari worker, alternating so that both see the
   same load: totals, per-stage times, the Qt thread's CPU time, and their ratio;
 - the largest gap of a 10 ms QTimer heartbeat during the worker runs.
-Needs a display (``xvfb-run -a`` on a server).
+``--cold`` first starts fresh processes (``--cold-runs``, default 1) and measures what a
+user meets on a cold start: launch to a usable window (the process starting, torch,
+napari, the window with the dock widget and the scan, its first events handled) and the
+first *Run all* after that (bundles loaded in the worker, first layers of each kind).
+Targets: window <= 5 s, first full result <= 3 s after the click, worker <= 1.2x
+synchronous, heartbeat gap <= 100 ms. Needs a display (``xvfb-run -a`` on a server).
 """
 
 from __future__ import annotations
@@ -81,10 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-gui", action="store_true")
+    p.add_argument("--cold", action="store_true",
+                   help="also measure cold starts in fresh processes (window, first Run all)")
+    p.add_argument("--cold-runs", type=int, default=1)
+    p.add_argument("--cold-only", action="store_true", help="only the cold starts")
+    p.add_argument("--cold-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--preload-wait", type=float, default=None, metavar="S",
+                   help="cold start: preload the bundles once the window is up (as pcl-viewer "
+                        "does) and click Run all after at most S seconds")
+    p.add_argument("--device", default="auto")
     p.add_argument("--random-bundles", metavar="DIR",
                    help="time randomly initialised 'cpu'-preset bundles written to DIR "
                         "(same networks as the shipped ones, before they exist)")
     args = p.parse_args(argv)
+    if args.cold_child:
+        return _cold_child(args)
+    if args.cold or args.cold_only:
+        _cold(args)
+        if args.cold_only:
+            return 0
     import torch  # noqa: F401  (before Qt)
 
     if args.random_bundles:
@@ -93,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from pcl_viewer.pipeline import DEFAULT_CF_BUNDLE, DEFAULT_SEG_BUNDLE, Pipeline
 
     cf, seg = args.bundle or DEFAULT_CF_BUNDLE, args.seg_bundle or DEFAULT_SEG_BUNDLE
-    pipe = Pipeline.from_bundles(cf, seg, "auto", strict=False)
+    pipe = Pipeline.from_bundles(cf, seg, args.device, strict=False)
     for err in pipe.load_errors:
         print(f"warning: {err}")
     if pipe.cf is None and pipe.seg is None:
@@ -225,6 +245,98 @@ def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
     print("slowest layer updates in the Qt thread: "
           + ", ".join(f"{item} {1000 * sec:.0f} ms" for sec, item in slowest))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return 0
+
+
+def _preload_seconds():
+    from pcl_viewer_napari._state import AppState
+
+    return AppState.preload_seconds
+
+
+def _cold(args) -> None:
+    """Start ``--cold-runs`` fresh processes of :func:`_cold_child` and print their numbers."""
+    import json
+    import subprocess
+
+    rows = []
+    for _ in range(args.cold_runs):
+        cmd = [sys.executable, "-m", "pcl_viewer_napari.bench", "--cold-child",
+               "--size", str(args.size), "--device", args.device]
+        if args.preload_wait is not None:
+            cmd += ["--preload-wait", str(args.preload_wait)]
+        for flag, value in (("--bundle", args.bundle), ("--seg-bundle", args.seg_bundle)):
+            if value:
+                cmd += [flag, value]
+        load0 = os.getloadavg()[0]
+        env = {**os.environ, "PCL_BENCH_T0": repr(time.time())}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if out.returncode != 0 or not line:
+            print(f"cold start failed (rc {out.returncode}): {out.stderr[-2000:]}")
+            return
+        rows.append({**json.loads(line[-1]), "load": (load0, os.getloadavg()[0])})
+    print(f"cold start, {len(rows)} fresh process(es), scan {args.size} px "
+          "(targets: window <= 5 s, first full result <= 3 s after the click):")
+    for r in rows:
+        print(f"  window usable {r['window_s']:.2f} s (imports {r['imports_s']:.2f} s); first "
+              f"Run all {r['first_run_s']:.2f} s after the click ({r['status']}, model work "
+              f"{r['model_s']:.2f} s, heartbeat gap {r['gap_ms']:.0f} ms); second Run all "
+              f"{r['second_run_s']:.2f} s; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}")
+        if r.get("preload_s") is not None:
+            print(f"    preload (bundles + warm-up, after the window was up): "
+                  f"{r['preload_s']:.2f} s before the click")
+        print("    first run, stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()))
+
+
+def _cold_child(args) -> int:
+    """One cold start, as ``pcl-viewer`` does it; prints one JSON line of timings."""
+    import json
+
+    t0 = float(os.environ.get("PCL_BENCH_T0", time.time()))
+    import napari
+    import torch  # noqa: F401  (before Qt)
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from pcl_viewer_napari._commands import dock_widget
+    from pcl_viewer_napari._reader import scan_layer_data
+    from pcl_viewer_napari._timing import run_and_measure
+
+    imports = time.time() - t0
+    viewer = napari.Viewer(title="pcl-viewer")
+    widget = dock_widget(viewer)
+    if args.bundle:
+        widget.cf_combo.setCurrentText(args.bundle)
+    if args.seg_bundle:
+        widget.seg_combo.setCurrentText(args.seg_bundle)
+    widget.device_combo.setCurrentText(args.device)
+    data, kwargs, _ = scan_layer_data(big_scan(args.size))
+    widget.select_scan(viewer.add_image(data, **kwargs))
+    viewer.window._qt_window.show()
+    usable: list[float] = []
+    timer = QTimer(singleShot=True, interval=0)  # runs once the shown window's events are done
+    timer.timeout.connect(lambda: usable.append(time.time() - t0))
+    timer.start()
+    while not usable:
+        QApplication.processEvents()
+    if args.preload_wait is not None:  # as pcl-viewer: bundles load while the user looks
+
+        thread = widget.preload()
+        t_wait = time.perf_counter()
+        while thread.is_alive() and time.perf_counter() - t_wait < args.preload_wait:
+            QApplication.processEvents()
+            time.sleep(0.01)
+    first = run_and_measure(widget, "all", timeout_s=600)
+    result = widget.last_outcome[1] if first.status == "ok" else None
+    second = run_and_measure(widget, "all", timeout_s=600)
+    print(json.dumps({"window_s": usable[0], "imports_s": imports, "first_run_s": first.seconds,
+                      "status": first.status, "gap_ms": first.max_gap_ms,
+                      "model_s": sum(result.timings.values()) if result else float("nan"),
+                      "stages": {k: round(v, 3) for k, v in (result.timings if result else {}).items()},
+                      "second_run_s": second.seconds,
+                      "preload_s": _preload_seconds()}))
+    viewer.close()
     return 0
 
 

@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         show_warning(f"pcl-viewer: {notice}")
     if args.screenshot:
         return _screenshot(viewer, widget, args.screenshot)
+    from qtpy.QtCore import QTimer
+
+    # the bundles load and warm up while the user looks at the window
+    preload = QTimer(singleShot=True, interval=300)
+    preload.timeout.connect(widget.preload)
+    preload.start()
     napari.run()
     return 0
 

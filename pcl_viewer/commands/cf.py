@@ -62,6 +62,8 @@ def _threads(n: int | None) -> None:
 @click.option("--lr", type=float, default=None, help="HVAE learning rate (default 2e-3).")
 @click.option("--kl-warmup", type=int, default=None,
               help="Steps over which the KL weight ramps up (default 300; 0 with --init).")
+@click.option("--fluid-lr-scale", type=float, default=1.0, show_default=True,
+              help="Learning-rate multiplier of the effusion-noise encoder and fluid head.")
 @click.option("--until-step", type=int, default=None,
               help="Stop the HVAE stage at this step (schedules still span --steps) and "
                    "write the bundle from there; rerun with a larger value to continue.")
@@ -75,7 +77,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              finetune_minimality: float, finetune_minutes: float | None, device: str,
              fluid_dim: int, fluid_mode: str, cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
-             until_step: int | None, classifiers_only: bool) -> None:
+             fluid_lr_scale: float, until_step: int | None, classifiers_only: bool) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
     _threads(threads)
     from pcl_viewer.device import choose_device
@@ -104,7 +106,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
                         cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
                         hvae_overrides=({"fluid_dim": fluid_dim, "fluid_mode": fluid_mode}
                                         if fluid_dim else {}),
-                        init_bundle=init_bundle or "")
+                        init_bundle=init_bundle or "", fluid_lr_scale=fluid_lr_scale)
     if lr is not None:
         cfg.lr = lr
     if kl_warmup is not None or init_bundle:

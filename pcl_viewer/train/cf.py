@@ -66,6 +66,9 @@ class CFTrainConfig:
     # Warm start: a counterfactual bundle whose HVAE and classifier weights initialise the
     # run (new inputs, e.g. the effusion-noise columns, start at zero so the start equals it).
     init_bundle: str = ""
+    # Learning-rate multiplier of the effusion-noise encoder and the fluid head (new,
+    # randomly initialised parts of a warm-started model).
+    fluid_lr_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +133,13 @@ class _Run:
         self.ema.load_state_dict(self.hvae.state_dict())
         self.ema.requires_grad_(False)
         self.cls_opt = torch.optim.AdamW(self.cls.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
-        self.hvae_opt = torch.optim.AdamW(self.hvae.parameters(), lr=cfg.lr, weight_decay=0.01)
+        fluid = [p for n, p in self.hvae.named_parameters() if n.startswith(("fluid_head", "enc_fluid"))]
+        rest = [p for n, p in self.hvae.named_parameters()
+                if not n.startswith(("fluid_head", "enc_fluid"))]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if fluid:
+            groups.append({"params": fluid, "lr_scale": cfg.fluid_lr_scale})
+        self.hvae_opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
         self.rng = np.random.default_rng(cfg.seed)
         self.stage, self.step = STAGES[0], 0
         self.history: list[dict] = []
@@ -235,7 +244,7 @@ def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     x = torch.from_numpy(data.x_train[idx]).to(run.device)
     pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
     for g in run.hvae_opt.param_groups:
-        g["lr"] = _lr(run.step, cfg.steps, cfg.lr, cfg.warmup)
+        g["lr"] = _lr(run.step, cfg.steps, cfg.lr, cfg.warmup) * g.get("lr_scale", 1.0)
     beta_scale = (min(1.0, 0.1 + 0.9 * run.step / cfg.kl_warmup) if cfg.kl_warmup > 0 else 1.0)
     run.hvae.train()
     out = run.hvae(x, pa, beta=run.hvae.cfg.beta * beta_scale)

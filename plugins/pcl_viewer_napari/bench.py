@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.run_sync(scan)  # warm-up (allocators, first abduction)
     runs = []
     for _ in range(args.repeats):
-        pipe._abductions.clear()  # time the full run, abduction included
+        pipe._abductions.clear()  # time the full run, abduction and quality included
+        pipe._qualities.clear()
         t0 = time.perf_counter()
         res = pipe.run_sync(scan)
         runs.append((time.perf_counter() - t0, res.timings, res.cpu_timings))
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {stage:<12s} {1000 * sec:9.1f} {1000 * cpu.get(stage, 0.0):9.1f}")
     print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     ref = reference_unet_ms()
-    print(f"  reference (MEASURED.md: MONAI UNet 128 px inference, 16 ms on an idle machine): "
+    print(f"  reference (one 128 px 'cpu' U-Net inference, 16 ms on an idle machine): "
           f"{ref:.0f} ms now -> slowdown x{ref / 16:.1f}; "
           f"full run estimated on an idle machine: {sync_s * 16 / ref:.2f} s")
     if args.no_gui:
@@ -170,7 +171,8 @@ def _widget_run(widget, pipe, sync: bool) -> WidgetRun:
     from pcl_viewer_napari._timing import run_and_measure
 
     os.environ["PCL_VIEWER_SYNC"] = "1" if sync else "0"
-    pipe._abductions.clear()  # time the full run, abduction included
+    pipe._abductions.clear()  # time the full run, abduction and quality included
+    pipe._qualities.clear()
     cpu0 = time.thread_time()
     timing = run_and_measure(widget, "all")
     # A synchronous run freezes the window and paints only now; a worker run has painted

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from pcl_viewer.chromap import ChroMap
+from pcl_viewer.colors import LEFT_LUNG, RIGHT_LUNG
 from pcl_viewer.data.preprocess import Geometry
 
 CLASS_NAMES: tuple[str, ...] = ("background", "right lung", "left lung")
-CLASS_COLOURS: tuple[str, ...] = ("#9e9e9e", "#1f77b4", "#d62728")
+# the project's one lung colour scheme (pcl_viewer.colors); grey for the background
+CLASS_COLOURS: tuple[str, ...] = ("#9e9e9e", RIGHT_LUNG, LEFT_LUNG)
 
 
 def labels_on_model_grid(labels: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -552,3 +552,28 @@ def test_each_counterfactuals_quality_and_the_effusion_caveat_are_shown(app):
     AppState.pipeline._qualities.clear()
     assert run_and_measure(widget, "generate").status == "ok"
     assert "stress test" not in widget.cf_panel.quality_label.text()  # targets met: no caveat
+
+
+def test_export_in_the_background_writes_the_same_files_off_the_qt_thread(app, qtbot, tmp_path):
+    import threading
+
+    from pcl_viewer_napari import _export
+
+    viewer, widget, scan = app
+    assert run_and_measure(widget, "all").status == "ok"
+    threads: list[int] = []
+    export_scan = _export.export_scan
+
+    def recording(*args):
+        threads.append(threading.get_ident())
+        return export_scan(*args)
+
+    _export.export_scan = recording
+    try:
+        widget.export(tmp_path / "bg", background=True)
+        qtbot.waitUntil(lambda: widget.status.text().startswith("Exported"), timeout=30_000)
+    finally:
+        _export.export_scan = export_scan
+    assert threads and threads[0] != threading.get_ident()
+    written = sorted(p.name for p in (tmp_path / "bg").iterdir())
+    assert written == sorted(p.name for p in widget.export(tmp_path / "fg"))

@@ -52,7 +52,8 @@ JOURNAL_VERSION = 1
 REPORT_FILES: tuple[str, ...] = ("report.csv", "errors.csv", "report.html")
 REPORT_COLUMNS: tuple[str, ...] = (
     "path", "name", "height", "width", "scanner", "sex", "effusion", "p_scanner", "p_sex",
-    "p_effusion", "parents_source", "intervention", "do", "dice", "dice_right", "dice_left",
+    "p_effusion", "parents_source", "domain_score", "out_of_domain", "intervention", "do",
+    "dice", "dice_right", "dice_left",
     "area_right_change", "area_left_change", "flagged", "flag_reason",
 )
 ERROR_COLUMNS: tuple[str, ...] = ("path", "stage", "error")
@@ -437,6 +438,10 @@ def flag_reason(row: dict[str, Any], cfg: ReviewConfig) -> str:
     return "; ".join(reasons)
 
 
+def _opt_num(v: Any) -> float | None:
+    return None if v is None else _num(v)
+
+
 def record_of(result: Any, cfg: ReviewConfig) -> dict[str, Any]:
     """JSON record of one ``PipelineResult``: parents, consistency rows, thumbnails if flagged."""
     scan = result.scan
@@ -456,6 +461,8 @@ def record_of(result: Any, cfg: ReviewConfig) -> dict[str, Any]:
         "parents": result.parents.to_dict() if result.parents is not None else {},
         "probabilities": {k: _num(v) for k, v in probs.items()},
         "parents_source": result.parents_source, "rows": rows,
+        "domain_score": _opt_num(getattr(result, "domain_score", None)),
+        "out_of_domain": getattr(result, "out_of_domain", None),
         "warnings": list(getattr(result, "errors", []) or []),
         "notices": [str(n) for n in scan.metadata.get("notices", [])],
     }

@@ -189,8 +189,10 @@ def _flagged_table(rows: Sequence[dict[str, Any]], thumbs: dict[str, dict[str, s
         body.append("<tr>" + "".join(cells) + "</tr>")
     head = ("path", "scanner", "sex", "effusion", "intervention", "Dice", "Dice R", "Dice L",
             "area R", "area L", "why", "factual | counterfactual")
-    return ("<p class=legend>Thumbnails: <span style='background:#e63c3c'></span>right lung"
-            "<span style='background:#3c78e6'></span>left lung. Click a header to sort.</p>"
+    from pcl_viewer.colors import LEFT_LUNG, RIGHT_LUNG
+
+    return (f"<p class=legend>Thumbnails: <span style='background:{RIGHT_LUNG}'></span>right lung"
+            f"<span style='background:{LEFT_LUNG}'></span>left lung. Click a header to sort.</p>"
             "<table class=sortable id=flagged><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
@@ -204,6 +206,20 @@ def _common_root(paths: Sequence[str]) -> str:
     except (ValueError, IndexError):
         return ""
     return root.rstrip(os.sep) + os.sep if root else ""
+
+
+def _ood_table(records: Sequence[dict[str, Any]]) -> str:
+    """Scans the domain check flags: their results are not to be trusted."""
+    if not records:
+        return "<p>No scan is flagged as out of domain.</p>"
+    body = "".join(
+        f"<tr><td class=path>{_h(r.get('path'))}</td>"
+        f"<td class=num>{_fmt(r.get('domain_score'))}</td></tr>" for r in records)
+    return ("<p class=meta>These scans are unlike the images the models were trained on "
+            "(HVAE likelihood and classifier entropy against held-out phantom quantiles); "
+            "do not trust their counterfactuals or segmentations.</p>"
+            "<table class=sortable id=ood><thead><tr><th>file</th><th>domain score</th>"
+            "</tr></thead><tbody>" + body + "</tbody></table>")
 
 
 def _errors_table(errors: Sequence[dict[str, Any]]) -> str:
@@ -224,12 +240,14 @@ def render_report(records: Sequence[dict[str, Any]], cfg: Any, header: dict[str,
     ok = [r for r in records if r.get("status") == "ok"]
     thumbs = {r["path"]: r.get("thumbs", {}) for r in ok}
     n_flag = len({r["path"] for r in rows if int(r["flagged"])})
+    ood = [r for r in ok if r.get("out_of_domain")]
     bundles = header.get("bundles") or {}
     models = ", ".join(f"{_h(k)}: {_h(v)}" for k, v in bundles.items()) or "n/a"
     plot = summary_plot(rows)
     cards = (f"<div class=cards><div class=card>scans reviewed<b>{len(ok)}</b></div>"
              f"<div class='card{' bad' if n_flag else ''}'>flagged<b>{n_flag}</b></div>"
              f"<div class='card{' bad' if errors else ''}'>unreadable<b>{len(errors)}</b></div>"
+             f"<div class='card{' bad' if ood else ''}'>out of domain<b>{len(ood)}</b></div>"
              f"<div class=card>interventions<b>{len({r['intervention'] for r in rows})}</b></div></div>")
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>pcl-viewer robustness review</title>
@@ -245,6 +263,8 @@ factual one: mean lung Dice &lt; {cfg.threshold:g} or a lung-area change beyond
 {_group_table(rows) if rows else ''}
 <h2>Flagged scans ({n_flag})</h2>
 {_flagged_table(rows, thumbs)}
+<h2>Scans outside the models' world ({len(ood)})</h2>
+{_ood_table(ood)}
 <h2>Files that could not be read ({len(errors)})</h2>
 {_errors_table(errors)}
 <script>{_JS}</script></body></html>
@@ -255,19 +275,21 @@ factual one: mean lung Dice &lt; {cfg.threshold:g} or a lung-area change beyond
 
 
 def thumbnail(image: np.ndarray, labels: np.ndarray | None, size: int) -> str:
-    """A small PNG (base64) of the scan with right lung red and left lung blue, translucent."""
+    """A small PNG (base64) of the scan with the lungs in the project's colours
+    (:mod:`pcl_viewer.colors`), translucent."""
     import cv2
+
+    from pcl_viewer.colors import overlay_lungs
 
     h, w = image.shape
     scale = size / max(h, w)
     dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
     grey = cv2.resize(np.clip(image, 0, 1).astype(np.float32), dsize, interpolation=cv2.INTER_AREA)
-    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
     if labels is not None:
         lab = cv2.resize(labels.astype(np.uint8), dsize, interpolation=cv2.INTER_NEAREST)
-        for value, colour in ((1, (230, 60, 60)), (2, (60, 120, 230))):
-            m = lab == value
-            rgb[m] = (0.55 * rgb[m] + 0.45 * np.array(colour)).astype(np.uint8)
+    else:
+        lab = np.zeros(grey.shape, np.uint8)
+    rgb = overlay_lungs(grey, lab)  # the project's one lung colour scheme
     ok, buf = cv2.imencode(".png", rgb[..., ::-1])
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
@@ -308,7 +330,11 @@ def report_rows(records: Iterable[dict[str, Any]], cfg: ReviewConfig) -> list[di
                 "path": rec["path"], "name": rec.get("name", ""), "height": h, "width": w,
                 **{k: p.get(k, "") for k in ("scanner", "sex", "effusion")},
                 **{f"p_{k}": pr.get(k, "") for k in ("scanner", "sex", "effusion")},
-                "parents_source": rec.get("parents_source", ""), "intervention": r["key"],
+                "parents_source": rec.get("parents_source", ""),
+                "domain_score": rec.get("domain_score", ""),
+                "out_of_domain": "" if rec.get("out_of_domain") is None
+                else int(bool(rec["out_of_domain"])),
+                "intervention": r["key"],
                 "do": r["do"], **{k: r[k] for k in ("dice", "dice_right", "dice_left",
                                                     "area_right_change", "area_left_change")},
                 "flagged": int(bool(reason)), "flag_reason": reason,

@@ -66,3 +66,23 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert len(np.unique(img.reshape(-1, 3)[::7], axis=0)) > 200
     top = img[:400]  # the title, the cards and the start of the plots are drawn
     assert (top.mean(axis=2) < 100).mean() > 0.005
+
+
+def test_domain_columns_and_out_of_domain_section():
+    from pcl_viewer.review_html import render_report, report_rows
+
+    row = {"key": "scanner", "do": "do(scanner=philips)", "dice": 0.97, "dice_right": 0.97,
+           "dice_left": 0.97, "area_right_change": 0.01, "area_left_change": 0.0}
+    recs = [{"path": f"/d/{n}.png", "name": n, "status": "ok", "shape": [64, 64],
+             "parents": {}, "probabilities": {}, "parents_source": "inferred", "rows": [row],
+             "domain_score": score, "out_of_domain": ood}
+            for n, score, ood in (("chest", 0.61, False), ("camera", 0.0, True),
+                                  ("uncal", None, None))]
+    cfg = ReviewConfig()
+    rows = {r["name"]: r for r in report_rows(recs, cfg)}
+    assert rows["chest"]["out_of_domain"] == 0 and rows["chest"]["domain_score"] == 0.61
+    assert rows["camera"]["out_of_domain"] == 1
+    assert rows["uncal"]["out_of_domain"] == "" and rows["uncal"]["domain_score"] is None
+    html = render_report(recs, cfg, {})
+    section = html.split("Scans outside the models' world (1)")[1].split("<h2>")[0]
+    assert "/d/camera.png" in section and "/d/chest.png" not in section

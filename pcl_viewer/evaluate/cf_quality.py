@@ -49,7 +49,7 @@ EFFUSION_TARGETS = {
 SIDES: tuple[str, ...] = ("right", "left", "bilateral")
 #: A true fluid region: pixels where the true effusion counterfactual differs from the
 #: factual image by more than this (intensity in [0, 1]), then dilated by FLUID_DILATE px.
-FLUID_THRESHOLD = 0.005
+FLUID_THRESHOLD = 0.01
 FLUID_DILATE = 2
 
 

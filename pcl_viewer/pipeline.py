@@ -386,7 +386,8 @@ class Pipeline:
         old = result.views.get(key)
         if old is not None and old.do == do and old.residual is not None:
             view = View(key, dict(do), strength, old.parents,
-                        self._native_view(result, old.residual, strength), old.residual)
+                        self._native_view(result, old.residual, strength), old.residual,
+                        quality=old.quality)  # measured on the counterfactual at strength 1
         else:
             view = self._decode_view(result, self._abduction(result.model_image, result.parents),
                                      key, do, strength)

@@ -65,11 +65,15 @@ class Parents:
 
 
 def intervention_name(do: dict[str, str], strength: float = 1.0) -> str:
-    """Human-readable name, e.g. ``do(scanner=philips, effusion=present)``."""
+    """Human-readable name, e.g. ``do(scanner=philips, effusion=present)``; a strength
+    other than 1 is named (``x0.5``), and above 1 marked ``(extrapolated)``: beyond the
+    model's counterfactual. Below 1 the residual is only attenuated."""
     inner = ", ".join(f"{k}={v}" for k, v in do.items())
     name = f"do({inner})"
-    if abs(strength - 1.0) > 1e-9:
+    if strength > 1.0 + 1e-9:
         name += f" x{strength:g} (extrapolated)"
+    elif abs(strength - 1.0) > 1e-9:
+        name += f" x{strength:g}"
     return name
 
 

@@ -96,8 +96,6 @@ class View:
     def name(self) -> str:
         if not self.do:
             return FACTUAL
-        if self.strength <= 1.0 and abs(self.strength - 1.0) > 1e-9:  # attenuated
-            return f"{intervention_name(self.do)} x{self.strength:g}"
         return intervention_name(self.do, self.strength)
 
     @property

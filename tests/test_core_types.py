@@ -37,6 +37,8 @@ def test_parse_do_and_names():
         parse_do(["age=3"])
     assert intervention_name({"scanner": "philips"}) == "do(scanner=philips)"
     assert "extrapolated" in intervention_name({"scanner": "philips"}, 1.5)
+    half = intervention_name({"scanner": "philips"}, 0.5)
+    assert half.endswith("x0.5") and "extrapolated" not in half
 
 
 def test_geometry_maps_model_outputs_back_to_non_square_native():

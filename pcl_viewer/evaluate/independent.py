@@ -71,7 +71,7 @@ def render_independent(mask: np.ndarray, fluid: np.ndarray, rng: np.random.Gener
     phase = rng.uniform(0, 1)
     arc = yy + 0.08 * (np.abs(xx - cx) / max(half, 1e-3)) ** 2
     ribs = np.clip(np.sin(2 * np.pi * (arc / period + phase)), 0, 1) ** 3
-    img += rng.uniform(0.08, 0.16) * ribs * body * (yy < bottom + 0.02)
+    img += rng.uniform(0.15, 0.35) * ribs * body * (yy < bottom + 0.02)
     # vessels: a few bright lines from the hila
     ves = np.zeros((s, s), np.float32)
     for sgn in (-1, 1):
@@ -80,7 +80,7 @@ def render_independent(mask: np.ndarray, fluid: np.ndarray, rng: np.random.Gener
             a = rng.uniform(-1.2, 1.2)
             ln = rng.uniform(0.08, 0.2)
             x1, y1 = hx + sgn * np.cos(a) * ln, hyl + np.sin(a) * ln
-            cv2.line(ves, (int(hx * s), int(hyl * s)), (int(x1 * s), int(y1 * s)), 0.08,
+            cv2.line(ves, (int(hx * s), int(hyl * s)), (int(x1 * s), int(y1 * s)), 0.14,
                      max(1, s // 128), cv2.LINE_AA)
     img += cv2.GaussianBlur(ves, (0, 0), 0.7) * lung
     # acquisition: blur, noise, tone curve

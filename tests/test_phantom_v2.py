@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pcl_viewer.data.phantom.anatomy import cardiothoracic_ratio
-from pcl_viewer.data.phantom.noise import ExogenousNoise
+from pcl_viewer.data.phantom.noise import SEVERITY_BETA, ExogenousNoise
 from pcl_viewer.data.phantom.priors import Priors
 from pcl_viewer.data.phantom.scm import Renderer, counterfactual, render, sample_studies
 
@@ -103,7 +103,8 @@ def test_severity_and_cardiomegaly_marginals():
     pr = Priors.load()
     st = sample_studies(3000, seed=404, oversample=1.0)
     sev = np.array([s.noise.effusion.severity for s in st])
-    assert 0.42 < sev.mean() < 0.58 and sev.max() > 0.9 and sev.min() < 0.1
+    a, b = SEVERITY_BETA
+    assert abs(sev.mean() - a / (a + b)) < 0.02 and sev.max() > 0.9 and sev.min() < 0.1
     cardio = np.array([s.noise.extra.cardiomegaly for s in st])
     expected = np.mean([pr.p_cardiomegaly("M" if s.parents.sex == "male" else "F",
                                           s.parents.age, s.parents.effusion) for s in st])

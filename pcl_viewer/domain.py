@@ -17,6 +17,13 @@ untypical as one far less likely (a photo, noise). Then, for a new scan:
     domain_score = fraction of held-out scans whose z is >= the scan's z  (0..1, 1 = typical)
     out_of_domain = z > threshold
 
+A second, model-free statistic guards what the ELBO misses: the realistic phantom is
+diverse enough that the HVAE gives some photos and noise fields an ordinary ELBO. The
+scan's correlation with the mean held-out radiograph at 32 px (dark lung fields either
+side of a bright mediastinum), standardised the same way, is calibrated one-sided (low
+is untypical). Each statistic flags about half the flag rate of held-out scans; a scan
+is out of domain when either flags it, and its score is the smaller of the two.
+
 The calibration records the fingerprint of the counterfactual bundle it was made
 with; a pipeline with another bundle reports "domain check uncalibrated for these
 models" instead of a score. The classifiers' mean binary entropy (bits) is
@@ -64,6 +71,7 @@ class DomainResult:
     out_of_domain: bool | None
     parent_entropy: float | None
     message: str
+    layout: float | None = None  # correlation with the held-out mean radiograph (-1..1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +89,13 @@ class Calibration:
     flag_rate: float = FLAG_RATE
     statistic: str = "bpd"
     info: dict[str, Any] = field(default_factory=dict)
+    # the layout statistic: correlation of the scan (LAYOUT_SIZE px, standardised) with
+    # the mean held-out radiograph; low values are untypical (one-sided)
+    template: list[list[float]] | None = None
+    layout_median: float | None = None
+    layout_spread: float | None = None
+    layout_threshold: float | None = None
+    layout_sorted: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": 1, **asdict(self)}
@@ -90,7 +105,8 @@ class Calibration:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a domain calibration (format {data.get('format')!r})")
         keys = ("median", "spread", "threshold", "z_sorted", "fingerprints", "flag_rate",
-                "statistic", "info")
+                "statistic", "info", "template", "layout_median", "layout_spread",
+                "layout_threshold", "layout_sorted")
         return cls(**{k: data[k] for k in keys if k in data})
 
     def z(self, bpd: float) -> float:
@@ -98,8 +114,40 @@ class Calibration:
 
     def score(self, z: float) -> float:
         """Fraction of held-out scans at least as far from the median as ``z``."""
-        zs = np.asarray(self.z_sorted)
-        return float((len(zs) - np.searchsorted(zs, z, side="left")) / max(len(zs), 1))
+        return _upper_share(self.z_sorted, z)
+
+    @property
+    def has_layout(self) -> bool:
+        return self.template is not None and self.layout_sorted is not None
+
+    def layout_z(self, corr: float) -> float:
+        """One-sided robust z of a layout correlation (below the median is untypical)."""
+        return max(0.0, (float(self.layout_median) - corr) / float(self.layout_spread))
+
+
+LAYOUT_SIZE = 32
+
+
+def _upper_share(sorted_values: list[float], z: float) -> float:
+    zs = np.asarray(sorted_values)
+    return float((len(zs) - np.searchsorted(zs, z, side="left")) / max(len(zs), 1))
+
+
+def _standardised_small(images: np.ndarray) -> np.ndarray:
+    """``(B, S, S)`` -> ``(B, LAYOUT_SIZE**2)`` zero-mean, unit-norm rows."""
+    import cv2
+
+    small = np.stack([cv2.resize(np.asarray(im, np.float32), (LAYOUT_SIZE, LAYOUT_SIZE),
+                                 interpolation=cv2.INTER_AREA).ravel() for im in images])
+    small = small - small.mean(1, keepdims=True)
+    return small / np.maximum(np.linalg.norm(small, axis=1, keepdims=True), 1e-6)
+
+
+def layout_correlation(images: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Pearson correlation ``(B,)`` of each ``(S, S)`` image with a ``(LAYOUT_SIZE**2,)``
+    unit-norm template: dark lung fields left and right of a bright mediastinum score
+    high, a photo or noise low."""
+    return _standardised_small(images) @ np.asarray(template, np.float64).ravel()
 
 
 def default_path() -> Path:
@@ -161,9 +209,15 @@ class DomainCheck:
             return [DomainResult(None, None, None, None, _entropy(p), f"{UNCALIBRATED} "
                                  f"({self.reason})") for p in probabilities]
         bpd = self.statistic(self.cf, model_images, parents, cancel=cancel)
-        return [self._result(b, _entropy(p)) for b, p in zip(bpd, probabilities)]
+        cal = self.calibration
+        corr: list[float | None] = [None] * len(bpd)
+        if cal.has_layout:
+            corr = [float(c) for c in layout_correlation(np.asarray(model_images),
+                                                         np.asarray(cal.template))]
+        return [self._result(b, _entropy(p), c) for b, p, c in zip(bpd, probabilities, corr)]
 
-    def _result(self, bpd: float, entropy: float | None) -> DomainResult:
+    def _result(self, bpd: float, entropy: float | None,
+                corr: float | None = None) -> DomainResult:
         cal = self.calibration
         if cal is None:
             return DomainResult(bpd, None, None, None, entropy,
@@ -171,13 +225,17 @@ class DomainCheck:
         z = cal.z(bpd)
         score = cal.score(z)
         out = bool(z > cal.threshold)
+        if corr is not None and cal.has_layout:  # either statistic can flag the scan
+            zl = cal.layout_z(corr)
+            score = min(score, _upper_share(cal.layout_sorted, zl))
+            out = out or bool(zl > cal.layout_threshold)
         if out:
             message = (f"OUT OF DOMAIN: this image is unlike the scans the models were trained "
                        f"on (score {score:.2f}, {bpd:.2f} bits/pixel vs {cal.median:.2f} "
                        "typical). Parents, counterfactuals and segmentations are not reliable.")
         else:
             message = f"typical for the models (domain score {score:.2f})"
-        return DomainResult(bpd, z, score, out, entropy, message)
+        return DomainResult(bpd, z, score, out, entropy, message, corr)
 
 
 def negative_elbo_bits(cf, model_images: np.ndarray, parents: list, cancel=None) -> list[float]:
@@ -256,7 +314,19 @@ def calibrate(cf_bundle: str | Path = "cf-cpu", seg_bundle: str | Path | None = 
     q1, q3 = np.percentile(values, [25, 75])
     spread = float(max((q3 - q1) / 1.349, 1e-6))
     z = np.sort(np.abs(values - median) / spread)
-    threshold = float(np.quantile(z, 1.0 - flag_rate))
+    # two statistics share the flag rate: each flags about half of it on held-out scans
+    threshold = float(np.quantile(z, 1.0 - flag_rate / 2))
+    # layout: the mean standardised radiograph, fitted on the first half of the held-out
+    # scans and calibrated on the second, so the quantiles are not optimistic
+    half = len(images) // 2
+    mean = _standardised_small(images[:half]).mean(0)
+    template = mean / max(float(np.linalg.norm(mean)), 1e-9)
+    corr = layout_correlation(images[half:], template)
+    l_med = float(np.median(corr))
+    lq1, lq3 = np.percentile(corr, [25, 75])
+    l_spread = float(max((lq3 - lq1) / 1.349, 1e-6))
+    lz = np.sort(np.maximum(0.0, (l_med - corr) / l_spread))
+    l_threshold = float(np.quantile(lz, 1.0 - flag_rate / 2))
     from pcl_viewer.data.phantom import PHANTOM_VERSION
 
     cal = Calibration(
@@ -264,12 +334,17 @@ def calibrate(cf_bundle: str | Path = "cf-cpu", seg_bundle: str | Path | None = 
         z_sorted=[round(float(v), 6) for v in z],
         fingerprints={k: b.fingerprint for k, b in pipe.bundles.items()},
         flag_rate=flag_rate,
+        template=[[round(float(v), 6) for v in row]
+                  for row in template.reshape(LAYOUT_SIZE, LAYOUT_SIZE)],
+        layout_median=l_med, layout_spread=l_spread, layout_threshold=l_threshold,
+        layout_sorted=[round(float(v), 6) for v in lz],
         info={"n": int(n), "seed": int(seed), "size": int(size),
               "styles": summary.get("styles"), "regime": regime or "default",
               "phantom_version": PHANTOM_VERSION,
               "bundles": {k: b.name for k, b in pipe.bundles.items()},
               "bpd_min": float(values.min()), "bpd_max": float(values.max()),
               "flagged_in_sample": int((z > threshold).sum()),
+              "layout_flagged_in_sample": int((lz > l_threshold).sum()),
               "seconds": round(time.perf_counter() - t0, 2),
               "command": (f"pcl domain calibrate --cf-bundle {cf_bundle} --seg-bundle "
                           f"{seg_bundle} --n {n} --seed {seed} --size {size}"

@@ -317,6 +317,21 @@ def _check_targets(report: dict) -> dict[str, bool]:
     return checks
 
 
+def _draw_panels(axes_row, panels: list, titles: list[str] | None) -> None:
+    """One figure row: three grey images (factual, model CF, true CF), then two signed
+    differences in a diverging map (+-0.3)."""
+    for c, img in enumerate(panels):
+        ax = axes_row[c]
+        if c < 3:
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img, cmap="RdBu_r", vmin=-0.3, vmax=0.3)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[c], fontsize=8)
+
+
 def counterfactual_figure(path, x: np.ndarray, true_cf: np.ndarray | None, examples: dict,
                           parents: np.ndarray, title: str = "") -> None:
     """Grid per example image and intervention: factual, model CF, true CF, model difference,
@@ -334,16 +349,7 @@ def counterfactual_figure(path, x: np.ndarray, true_cf: np.ndarray | None, examp
         model_cf = examples[kind][i, 0]
         truth = true_cf[i, k, 0] if true_cf is not None else np.full_like(model_cf, np.nan)
         panels = [x[i, 0], model_cf, truth, model_cf - x[i, 0], truth - x[i, 0]]
-        for c, img in enumerate(panels):
-            ax = axes[r_i, c]
-            if c < 3:
-                ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(img, cmap="RdBu_r", vmin=-0.3, vmax=0.3)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r_i == 0:
-                ax.set_title(cols[c], fontsize=8)
+        _draw_panels(axes[r_i], panels, cols if r_i == 0 else None)
         pa = parents[i]
         axes[r_i, 0].set_ylabel(f"img {i} do({kind})\nscanner={int(pa[0])} eff={int(pa[2])}",
                                 fontsize=7)
@@ -400,16 +406,7 @@ def effusion_figure(path, x: np.ndarray, true_cf: np.ndarray, examples: dict,
         k = KINDS.index(kind)
         model_cf, truth = examples[kind][i, 0], true_cf[i, k, 0]
         panels = [x[i, 0], model_cf, truth, model_cf - x[i, 0], truth - x[i, 0]]
-        for c, img in enumerate(panels):
-            ax = axes[r_i, c]
-            if c < 3:
-                ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(img, cmap="RdBu_r", vmin=-0.3, vmax=0.3)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r_i == 0:
-                ax.set_title(cols[c], fontsize=8)
+        _draw_panels(axes[r_i], panels, cols if r_i == 0 else None)
         axes[r_i, 0].set_ylabel(f"img {i}\n{label}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)

@@ -400,6 +400,17 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
     return run
 
 
+def _card_common(run: _Run, size: int) -> dict:
+    """Card fields every bundle of a counterfactual run shares: preset, parent encodings
+    and the input convention at ``size`` px."""
+    return {
+        "preset": run.cfg.preset,
+        "parents": {k: {"values": list(v), "encoding": {v[0]: 0, v[1]: 1}}
+                    for k, v in PARENT_VALUES.items()},
+        "input": {"size": size, "channels": 1, "intensity": "float32 [0, 1], (B, 1, S, S)"},
+    }
+
+
 def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str = "",
                   name: str | None = None, finetune: dict | None = None) -> ModelBundle:
     """Calibrate the classifiers, validate the EMA HVAE and write the bundle."""
@@ -410,11 +421,7 @@ def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str =
         "name": name or out.name, "version": "1", "kind": "counterfactual",
         "description": "Conditional HVAE (counterfactual image mechanism) and calibrated "
                        "attribute classifiers (scanner, sex, effusion).",
-        "preset": run.cfg.preset,
-        "parents": {k: {"values": list(v), "encoding": {v[0]: 0, v[1]: 1}}
-                    for k, v in PARENT_VALUES.items()},
-        "input": {"size": run.hvae.cfg.image_size, "channels": 1,
-                  "intensity": "float32 [0, 1], (B, 1, S, S)"},
+        **_card_common(run, run.hvae.cfg.image_size),
         "counterfactual": {"formula": "x_cf = clip(x + (mu(z, pa*) - mu(z, pa)), 0, 1)",
                            "abduction": "posterior means", "latents": run.hvae.cfg.cf_latents},
         "training": {"command": command, "seed": run.cfg.seed, "data": data.source,
@@ -444,11 +451,7 @@ def export_classifiers(run: _Run, data: TrainingData, out: str | Path, command: 
         "description": "Calibrated attribute classifiers (scanner, sex, effusion), trained "
                        "apart from any counterfactual model: an independent judge of "
                        "counterfactual effectiveness.",
-        "preset": run.cfg.preset,
-        "parents": {k: {"values": list(v), "encoding": {v[0]: 0, v[1]: 1}}
-                    for k, v in PARENT_VALUES.items()},
-        "input": {"size": run.cls.cfg.image_size, "channels": 1,
-                  "intensity": "float32 [0, 1], (B, 1, S, S)"},
+        **_card_common(run, run.cls.cfg.image_size),
         "training": {"command": command, "seed": run.cfg.seed, "data": data.source,
                      "data_summary": data.summary, "n_train": len(data.x_train),
                      "n_val": len(data.x_val), "classifier_steps": run.cfg.cls_steps,

@@ -16,6 +16,24 @@ def segment_lungs(viewer: napari.viewer.Viewer) -> None:
     widget.run("segment", interventions=())
 
 
+def new_viewer_with_widget(bundle: str | None = None, seg_bundle: str | None = None,
+                           device: str | None = None
+                           ) -> tuple[napari.viewer.Viewer, PCLViewerWidget]:
+    """A new napari viewer with the PCL widget docked and its model/device choices set
+    (None keeps the widget's default)."""
+    import napari
+
+    viewer = napari.Viewer(title="pcl-viewer")
+    widget = dock_widget(viewer)
+    if bundle:
+        widget.cf_combo.setCurrentText(bundle)
+    if seg_bundle:
+        widget.seg_combo.setCurrentText(seg_bundle)
+    if device:
+        widget.device_combo.setCurrentText(device)
+    return viewer, widget
+
+
 def dock_widget(viewer: napari.viewer.Viewer) -> PCLViewerWidget:
     """The viewer's PCL widget, docked on the right (created once)."""
     for dock in getattr(viewer.window, "dock_widgets", {}).values():

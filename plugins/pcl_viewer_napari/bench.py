@@ -296,23 +296,17 @@ def _cold_child(args) -> int:
     import json
 
     t0 = float(os.environ.get("PCL_BENCH_T0", time.time()))
-    import napari
+    import napari  # noqa: F401  (imported here so its import time is measured)
     import torch  # noqa: F401  (before Qt)
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from pcl_viewer_napari._commands import dock_widget
+    from pcl_viewer_napari._commands import new_viewer_with_widget
     from pcl_viewer_napari._reader import scan_layer_data
     from pcl_viewer_napari._timing import run_and_measure
 
     imports = time.time() - t0
-    viewer = napari.Viewer(title="pcl-viewer")
-    widget = dock_widget(viewer)
-    if args.bundle:
-        widget.cf_combo.setCurrentText(args.bundle)
-    if args.seg_bundle:
-        widget.seg_combo.setCurrentText(args.seg_bundle)
-    widget.device_combo.setCurrentText(args.device)
+    viewer, widget = new_viewer_with_widget(args.bundle, args.seg_bundle, args.device)
     data, kwargs, _ = scan_layer_data(big_scan(args.size))
     widget.select_scan(viewer.add_image(data, **kwargs))
     viewer.window._qt_window.show()

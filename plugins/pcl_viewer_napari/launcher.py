@@ -69,16 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                            *(["--seg-bundle", args.seg_bundle] if args.seg_bundle else [])])
     import napari
 
-    from pcl_viewer_napari._commands import dock_widget
+    from pcl_viewer_napari._commands import new_viewer_with_widget
 
-    viewer = napari.Viewer(title="pcl-viewer")
-    widget = dock_widget(viewer)
-    if args.bundle:
-        widget.cf_combo.setCurrentText(args.bundle)
-    if args.seg_bundle:
-        widget.seg_combo.setCurrentText(args.seg_bundle)
-    if args.device:
-        widget.device_combo.setCurrentText(args.device)
+    viewer, widget = new_viewer_with_widget(args.bundle, args.seg_bundle, args.device)
     opened = [ly for path in args.scans for ly in widget.open_scan(path)]
     if args.scans and not opened:
         print(f"pcl-viewer: could not open {', '.join(args.scans)}", file=sys.stderr)

@@ -48,11 +48,14 @@ def summary(pred: np.ndarray, gold: np.ndarray, effusion: np.ndarray) -> dict:
     """
     from pcl_viewer.evaluate.metrics import segmentation_scores
 
-    s = segmentation_scores(pred, gold)
+    return summarise(segmentation_scores(pred, gold), effusion)
+
+
+def summarise(s, effusion: np.ndarray) -> dict:
+    """The :func:`summary` dict of per-image :class:`~pcl_viewer.evaluate.metrics.SegmentationScores`
+    (an empty subgroup gives NaN)."""
     eff = np.asarray(effusion, dtype=bool)
-    m = s.mean()
-    nf = s.mean(~eff) if (~eff).any() else {"dice": float("nan")}
-    pe = s.mean(eff) if eff.any() else {"dice": float("nan")}
+    m, nf, pe = s.mean(), s.mean(~eff), s.mean(eff)
     return {"n": len(eff), "n_nf": int((~eff).sum()), "n_pe": int(eff.sum()),
             "dice": 100 * m["dice"], "dice_nf": 100 * nf["dice"],
             "dice_pe": 100 * pe["dice"], "hd95": m["hd95"], "asd": m["asd"]}
@@ -103,35 +106,28 @@ def evaluate_folder(model, size: int, images: Path, masks: Path,
         (the :func:`summary` over all pairs, one dict per scan).
     """
     from pcl_viewer.data.readers import read_scan
-    from pcl_viewer.evaluate.metrics import segmentation_scores
+    from pcl_viewer.evaluate.metrics import SegmentationScores, segmentation_scores
 
     pairs = _folder_pairs(images, masks)
     if not pairs:
         raise ValueError(f"no scan in {images} has a mask PNG of the same name in {masks}")
-    per, eff = [], []
+    per, eff, scores = [], [], []
     for scan_path, mask_path in pairs:
         gold = read_label_png(mask_path)
         scan = read_scan(scan_path)
         if scan.image.shape != gold.shape:
             raise ValueError(f"{scan_path.name}: scan {scan.image.shape} and mask {gold.shape} "
                              "differ in size")
-        pred = segment_image(scan.image, model, size)
-        s = segmentation_scores(pred, gold).mean()
+        pred = segment_image(scan.image, model, size)  # scored at native size: one by one
+        scores.append(segmentation_scores(pred, gold))
         e = bool((effusion or {}).get(scan_path.name, False))
         eff.append(e)
-        per.append({"file": scan_path.name, "effusion": int(e), "dice": 100 * s["dice"],
-                    "hd95": s["hd95"], "asd": s["asd"]})
-    d = np.array([p["dice"] for p in per])
-    e = np.array(eff)
-
-    def mean(x: np.ndarray) -> float:
-        return float(np.nanmean(x)) if len(x) else float("nan")
-
-    r = {"n": len(per), "n_nf": int((~e).sum()), "n_pe": int(e.sum()),
-         "dice": mean(d), "dice_nf": mean(d[~e]), "dice_pe": mean(d[e]),
-         "hd95": mean(np.array([p["hd95"] for p in per])),
-         "asd": mean(np.array([p["asd"] for p in per]))}
-    return r, per
+        per.append({"file": scan_path.name, "effusion": int(e),
+                    "dice": 100 * float(scores[-1].dice[0]), "hd95": float(scores[-1].hd95[0]),
+                    "asd": float(scores[-1].asd[0])})
+    all_scores = SegmentationScores(*(np.concatenate([getattr(x, k) for x in scores])
+                                      for k in ("dice", "hd95", "asd")))
+    return summarise(all_scores, np.array(eff)), per
 
 
 def summary_line(r: dict) -> str:

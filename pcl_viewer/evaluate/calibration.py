@@ -44,44 +44,48 @@ def calibrate_none_row(data_root: Path, out_csv: Path, description: str, folds=(
         one dict per (fold, budget) with Dice (%) overall / nf / pe, HD95 and ASD (px).
     """
     from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
-    from pcl_viewer.evaluate.benchmark import bench_preset
+    from pcl_viewer.evaluate.benchmark import (
+        ROW_BY_SLUG,
+        BenchSets,
+        bench_preset,
+        plan_cells,
+        score_subsets,
+    )
     from pcl_viewer.evaluate.benchmark_inputs import SEEDS, generate_phantom, load_arrays
-    from pcl_viewer.evaluate.folds import label_budget, patient_folds
-    from pcl_viewer.evaluate.phantom_eval import summary
-    from pcl_viewer.train.finetune import finetune, predict
+    from pcl_viewer.train.finetune import finetune
 
     regime = regime or DEFAULT_REGIME
-    preset = bench_preset("cpu")
+    # the benchmark's cpu protocol: its gold set, folds, label budgets and fine-tuning
+    preset = replace(bench_preset("cpu"), folds=tuple(folds), budgets=tuple(budgets))
     size = preset.image_size
     root = generate_phantom(Path(data_root) / f"gold-{regime}", preset.gold_n, SEEDS["gold"],
                             size, effusion_oversample=18.0, regime=regime)
     arr = load_arrays(root, size)
     eff = arr["effusion"].astype(bool)
-    splits = patient_folds(eff, arr["patients"], preset.n_folds, preset.fold_seed)
+    sets = BenchSets(arr["image"], arr["gold"], eff, arr["patients"], ood={},
+                     description=f"phantom v{PHANTOM_VERSION} {regime}")
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
-    for k in folds:
-        tr, te = splits[k]
-        for b in budgets:
-            lab = label_budget(tr, eff, b, seed=preset.fold_seed, fold=k)
-            t0 = time.perf_counter()
-            # the benchmark's fine-tuning seed of this fold, so the cells match its None row
-            cfg = replace(preset.finetune, seed=preset.finetune.seed + 1000 * k)
-            model, log = finetune(arr["image"][lab], arr["gold"][lab], preset.unet_config(),
-                                  cfg, device="cpu")
-            r = summary(predict(model, arr["image"][te], device="cpu"), arr["gold"][te], eff[te])
-            row = {"run": run, "regime": regime, "phantom_version": PHANTOM_VERSION,
-                   "fold": k, "budget": b, "n_train": len(lab), "n_test": len(te),
-                   "effusion_share_test": round(float(eff[te].mean()), 3),
-                   "dice": round(r["dice"], 2), "dice_nf": round(r["dice_nf"], 2),
-                   "dice_pe": round(r["dice_pe"], 2), "hd95": round(r["hd95"], 2),
-                   "asd": round(r["asd"], 2), "steps": log.get("steps"),
-                   "seconds": round(time.perf_counter() - t0, 1), "description": description}
-            rows.append(row)
-            echo(f"fold {k} budget {b}: Dice {row['dice']:.2f} nf {row['dice_nf']:.2f} "
-                 f"pe {row['dice_pe']:.2f} (test pe share {row['effusion_share_test']:.2f}, "
-                 f"{row['seconds']:.0f} s)")
-            _append(out_csv, row)
+    for c in plan_cells(preset, sets, [ROW_BY_SLUG["none"]]):
+        t0 = time.perf_counter()
+        # the benchmark's fine-tuning seed of this fold, so the cells match its None row
+        cfg = replace(preset.finetune, seed=preset.finetune.seed + 1000 * c.fold)
+        model, log = finetune(arr["image"][c.train_idx], arr["gold"][c.train_idx],
+                              preset.unet_config(), cfg, device="cpu")
+        r = score_subsets(model, sets, c.test_idx, ood=False)
+        row = {"run": run, "regime": regime, "phantom_version": PHANTOM_VERSION,
+               "fold": c.fold, "budget": c.budget, "n_train": len(c.train_idx),
+               "n_test": len(c.test_idx),
+               "effusion_share_test": round(float(eff[c.test_idx].mean()), 3),
+               "dice": round(r["overall"]["dice"], 2), "dice_nf": round(r["nf"]["dice"], 2),
+               "dice_pe": round(r["pe"]["dice"], 2), "hd95": round(r["overall"]["hd95"], 2),
+               "asd": round(r["overall"]["asd"], 2), "steps": log.get("steps"),
+               "seconds": round(time.perf_counter() - t0, 1), "description": description}
+        rows.append(row)
+        echo(f"fold {c.fold} budget {c.budget}: Dice {row['dice']:.2f} nf {row['dice_nf']:.2f} "
+             f"pe {row['dice_pe']:.2f} (test pe share {row['effusion_share_test']:.2f}, "
+             f"{row['seconds']:.0f} s)")
+        _append(out_csv, row)
     return rows
 
 

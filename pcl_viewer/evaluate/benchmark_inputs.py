@@ -55,9 +55,9 @@ def data_key(real: Path | None = None) -> str:
         path = str(Path(real).resolve())
         return f"real-{Path(real).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
     from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
-    from pcl_viewer.data.phantom.generate import renderer_version
+    from pcl_viewer.data.phantom.generate import renderer_source_sha256
 
-    renderer = renderer_version()["source_sha256"][:8]
+    renderer = renderer_source_sha256()[:8]
     return f"phantom-v{PHANTOM_VERSION}-{DEFAULT_REGIME}-{renderer}"
 
 
@@ -94,15 +94,13 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
     rendered by another version, regime or renderer is generated again, not reused.
     """
     from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
-    from pcl_viewer.data.phantom.generate import default_workers, generate
+    from pcl_viewer.data.phantom.generate import default_workers, generate, renderer_source_sha256
 
     root = Path(root)
     regime = regime or DEFAULT_REGIME
-    from pcl_viewer.data.phantom.generate import renderer_version
-
     # the renderer's source hash too: an edited renderer never reuses stale images
     marker = (f"phantom_version={PHANTOM_VERSION} regime={regime} "
-              f"renderer={renderer_version()['source_sha256']}\n")
+              f"renderer={renderer_source_sha256()}\n")
     if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
         return root
     if root.exists():

@@ -19,6 +19,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -110,29 +111,39 @@ def _write_csv(path: Path, header: list, rows: list) -> None:
         w.writerows(rows)
 
 
-def renderer_version() -> dict:
-    """What made the images: a SHA-256 over the phantom's source files and priors, and the
-    git commit when run from a checkout, so a cached dataset can be matched to its renderer."""
+@lru_cache(maxsize=1)
+def renderer_source_sha256() -> str:
+    """SHA-256 (16 hex) over the phantom's source files and priors: the key every cache of
+    rendered images carries. Computed once per process (the sources do not change while it
+    runs)."""
     import hashlib
-    import subprocess
+
+    from pcl_viewer.paths import resources_dir
 
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     files = sorted(here.glob("*.py"))
-    from pcl_viewer.paths import resources_dir
-
     priors = resources_dir() / "priors"
     if priors.is_dir():
         files += sorted(p for p in priors.rglob("*") if p.is_file())
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def renderer_version() -> dict:
+    """What made the images: :func:`renderer_source_sha256`, and the git commit when run
+    from a checkout, so a cached dataset can be matched to its renderer."""
+    import subprocess
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                cwd=Path(__file__).resolve().parent, text=True,
                                 capture_output=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"source_sha256": h.hexdigest()[:16], "commit": commit}
+    return {"source_sha256": renderer_source_sha256(), "commit": commit}
 
 
 def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactuals: bool = False,

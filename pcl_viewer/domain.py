@@ -351,7 +351,7 @@ def calibrate(cf_bundle: str | Path = "cf-cpu", seg_bundle: str | Path | None = 
                           + (f" --regime {regime}" if regime else ""))})
     path = Path(out) if out is not None else default_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(path.suffix + ".tmp")
-    tmp_path.write_text(json.dumps(cal.to_json(), indent=1))
-    tmp_path.replace(path)
+    from pcl_viewer.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(cal.to_json(), indent=1))
     return cal

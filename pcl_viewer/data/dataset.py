@@ -196,9 +196,10 @@ class CXRDataset:
                 return {k: z[k] for k in z.files}
         out = self._build_arrays(size)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **out)
-        tmp.replace(path)
+        from pcl_viewer.atomic import atomic_writer
+
+        with atomic_writer(path, "wb") as fh:  # unique temp name: concurrent loaders never collide
+            np.savez(fh, **out)
         return out
 
     def _build_arrays(self, size: int) -> dict[str, np.ndarray]:

@@ -20,6 +20,15 @@ from pcl_viewer.train.finetune import FinetuneConfig, finetune, save_segmentatio
 SHIP_FINETUNE = FinetuneConfig(epochs=12, crop_scale=(0.35, 1.0), gamma=0.35, noise=0.03,
                                loss="dicece")
 EVAL_SEED = 9001  # fresh images: no data set of the project uses this seed
+LABELS = {"0": "background", "1": "right lung (image left)", "2": "left lung"}
+
+
+def _echo_results(results: list[dict], echo) -> None:
+    """One line per evaluation group of :func:`evaluate_on_phantom` (regime first if set)."""
+    for r in results:
+        head = f"{r['regime']} {r['styles']}" if "regime" in r else r["styles"]
+        echo(f"{head}: Dice {r['dice']:.2f} nf {r['dice_nf']:.2f} pe {r['dice_pe']:.2f} "
+             f"HD95 {r['hd95']:.2f} ASD {r['asd']:.2f}")
 
 
 def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row: str = "none",
@@ -64,9 +73,7 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
                                    [["imagingdynamics", "philips"]], severe=True,
                                    effusion_oversample=1000.0, device=device)
     results[-1]["styles"] += " (severe effusion)"
-    for r in results:
-        echo(f"{r['styles']}: Dice {r['dice']:.2f} nf {r['dice_nf']:.2f} pe {r['dice_pe']:.2f} "
-             f"HD95 {r['hd95']:.2f} ASD {r['asd']:.2f}")
+    _echo_results(results, echo)
     card = {
         "name": out.name, "version": "1", "preset": preset.name,
         "description": "Lung segmentation U-Net (0 background, 1 right lung, 2 left lung): "
@@ -76,7 +83,7 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
                           f" (that row's cross-validated Dice in the {preset.name} benchmark, "
                           "fine-tuned there on each fold's training images with the benchmark "
                           f"recipe: {float(benchmark['dsc']):.2f} %)") + ".",
-        "labels": {"0": "background", "1": "right lung (image left)", "2": "left lung"},
+        "labels": LABELS,
         "training": {"command": command, "seed": cfg.seed, "commit": commit or git_commit(),
                      "data": f"phantom pool n={n} seed={seed} {size}px, effusion oversample 6, "
                              "styles imagingdynamics+philips, <=2 studies/patient, gold masks",
@@ -145,15 +152,13 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                                      device=device, regime=regime):
             r["regime"] = regime
             results.append(r)
-    for r in results:
-        echo(f"{r['regime']} {r['styles']}: Dice {r['dice']:.2f} nf {r['dice_nf']:.2f} "
-             f"pe {r['dice_pe']:.2f} HD95 {r['hd95']:.2f} ASD {r['asd']:.2f}")
+    _echo_results(results, echo)
     card = {
         "name": Path(out).name, "version": "2", "preset": "cpu",
         "description": "Lung segmentation U-Net (0 background, 1 right lung, 2 left lung), "
                        "random init, trained on the realistic phantom (both training scanners) "
                        f"plus {easy_share:.0%} easy-regime images, with MONAI strong augmentation.",
-        "labels": {"0": "background", "1": "right lung (image left)", "2": "left lung"},
+        "labels": LABELS,
         "training": {"command": command, "seed": cfg.seed, "commit": commit or git_commit(),
                      "data": f"realistic phantom pool n={n} seed={seed} + easy n={n_easy} "
                              f"seed={seed + 1}, {size}px, effusion oversample 6, styles "

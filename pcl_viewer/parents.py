@@ -19,6 +19,9 @@ PARENT_VALUES: dict[str, tuple[str, str]] = {
 }
 PARENT_NAMES: tuple[str, ...] = tuple(PARENT_VALUES)
 PHANTOM_STYLES: tuple[str, ...] = ("imagingdynamics", "philips", "portable")
+#: The counterfactual views of a scan, in their canonical order: flip the scanner,
+#: flip the effusion, flip both. Data sets, caches and montages store them in this order.
+VIEW_KINDS: tuple[str, ...] = ("scanner", "effusion", "both")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Counterfactual views of a pool for pre-training: the model's or the phantom's true ones.
 
-``load_views(ds, "model", bundle)`` -> ``(N, 3, 1, S, S)`` float32 in the order
-scanner, effusion, both (flip of each parent). Model views are computed once by
-:func:`precompute_views` (batched, no grad) and cached under ``ds.cache_dir`` as a
-plain ``.npy`` keyed by the bundle fingerprint and the image ids.
+``load_views(ds, "model", bundle)`` -> ``(N, 3, 1, S, S)`` float32 in
+:data:`~pcl_viewer.parents.VIEW_KINDS` order (scanner, effusion, both: flip of each
+parent). Model views are computed once by :func:`precompute_views` (batched, no grad)
+and cached under ``ds.cache_dir`` as a plain ``.npy`` keyed by the bundle fingerprint and the image ids.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VIEW_ORDER: tuple[str, ...] = ("scanner", "effusion", "both")
+from pcl_viewer.parents import PARENT_NAMES, VIEW_KINDS
 
 
 def _cache_path(ds, fingerprint: str, size: int) -> Path:
@@ -37,7 +37,7 @@ def precompute_views(ds, model, batch_size: int = 32,
     arr = ds.arrays(size)
     x_all, pa_all = arr["image"], arr["parents"].copy()
     n = len(x_all)
-    out = np.zeros((n, 3, 1, size, size), np.float32)
+    out = np.zeros((n, len(VIEW_KINDS), 1, size, size), np.float32)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, n, batch_size):
@@ -46,7 +46,7 @@ def precompute_views(ds, model, batch_size: int = 32,
             unknown = np.isnan(pa)
             if unknown.any():
                 probs = model.infer_parents(x)
-                guess = np.stack([probs[k].cpu().numpy() for k in ("scanner", "sex", "effusion")], 1)
+                guess = np.stack([probs[k].cpu().numpy() for k in PARENT_NAMES], 1)
                 pa = np.where(unknown, (guess >= 0.5).astype(np.float32), pa)
             out[i:i + len(x)] = model.standard_views(x, pa).cpu().numpy()
             if progress is not None:
@@ -70,7 +70,7 @@ def write_views(ds, model, batch_size: int = 32, progress=None) -> tuple[Path, f
 
 
 def load_views(ds, views: str = "model", bundle=None, size: int | None = None) -> np.ndarray:
-    """Counterfactual views ``(N, 3, 1, S, S)`` float32, order scanner, effusion, both.
+    """Counterfactual views ``(N, 3, 1, S, S)`` float32 in ``VIEW_KINDS`` order.
 
     Args:
         ds: a :class:`~pcl_viewer.data.dataset.CXRDataset`.

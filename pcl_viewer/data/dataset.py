@@ -28,9 +28,8 @@ import numpy as np
 
 from pcl_viewer.data import rle
 from pcl_viewer.data.preprocess import to_model
-from pcl_viewer.parents import Parents
+from pcl_viewer.parents import VIEW_KINDS, Parents
 
-CF_KINDS: tuple[str, ...] = ("scanner", "effusion", "both")
 MANUFACTURER_STYLE = {"PhilipsMedicalSystems": "philips",
                       "ImagingDynamicsCompanyLtd": "imagingdynamics",
                       "PortablePhantomDR": "portable"}
@@ -148,8 +147,8 @@ class CXRDataset:
 
     def true_counterfactual(self, i: int, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
         """``(image, gold mask)`` of the true counterfactual ``kind``, or None."""
-        if kind not in CF_KINDS:
-            raise ValueError(f"kind must be one of {CF_KINDS}")
+        if kind not in VIEW_KINDS:
+            raise ValueError(f"kind must be one of {VIEW_KINDS}")
         rec = self.records[i]
         path = self.root / "counterfactuals" / kind / rec.image_id
         if not path.is_file():
@@ -245,7 +244,7 @@ class CXRDataset:
         if self.has_counterfactuals:
             cf = np.zeros((n, 3, 1, size, size), np.float32)
             for i in range(n):
-                for k, kind in enumerate(CF_KINDS):
+                for k, kind in enumerate(VIEW_KINDS):
                     res = self.true_counterfactual(i, kind)
                     if res is not None:
                         cf[i, k, 0] = img_at(res[0])
@@ -269,7 +268,7 @@ def _load_phantom(root: Path) -> CXRDataset:
             silver_quality=None if s is None else s[4],
             extra={"care": row.care, "effusion_side": row.effusion_side,
                    "effusion_severity": float(row.effusion_severity)}))
-    cf_gold = {k: _read_masks(root / "counterfactuals" / f"gold_{k}.csv") for k in CF_KINDS}
+    cf_gold = {k: _read_masks(root / "counterfactuals" / f"gold_{k}.csv") for k in VIEW_KINDS}
     return CXRDataset(root, records, "phantom", _read_masks(root / "gold_masks.csv"),
                       silver, cf_gold)
 

@@ -30,9 +30,9 @@ from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
 from pcl_viewer.data.phantom.noise import StudyParents
 from pcl_viewer.data.phantom.priors import MANUFACTURER
 from pcl_viewer.data.phantom.scm import Renderer, Study, sample_studies, standard_dos
+from pcl_viewer.parents import VIEW_KINDS
 
 FORMAT = "pcl-phantom"
-CF_KINDS: tuple[str, ...] = ("scanner", "effusion", "both")
 META_COLUMNS = ["ImageID", "ImageDir", "StudyID", "PatientID", "PatientBirth",
                 "StudyDate_DICOM", "PatientSex_DICOM", "PatientAge", "Projection",
                 "Manufacturer_DICOM", "Labels", "split", "style", "care", "effusion",
@@ -85,7 +85,7 @@ def _work(args: tuple) -> tuple[list, list, list, dict, float]:
     chunk, out, size, seed, with_cf = args
     out = Path(out)
     metas, golds, noises = [], [], []
-    cfs: dict[str, list] = {k: [] for k in CF_KINDS}
+    cfs: dict[str, list] = {k: [] for k in VIEW_KINDS}
     for idx, st in chunk:
         image_id = f"phantom_s{seed}_{idx:06d}.png"
         r = Renderer(st.noise)
@@ -157,7 +157,7 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if counterfactuals:
-        for k in CF_KINDS:
+        for k in VIEW_KINDS:
             (out / "counterfactuals" / k).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     regime = regime or DEFAULT_REGIME
@@ -169,7 +169,7 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
     jobs = [(items[i:i + step], str(out), size, seed, counterfactuals)
             for i in range(0, n, step)]
     metas, golds, noises = [], [], []
-    cfs: dict[str, list] = {k: [] for k in CF_KINDS}
+    cfs: dict[str, list] = {k: [] for k in VIEW_KINDS}
     cpu = [0.0]
 
     def collect(res):
@@ -178,7 +178,7 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
         metas.extend(m)
         golds.extend(g)
         noises.extend(nz)
-        for k in CF_KINDS:
+        for k in VIEW_KINDS:
             cfs[k].extend(c[k])
         if progress:
             progress(len(metas), n)
@@ -194,7 +194,7 @@ def generate(out: Path, n: int, size: int = 128, seed: int = 0, *, counterfactua
     _write_csv(out / "gold_masks.csv", MASK_COLUMNS, golds)
     (out / "noise.jsonl").write_text("\n".join(noises) + "\n")
     if counterfactuals:
-        for k in CF_KINDS:
+        for k in VIEW_KINDS:
             _write_csv(out / "counterfactuals" / f"gold_{k}.csv", MASK_COLUMNS, cfs[k])
     elapsed = time.perf_counter() - t0
     eff = [int(m[14]) for m in metas]

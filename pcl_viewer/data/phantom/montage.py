@@ -20,6 +20,7 @@ import numpy as np
 from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
 from pcl_viewer.data.phantom.generate import write_png16
 from pcl_viewer.data.phantom.scm import Renderer, Study, sample_studies, standard_dos
+from pcl_viewer.parents import VIEW_KINDS
 
 ROWS: tuple[tuple[str, bool], ...] = tuple(
     (s, e) for s in ("philips", "imagingdynamics", "portable") for e in (False, True))
@@ -96,7 +97,7 @@ def make_montage(out: Path, size: int = 256, seed: int = 0,
         ren = Renderer(st.noise)
         views = [ren.render(parents, size)]
         dos = standard_dos(st.noise, parents)
-        views += [ren.counterfactual(parents, dos[k], size) for k in ("scanner", "effusion", "both")]
+        views += [ren.counterfactual(parents, dos[k], size) for k in VIEW_KINDS]
         y = head + r * size
         for c, (img, mask) in enumerate(views):
             canvas[y:y + size, side + c * size: side + (c + 1) * size] = overlay(img, mask)

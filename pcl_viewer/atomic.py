@@ -2,11 +2,13 @@
 
 One module for every writer that must never leave half a file behind:
 
-- :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_writer`: write to a
-  uniquely named temporary file in the same folder (``tempfile.NamedTemporaryFile(dir=...,
-  delete=False)``), flush, ``fsync``, ``os.replace`` over the target, ``fsync`` the folder.
-  Readers see the old file or the new one, never a truncated one; two writers of the same
-  file never share a temporary name; on any error the temporary file is removed.
+- :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_writer` /
+  :func:`atomic_path`: write to a uniquely named temporary file in the same folder
+  (``tempfile.mkstemp(dir=...)``), ``fsync``, ``os.replace`` over the target, ``fsync`` the
+  folder. Readers see the old file or the new one, never a truncated one; two writers of the
+  same file never share a temporary name; on any error the temporary file is removed.
+  :func:`atomic_path` / :func:`atomic_save` hand out the temporary *path*, for writers that
+  want a file name (``nibabel.save``, ``np.save``, ``fig.savefig``) rather than an open file.
 - :func:`atomic_dir`: the same for a folder (checkpoints, bundles): fill a temporary sibling
   folder, then swap it in with two renames.
 - :class:`FolderLock`: an exclusive, non-blocking lock on a folder (``fcntl.flock`` on POSIX,
@@ -26,7 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,6 +51,37 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _extension(path: Path) -> str:
+    """``.nii.gz`` for a gzipped NIfTI, else the last suffix (``.png``), else ``""``."""
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a unique temporary sibling of ``path`` to write; on success it replaces ``path``.
+
+    The temporary name is ``.NAME.<random>.tmp``; with ``keep_suffix`` it ends in the
+    target's extension too (``.NAME.<random>.tmp.nii.gz``), for writers that choose the
+    format from the file name. The caller writes the file (and closes it); on leaving the
+    block it is fsynced and renamed over ``path``. On any exception (a full disk, a bug,
+    Ctrl-C) the temporary file is removed and the old ``path`` is kept.
+    """
+    path = Path(path)
+    suffix = ".tmp" + (_extension(path) if keep_suffix else "")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "r+b") as fh:  # writable: Windows cannot fsync a read-only handle
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
                   newline: str | None = "") -> Iterator[IO[Any]]:
@@ -57,22 +90,21 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None
     ``mode`` is ``"w"`` (text, ``encoding``/``newline`` apply) or ``"wb"``. On any exception
     (a full disk, a bug, Ctrl-C) the temporary file is removed and the old ``path`` is kept.
     """
-    path = Path(path)
     binary = "b" in mode
-    tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, kept on success
-        mode=mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-        **({} if binary else {"encoding": encoding, "newline": newline}))
-    try:
-        with tmp:
-            yield tmp
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(
+            tmp, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as fh:
+        yield fh
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], object]) -> Path:
+    """Create ``path``'s folder, then ``save(tmp)`` under :func:`atomic_path` (the temporary
+    name keeps the extension); returns ``path``. For file-name writers, e.g.
+    ``atomic_save(p, lambda t: nib.save(img, t))``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        save(tmp)
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -8,11 +8,11 @@ CHRO-map overlay below. Drawn with matplotlib's Agg backend (no display).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pcl_viewer.atomic import atomic_save
 from pcl_viewer.chromap import ChroMap
 from pcl_viewer.colors import LEFT_LUNG, RIGHT_LUNG
 from pcl_viewer.data.preprocess import Geometry
@@ -107,15 +107,7 @@ def _draw_embedding(ax, chromap: ChroMap, classes: np.ndarray | None, max_points
 def _save(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_save(out, lambda t: fig.savefig(t, format="png"))
     finally:
         plt.close(fig)
-    return out

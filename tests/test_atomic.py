@@ -77,3 +77,13 @@ def test_atomic_dir_replaces_a_folder_or_leaves_it_untouched(tmp_path):
 def test_bytes_writer_round_trips(tmp_path):
     path = atomic.atomic_write_bytes(tmp_path / "b.bin", b"\x00\xff" * 10)
     assert Path(path).read_bytes() == b"\x00\xff" * 10
+
+
+def test_atomic_path_keeps_the_extension_for_writers_that_choose_a_format_by_name(tmp_path):
+    target = tmp_path / "labels.nii.gz"
+    with atomic.atomic_path(target, keep_suffix=True) as tmp:
+        seen = tmp.name
+        tmp.write_bytes(b"img")
+    assert seen.endswith(".tmp.nii.gz")
+    assert target.read_bytes() == b"img"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]

@@ -9,7 +9,6 @@ and cached under ``ds.cache_dir`` as a plain ``.npy`` keyed by the bundle finger
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcl_viewer.atomic import atomic_save
 from pcl_viewer.parents import PARENT_NAMES, VIEW_KINDS
 
 
@@ -62,10 +62,7 @@ def write_views(ds, model, batch_size: int = 32, progress=None) -> tuple[Path, f
     rate = len(views) / max(time.perf_counter() - t0, 1e-9)
     fingerprint = model.bundle.fingerprint if model.bundle is not None else "unbundled"
     path = _cache_path(ds, fingerprint, model.image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, views, allow_pickle=False)
-    tmp.replace(path)
+    atomic_save(path, lambda t: np.save(t, views, allow_pickle=False))
     return path, rate
 
 

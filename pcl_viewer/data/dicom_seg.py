@@ -148,10 +148,10 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray,
     Raises:
         DicomSegError: (a ValueError) for labels or a source that cannot make a SEG.
     """
-    from pcl_viewer.data.readers import _atomic_write
+    from pcl_viewer.atomic import atomic_save
 
     seg = build_dicom_seg(labels, source, **kwargs)
-    return _atomic_write(Path(path), lambda t: seg.save_as(t, enforce_file_format=True))
+    return atomic_save(path, lambda t: seg.save_as(t, enforce_file_format=True))
 
 
 def read_dicom_seg(path: str | os.PathLike) -> np.ndarray:

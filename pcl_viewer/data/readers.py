@@ -51,7 +51,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -60,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from pcl_viewer.atomic import atomic_save
 from pcl_viewer.data.scan import Scan, ScanReadError
 
 #: Default pixel budget of one read, in samples (width x height x channels): 2**26,
@@ -833,21 +833,6 @@ _WORKER = _DecodePool()
 # --------------------------------------------------------------- writers ---
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_labels(path: str | os.PathLike, labels: np.ndarray,
                  spacing: tuple[float, float] | None = None) -> Path:
     """Write ``(H, W)`` integer labels (0..255) as uint8 PNG or NIfTI (``.nii``/``.nii.gz``).
@@ -866,14 +851,14 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray,
     if name.endswith(".png"):
         from PIL import Image
 
-        return _atomic_write(p, lambda t: Image.fromarray(lab).save(t, format="PNG"))
+        return atomic_save(p, lambda t: Image.fromarray(lab).save(t, format="PNG"))
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
         affine = np.diag([spacing[1], spacing[0], 1.0, 1.0]) if spacing else np.eye(4)
         img = nib.Nifti1Image(np.ascontiguousarray(lab.T), affine)
         img.header.set_xyzt_units("mm")
-        return _atomic_write(p, lambda t: nib.save(img, t))
+        return atomic_save(p, lambda t: nib.save(img, t))
     raise ValueError(f"{p}: labels are written as .png, .nii or .nii.gz")
 
 
@@ -887,4 +872,4 @@ def write_rgb(path: str | os.PathLike, rgb: np.ndarray) -> Path:
         raise ValueError(f"{p}: RGB images are written as .png")
     from PIL import Image
 
-    return _atomic_write(p, lambda t: Image.fromarray(arr, "RGB").save(t, format="PNG"))
+    return atomic_save(p, lambda t: Image.fromarray(arr, "RGB").save(t, format="PNG"))

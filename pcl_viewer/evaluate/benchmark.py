@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcl_viewer.atomic import atomic_write_text
 from pcl_viewer.evaluate.folds import BUDGETS, label_budget, patient_folds
 from pcl_viewer.evaluate.metrics import segmentation_scores
 from pcl_viewer.models.unet import UNetConfig
@@ -200,21 +200,6 @@ def cell_path(cells: Path, row: str, seed: int, fold: int, budget: str) -> Path:
     return Path(cells) / row / f"seed{seed}" / f"fold{fold}-{budget}.json"
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temp file in the same folder and rename: a kill leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def score_subsets(model, sets: BenchSets, test_idx: np.ndarray, ood: bool = True) -> dict[str, dict]:
     """Mean Dice (%), HD95 and ASD (pixels of the model grid) per subset, with image counts.
 
@@ -335,7 +320,9 @@ def run_grid(
                               preset.unet_config(), ft, pretrained=inits[key],
                               progress=lambda s, n: bar.update(1))
         scores = score_subsets(model, sets, c.test_idx, ood=c.budget == "all")
-        write_json_atomic(cell_path(cells_dir, c.row.slug, c.seed, c.fold, c.budget), {
+        out = cell_path(cells_dir, c.row.slug, c.seed, c.fold, c.budget)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps({
             "method": c.row.name, "row": c.row.slug, "seed": c.seed, "fold": c.fold,
             "budget": c.budget, "n_train": int(len(c.train_idx)), "n_test": int(len(c.test_idx)),
             "scores": scores, "finetune": ft.to_dict(), "train_log": log,
@@ -344,7 +331,7 @@ def run_grid(
             "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "preset": preset.name,
             "data": sets.description, **(extra or {}),
-        })
+        }, indent=1))
         ran += 1
     bar.close()
     return {"done": len(cells) - len(missing), "ran": ran, "left": len(missing) - ran,

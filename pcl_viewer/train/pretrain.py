@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pcl_viewer.atomic import atomic_write_text
 from pcl_viewer.contrastive.losses import PIXEL_LOSSES, SimCLRLoss
 from pcl_viewer.contrastive.sampling import sample_pixels
 from pcl_viewer.data.views import make_views
@@ -289,10 +290,8 @@ def _dist_setup() -> tuple[int, int, torch.device]:
 
 
 def _write_json(path: Path, obj: Any, lines: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     text = "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=2) + "\n"
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def pretrain(

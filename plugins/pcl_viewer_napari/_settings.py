@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from pcl_viewer.atomic import atomic_write_text
 from pcl_viewer.pipeline import DEFAULT_CF_BUNDLE, DEFAULT_SEG_BUNDLE
 
 
@@ -44,8 +45,6 @@ class Settings:
         path = settings_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(self), indent=2))
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps(asdict(self), indent=2))
         except OSError:
             pass  # a read-only home must not break the viewer

@@ -271,7 +271,9 @@ class Pipeline:
             self.cf_evaluation = dict((info.card.get("metrics") or {}).get("eval_cf") or {})
             self._domain = None
         else:
-            self.seg = info.build("unet", device=self.device)
+            from pcl_viewer.device import prepare_for_inference
+
+            self.seg = prepare_for_inference(info.build("unet", device=self.device), self.device)
         self.bundles[part] = BundleInfo(info.name, info.fingerprint, str(path))
 
     @property

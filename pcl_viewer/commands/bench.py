@@ -14,7 +14,7 @@ from pcl_viewer.device import DEVICES
 
 def _device(device: str) -> str:
     """Resolve ``--device`` now, so an unavailable choice fails before any work."""
-    from pcl_viewer.train.finetune import resolve_device
+    from pcl_viewer.device import resolve_device
 
     try:
         return str(resolve_device(device))
@@ -164,9 +164,9 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
     pre-training runs are cached under CACHE/runs/PRESET/DATA/ROW/seedS/. Each cell
     records the device it was fine-tuned on (``train_log.device``).
     """
-    import torch
+    from pcl_viewer.device import configure_threads
 
-    torch.set_num_threads(threads)
+    configure_threads(threads)
     from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, ROWS, bench_preset, load_cells, run_grid
     from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, data_key, git_commit
     from pcl_viewer.evaluate.benchmark_report import provenance, write_report

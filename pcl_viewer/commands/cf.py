@@ -12,10 +12,11 @@ import click
 
 
 def _threads(n: int | None) -> None:
-    import torch
-
+    """``--threads``: torch's intra-op threads when given (else torch's default)."""
     if n:
-        torch.set_num_threads(n)
+        from pcl_viewer.device import configure_threads
+
+        configure_threads(n)
 
 
 @click.command("train-cf")

@@ -141,11 +141,10 @@ def calibrate(data_root: Path, out: Path, description: str, folds: str, budgets:
               regime: str | None, threads: int) -> None:
     """Score the random-init row (the benchmark's cpu protocol) on the phantom: the
     difficulty calibration. Never run on the contrastive rows."""
-    import torch
-
+    from pcl_viewer.device import configure_threads
     from pcl_viewer.evaluate.calibration import calibrate_none_row, summarise
 
-    torch.set_num_threads(threads)
+    configure_threads(threads)
     rows = calibrate_none_row(data_root, out, description,
                               folds=tuple(int(f) for f in folds.split(",")),
                               budgets=tuple(budgets.split(",")), regime=regime, echo=click.echo)

@@ -153,17 +153,4 @@ def _pipeline(cf_bundle: str | None, seg_bundle: str | None, device: str):
         pipeline = Pipeline.from_bundles(_bundle_arg(cf_bundle), _bundle_arg(seg_bundle), device)
     except (BundleError, ValueError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
-    return _channels_last(pipeline)
-
-
-def _channels_last(pipeline):
-    """NHWC weights: oneDNN's convolutions (transposed ones above all) run ~1.4x faster on
-    the CPU; labels are unchanged (images differ by < 1e-7). The pipeline is private here."""
-    import torch
-
-    if pipeline.device == "cpu":
-        for net in (pipeline.seg, getattr(pipeline.cf, "hvae", None),
-                    getattr(pipeline.cf, "classifier", None)):
-            if isinstance(net, torch.nn.Module):
-                net.to(memory_format=torch.channels_last)
     return pipeline

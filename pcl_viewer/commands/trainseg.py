@@ -28,14 +28,14 @@ def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float, epoc
               eval_n: int, threads: int | None, device: str) -> None:
     """Random-init U-Net, strong MONAI augmentation, realistic + easy phantom gold labels;
     scored on fresh images of both regimes and the unseen portable style."""
-    import torch
     from tqdm import tqdm
 
+    from pcl_viewer.device import configure_threads
     from pcl_viewer.evaluate.benchmark_inputs import git_commit
     from pcl_viewer.evaluate.ship import train_shipped_segmenter
 
     if threads:
-        torch.set_num_threads(threads)
+        configure_threads(threads)
     commit = git_commit()
     bar = tqdm(unit="step", desc="train-seg")
 

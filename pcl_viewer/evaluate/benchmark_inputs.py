@@ -109,13 +109,10 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
              styles=tuple(styles), severe=severe, studies_per_patient=studies_per_patient,
              workers=default_workers(), regime=regime)
     if silver:
-        import torch
-
         from pcl_viewer.data.phantom.silver import make_silver
 
-        threads = torch.get_num_threads()  # make_silver sets its own thread count
+        # runs with its own thread count and restores ours
         make_silver(root, seed=seed, steps=silver_steps, echo=lambda *a, **k: None)
-        torch.set_num_threads(threads)
     (root / ".complete").write_text(marker)
     return root
 

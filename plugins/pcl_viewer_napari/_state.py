@@ -57,11 +57,12 @@ class AppState:
         meanwhile waits for it in its ``load`` stage instead of loading twice."""
         import time
 
-        from pcl_viewer_napari._workers import torch_threads, worker_threads
+        from pcl_viewer.device import limited_threads
+        from pcl_viewer_napari._workers import worker_threads
 
         def job() -> None:
             t0 = time.perf_counter()
-            with cls._lock, torch_threads(worker_threads()):
+            with cls._lock, limited_threads(worker_threads()):
                 try:
                     pipe = cls.get(cf_bundle, seg_bundle, device) or cls._load(
                         cf_bundle, seg_bundle, device)

@@ -19,11 +19,10 @@ replay of a worker run (timing and numerics).
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
 from typing import Any
 
+from pcl_viewer.device import limited_threads, thread_count
 from pcl_viewer.pipeline import Cancelled
 
 Outcome = tuple[str, Any]
@@ -36,44 +35,19 @@ def synchronous() -> bool:
 def worker_threads() -> int:
     """Torch intra-op threads for a run started from the widget.
 
-    ``$PCL_VIEWER_WORKER_THREADS`` if set, else one fewer than the usable cores (at
-    least one, at most ``$PCL_VIEWER_THREADS``): the Qt thread keeps a core to paint.
+    ``$PCL_VIEWER_WORKER_THREADS`` if set, else :func:`pcl_viewer.device.thread_count`
+    with one core reserved: one fewer than the usable cores (at least one, at most
+    ``$PCL_VIEWER_THREADS``), so the Qt thread keeps a core to paint.
     """
     env = os.environ.get("PCL_VIEWER_WORKER_THREADS", "").strip()
     if env:
         return max(1, int(env))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS / Windows
-        cores = os.cpu_count() or 1
-    cap = os.environ.get("PCL_VIEWER_THREADS", "").strip()
-    n = max(1, cores - 1)
-    return min(n, max(1, int(cap))) if cap else n
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[int]:
-    """Run the block with ``n`` torch intra-op threads in the calling thread, then restore.
-
-    OpenMP's thread count is per calling thread: set in a worker thread it leaves the
-    Qt thread's count alone.
-    """
-    import torch
-
-    before, owner = torch.get_num_threads(), threading.get_ident()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        # a generator closed by the garbage collector may finish in another thread
-        if n != before and threading.get_ident() == owner:
-            torch.set_num_threads(before)
+    return thread_count(gui_reserve=1)
 
 
 def with_worker_threads(gen: Generator[Any, None, Any]) -> Generator[Any, None, Any]:
     """``gen`` run with :func:`worker_threads` torch threads in the thread that iterates it."""
-    with torch_threads(worker_threads()):
+    with limited_threads(worker_threads()):
         return (yield from gen)
 
 

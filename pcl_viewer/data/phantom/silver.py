@@ -192,16 +192,22 @@ def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
 
 def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: int = 200,
                 threshold: float = 0.7, seed: int = 0, echo=print) -> dict:
-    """Train, label the pool, write ``silver_masks.csv`` and ``silver_report.json``."""
-    import torch
+    """Train, label the pool, write ``silver_masks.csv`` and ``silver_report.json``.
 
+    Runs with ``$PCL_SILVER_THREADS`` torch threads (1 by default: on the shared 2-core
+    machine 2 threads spin-wait, measured); the caller's count is restored afterwards.
+    """
+    from pcl_viewer.device import limited_threads
+
+    with limited_threads(max(1, int(os.environ.get("PCL_SILVER_THREADS", "1") or 1))):
+        return _make_silver(Path(data), n_train, scanner, steps, threshold, seed, echo)
+
+
+def _make_silver(data: Path, n_train: int, scanner: str, steps: int, threshold: float,
+                 seed: int, echo) -> dict:
     from pcl_viewer.data import rle
     from pcl_viewer.data.dataset import load_dataset
 
-    # 1 thread by default: on the shared 2-core machine 2 threads spin-wait (measured);
-    # PCL_SILVER_THREADS lets a many-core machine use more.
-    torch.set_num_threads(max(1, int(os.environ.get("PCL_SILVER_THREADS", "1") or 1)))
-    data = Path(data)
     n_train = min(int(n_train), 20)
     ds = load_dataset(data)
     rng = np.random.default_rng(seed)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pcl_viewer.atomic import atomic_save
 from pcl_viewer.chromap import ChroMap
 from pcl_viewer.colors import LEFT_LUNG, RIGHT_LUNG
 from pcl_viewer.data.preprocess import Geometry
+from pcl_viewer.figures import save_figure
 
 CLASS_NAMES: tuple[str, ...] = ("background", "right lung", "left lung")
 # the project's one lung colour scheme (pcl_viewer.colors); grey for the background
@@ -105,9 +105,4 @@ def _draw_embedding(ax, chromap: ChroMap, classes: np.ndarray | None, max_points
 
 
 def _save(fig, out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        return atomic_save(out, lambda t: fig.savefig(t, format="png"))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, out, format="png")

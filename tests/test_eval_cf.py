@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pcl_viewer.parents import VIEW_KINDS
+
 
 @pytest.fixture(scope="module")
 def phantom64(tmp_path_factory):
@@ -52,12 +54,12 @@ def test_eval_cf_refuses_a_judge_that_cannot_classify(phantom64, cf_bundle_path,
 
 
 def test_counterfactual_figures_are_written(tmp_path):
-    from pcl_viewer.evaluate.cf_quality import KINDS, counterfactual_figure, effusion_figure
+    from pcl_viewer.evaluate.cf_quality import counterfactual_figure, effusion_figure
 
     rng = np.random.default_rng(0)
     x = rng.random((4, 1, 32, 32)).astype(np.float32)
-    true_cf = np.clip(x[:, None] + 0.1, 0, 1).repeat(len(KINDS), axis=1)
-    examples = {k: np.clip(x + 0.05, 0, 1) for k in KINDS}
+    true_cf = np.clip(x[:, None] + 0.1, 0, 1).repeat(len(VIEW_KINDS), axis=1)
+    examples = {k: np.clip(x + 0.05, 0, 1) for k in VIEW_KINDS}
     parents = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 0]], np.float32)
     counterfactual_figure(tmp_path / "a.png", x[:2], true_cf[:2],
                           {k: v[:2] for k, v in examples.items()}, parents[:2], title="t")

@@ -27,6 +27,7 @@ from pcl_viewer.evaluate.benchmark import (
     ROWS,
 )
 from pcl_viewer.evaluate.stats import crossed_interval, holm
+from pcl_viewer.figures import pyplot, save_figure
 
 # benchmark.csv: one row per method at the full label budget.
 MAIN_COLUMNS: tuple[str, ...] = (
@@ -583,10 +584,7 @@ def pretrain_curves(runs: Path) -> list[dict]:
 def plot_pretrain_curves(curves: list[dict], path: Path) -> None:
     """Probe Dice against pre-training steps: one line per row (mean over seeds, band =
     min..max over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
@@ -608,17 +606,12 @@ def plot_pretrain_curves(curves: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_benchmark(main: list[dict], path: Path) -> None:
     """Grouped bars: Dice by method and subgroup, error bars = fold std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [("dsc", "overall"), ("dsc_nf", "nf"), ("dsc_pe", "pe"), ("dsc_w74", "w74"),
             ("dsc_portable", "portable"), ("dsc_severe", "severe")]
@@ -635,17 +628,12 @@ def plot_benchmark(main: list[dict], path: Path) -> None:
     ax.legend(ncol=len(keys), fontsize=8, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_label_efficiency(eff: list[dict], path: Path) -> None:
     """Dice against the number of labelled images, one line per method (log x)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     methods = list(dict.fromkeys(e["method"] for e in eff))
@@ -677,9 +665,7 @@ def plot_label_efficiency(eff: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header: str,

@@ -30,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pcl_viewer.figures import pyplot, save_figure
 from pcl_viewer.models.classifiers import balanced_accuracy
 from pcl_viewer.models.counterfactual import STANDARD_DOS, CounterfactualModel, intervene
-from pcl_viewer.parents import PARENT_NAMES
+from pcl_viewer.parents import PARENT_NAMES, VIEW_KINDS
 
-KINDS: tuple[str, ...] = tuple(STANDARD_DOS)
 TARGETS = {"composition_mae": 0.01, "reversibility_mae": 0.02, "effectiveness": 0.90,
            "mae_reduction_vs_identity": 0.50}
 #: Acceptance targets of the effusion counterfactual per direction and of do(scanner).
@@ -119,7 +119,7 @@ def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents:
         report["classifier_factual_balanced_accuracy"] = {
             name: balanced_accuracy(probs[:, j] >= 0.5, parents[:, j] >= 0.5)
             for j, name in enumerate(PARENT_NAMES)}
-    for k, kind in enumerate(KINDS):
+    for k, kind in enumerate(VIEW_KINDS):
         x_cf = r[kind]
         m: dict = {"reversibility_mae": float(np.abs(r[f"{kind}_back"] - x).mean()),
                    "mean_abs_change": float(np.abs(x_cf - x).mean())}
@@ -148,7 +148,7 @@ def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents:
                 for name in STANDARD_DOS[kind]}
         report["interventions"][kind] = m
     if true_cf is not None:
-        k = KINDS.index("effusion")
+        k = VIEW_KINDS.index("effusion")
         for direction, sel in (("remove", parents[:, 2] > 0.5), ("add", parents[:, 2] <= 0.5)):
             if not sel.any():
                 continue
@@ -162,9 +162,9 @@ def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents:
     report["meets_targets"] = _check_targets(report)
     report["acceptance"] = acceptance(report)
     if keep_all:
-        report["examples"] = {k: r[k] for k in KINDS}
+        report["examples"] = {k: r[k] for k in VIEW_KINDS}
     elif keep:
-        report["examples"] = {k: r[k][:keep] for k in KINDS}
+        report["examples"] = {k: r[k][:keep] for k in VIEW_KINDS}
     return report
 
 
@@ -336,14 +336,11 @@ def counterfactual_figure(path, x: np.ndarray, true_cf: np.ndarray | None, examp
                           parents: np.ndarray, title: str = "") -> None:
     """Grid per example image and intervention: factual, model CF, true CF, model difference,
     true difference (difference range +-0.3, red = brighter)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(next(iter(examples.values())))
     cols = ["factual", "model CF", "true CF", "model CF - factual", "true CF - factual"]
-    rows = [(i, k, kind) for i in range(n) for k, kind in enumerate(KINDS)]
+    rows = [(i, k, kind) for i in range(n) for k, kind in enumerate(VIEW_KINDS)]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.1 * len(cols), 2.1 * len(rows)))
     for r_i, (i, k, kind) in enumerate(rows):
         model_cf = examples[kind][i, 0]
@@ -356,8 +353,7 @@ def counterfactual_figure(path, x: np.ndarray, true_cf: np.ndarray | None, examp
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def pick_figure_rows(x: np.ndarray, true_cf: np.ndarray, parents: np.ndarray,
@@ -365,7 +361,7 @@ def pick_figure_rows(x: np.ndarray, true_cf: np.ndarray, parents: np.ndarray,
     """Rows ``(image index, kind, label)`` of :func:`effusion_figure`: effusion removed on
     right, left and bilateral effusions, small and large (fluid-region area); effusion added
     to ``n_add`` normal images; one scanner flip."""
-    k = KINDS.index("effusion")
+    k = VIEW_KINDS.index("effusion")
     region = fluid_regions(x, true_cf[:, k])
     area = region.reshape(len(x), -1).mean(1)
     side = change_sides(np.abs(true_cf[:, k] - x)[:, 0])
@@ -393,17 +389,14 @@ def effusion_figure(path, x: np.ndarray, true_cf: np.ndarray, examples: dict,
     """Counterfactual figure: rows from :func:`pick_figure_rows`; columns factual, model CF,
     true CF, model CF - factual, true CF - factual (difference range +-0.3, red = brighter).
     ``examples[kind]``: every image's model counterfactual (N, 1, S, S)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = pick_figure_rows(x, true_cf, parents, n_add)
     cols = ["factual", "model CF", "true CF", "model CF - factual", "true CF - factual"]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.0 * len(cols), 2.0 * len(rows)),
                              squeeze=False)
     for r_i, (i, kind, label) in enumerate(rows):
-        k = KINDS.index(kind)
+        k = VIEW_KINDS.index(kind)
         model_cf, truth = examples[kind][i, 0], true_cf[i, k, 0]
         panels = [x[i, 0], model_cf, truth, model_cf - x[i, 0], truth - x[i, 0]]
         _draw_panels(axes[r_i], panels, cols if r_i == 0 else None)
@@ -411,5 +404,4 @@ def effusion_figure(path, x: np.ndarray, true_cf: np.ndarray, examples: dict,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

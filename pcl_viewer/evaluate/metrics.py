@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,6 +61,18 @@ def _labels(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu()
     return torch.as_tensor(np.ascontiguousarray(a))
+
+
+def _batch_of_maps(pred: Any, gold: Any) -> tuple[Any, Any]:
+    """``pred`` and ``gold`` (NumPy arrays or tensors) as ``(N, H, W)`` batches; ValueError
+    when their shapes differ or are neither ``(N, H, W)`` nor ``(H, W)``."""
+    if pred.shape != gold.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != gold shape {tuple(gold.shape)}")
+    if pred.ndim == 2:
+        pred, gold = pred[None], gold[None]
+    if pred.ndim != 3:
+        raise ValueError(f"expected (N, H, W) or (H, W) label maps, got shape {tuple(pred.shape)}")
+    return pred, gold
 
 
 def dice_scores(
@@ -102,13 +114,7 @@ def dice_scores(
 
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    p, g = _labels(pred), _labels(gold)
-    if p.shape != g.shape:
-        raise ValueError(f"prediction shape {tuple(p.shape)} != gold shape {tuple(g.shape)}")
-    if p.ndim == 2:
-        p, g = p[None], g[None]
-    if p.ndim != 3:
-        raise ValueError(f"expected (N, H, W) or (H, W) label maps, got shape {tuple(p.shape)}")
+    p, g = _batch_of_maps(_labels(pred), _labels(gold))
     cls = torch.as_tensor(list(classes), dtype=torch.long)[None, :, None, None]
     tdtype = getattr(torch, dtype)
     out = np.empty((p.shape[0], cls.shape[1]), dtype)
@@ -163,14 +169,7 @@ def segmentation_scores(
         :class:`SegmentationScores` with Dice in [0, 1] (:func:`dice_scores`, float32,
         both-empty 1) and distances in spacing units.
     """
-    pred = np.asarray(pred)
-    gold = np.asarray(gold)
-    if pred.shape != gold.shape:
-        raise ValueError(f"prediction shape {pred.shape} != gold shape {gold.shape}")
-    if pred.ndim == 2:
-        pred, gold = pred[None], gold[None]
-    if pred.ndim != 3:
-        raise ValueError(f"expected (N, H, W) or (H, W) label maps, got shape {pred.shape}")
+    pred, gold = _batch_of_maps(np.asarray(pred), np.asarray(gold))
     n_classes = int(max(max(classes), pred.max(initial=0), gold.max(initial=0))) + 1
     p, g = _one_hot(pred, n_classes), _one_hot(gold, n_classes)
     cls = list(classes)

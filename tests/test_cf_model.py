@@ -48,9 +48,8 @@ def toy_data(n: int = 256, seed: int = 0) -> TrainingData:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_torch_thread):
     """A smoke-preset model overfitted for a few seconds on the toy SCM, exported as a bundle."""
-    torch.set_num_threads(1)
     data = toy_data()
     cfg = CFTrainConfig(preset="smoke", steps=150, batch_size=16, lr=5e-3, warmup=10,
                         kl_warmup=50, ema_decay=0.9, cls_steps=60, cls_batch_size=32,

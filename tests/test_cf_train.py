@@ -1,37 +1,90 @@
-"""train-cf checkpoints: a run interrupted and resumed ends exactly where an uninterrupted one does."""
+"""train-cf: preset defaults, the learning-rate schedule, and checkpoints (a run interrupted
+and resumed ends exactly where an uninterrupted one does)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from test_cf_model import TOY_HVAE, toy_data
 
 from pcl_viewer.models.classifiers import expected_calibration_error, fit_temperature
-from pcl_viewer.train.cf import CFTrainConfig, train_cf
+from pcl_viewer.presets import PRESETS
+from pcl_viewer.train.cf import PRESET_DEFAULTS, CFTrainConfig, _lr, train_cf
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg() -> CFTrainConfig:
-    return CFTrainConfig(preset="smoke", seed=3, steps=6, batch_size=8, warmup=2, kl_warmup=2,
-                         cls_steps=4, cls_batch_size=8, checkpoint_every=2,
-                         hvae_overrides=TOY_HVAE)
+    return CFTrainConfig.for_preset("smoke", seed=3, steps=6, batch_size=8, warmup=2,
+                                    kl_warmup=2, cls_steps=4, cls_batch_size=8,
+                                    checkpoint_every=2, hvae_overrides=TOY_HVAE)
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
-    torch.set_num_threads(1)
-    data = toy_data(n=64)
-    ref = train_cf(data, _cfg(), tmp_path / "ref", progress=False)
+@pytest.fixture(scope="module")
+def data():
+    return toy_data(n=64)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory, one_torch_thread):
+    """An uninterrupted run of :func:`_cfg` and its run folder."""
+    run_dir = tmp_path_factory.mktemp("ref")
+    return train_cf(data, _cfg(), run_dir, progress=False), run_dir
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_has_its_run_length_and_batch(preset):
+    cfg = CFTrainConfig.for_preset(preset)
+    assert {k: getattr(cfg, k) for k in PRESET_DEFAULTS[preset]} == PRESET_DEFAULTS[preset]
+
+
+def test_preset_overrides_replace_the_defaults_and_none_keeps_them():
+    cfg = CFTrainConfig.for_preset("cpu", steps=7, batch_size=None, lr=1e-3)
+    assert (cfg.steps, cfg.batch_size, cfg.lr) == (7, 32, 1e-3)
+
+
+def test_an_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        CFTrainConfig.for_preset("huge")
+
+
+def test_a_warm_start_starts_at_the_full_kl_weight_unless_told_otherwise():
+    assert CFTrainConfig.for_preset("cpu", init_bundle="cf-cpu").kl_warmup == 0
+    assert CFTrainConfig.for_preset("cpu", init_bundle="cf-cpu", kl_warmup=5).kl_warmup == 5
+    assert CFTrainConfig.for_preset("cpu").kl_warmup == CFTrainConfig().kl_warmup
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
+    lrs = [_lr(step, 100, 2e-3, 10) for step in range(101)]
+    assert lrs[:10] == pytest.approx([2e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(2e-3)
+    assert lrs[100] == pytest.approx(2e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_resume_after_interrupt_equals_uninterrupted(data, reference, tmp_path):
+    ref, ref_dir = reference
     # "Kill" after 4 classifier + 3 HVAE steps: the last checkpoint is at HVAE step 2.
     train_cf(data, _cfg(), tmp_path / "resumed", stop_after=7, progress=False)
     resumed = train_cf(data, _cfg(), tmp_path / "resumed", progress=False)
     assert resumed.stage == ref.stage == "done"
     for name in ("hvae", "ema", "cls"):
-        a, b = getattr(ref, name).state_dict(), getattr(resumed, name).state_dict()
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}.{key} differs after resume"
-    hist = [json.loads(line) for line in (tmp_path / "ref" / "history.jsonl").read_text().splitlines()]
+        _assert_same_weights(getattr(ref, name), getattr(resumed, name))
+
+
+def test_history_is_logged_at_every_checkpoint(reference):
+    _, ref_dir = reference
+    hist = [json.loads(line) for line in (ref_dir / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist if h["stage"] == "hvae"] == [2, 4, 6]
 
 
@@ -47,11 +100,9 @@ def test_temperature_scaling_reduces_calibration_error_of_overconfident_logits()
     assert after < 0.5 * before
 
 
-def test_cf_finetune_keeps_the_encoder_frozen_and_reports_its_constraint(tmp_path):
+def test_cf_finetune_keeps_the_encoder_frozen_and_reports_its_constraint(data, tmp_path):
     from pcl_viewer.train.cf import finetune_cf
 
-    torch.set_num_threads(1)
-    data = toy_data(n=64)
     run = train_cf(data, _cfg(), tmp_path / "run", progress=False)
     stem = run.ema.stem.weight.clone()
     out_before = run.ema.out.weight.clone()
@@ -62,8 +113,6 @@ def test_cf_finetune_keeps_the_encoder_frozen_and_reports_its_constraint(tmp_pat
 
 
 def test_hvae_batches_balance_effusion_without_inventing_groups():
-    import numpy as np
-
     from pcl_viewer.train.cf import _batch_indices
 
     pa = np.zeros((100, 3), np.float32)
@@ -78,7 +127,7 @@ def test_hvae_batches_balance_effusion_without_inventing_groups():
     assert _batch_indices(rng, pa, 16, None).shape == (16,)
 
 
-def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(tmp_path):
+def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(data, tmp_path):
     from pcl_viewer.models.bundle import save_bundle
     from pcl_viewer.models.classifiers import build_classifiers
     from pcl_viewer.models.hvae import HVAE, HVAEConfig
@@ -97,7 +146,7 @@ def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(tmp_pa
     c.hvae_overrides = {**TOY_HVAE, "fluid_dim": 2}
     c.init_bundle = str(tmp_path / "b")
     c.steps, c.cls_steps = 0, 0
-    run = train_cf(toy_data(n=64), c, tmp_path / "run", progress=False)
+    run = train_cf(data, c, tmp_path / "run", progress=False)
     assert run.init_info["widened"] == 1 and run.init_info["fresh"] > 0
     x = torch.rand(4, 1, 32, 32)
     pa = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 1], [1, 0, 0]], dtype=torch.float32)
@@ -111,13 +160,11 @@ def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(tmp_pa
     assert not torch.allclose(run.ema.abduct(x, pa)["mu"][1:3], ref[1:3], atol=1e-4)
 
 
-def test_until_step_stops_the_hvae_stage_and_a_rerun_continues_exactly(tmp_path):
-    torch.set_num_threads(1)
-    data = toy_data(n=64)
-    ref = train_cf(data, _cfg(), tmp_path / "ref", progress=False)
+def test_until_step_stops_the_hvae_stage_and_a_rerun_continues_exactly(data, reference,
+                                                                       tmp_path):
+    ref, _ = reference
     cut = train_cf(data, _cfg(), tmp_path / "cut", progress=False, until_step=3)
     assert (cut.stage, cut.step) == ("hvae", 3)  # 3 is not a checkpoint multiple: saved anyway
     again = train_cf(data, _cfg(), tmp_path / "cut", progress=False)
     assert again.stage == "done"
-    for key, value in ref.ema.state_dict().items():
-        assert torch.equal(value, again.ema.state_dict()[key]), key
+    _assert_same_weights(ref.ema, again.ema)

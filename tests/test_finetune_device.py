@@ -1,21 +1,18 @@
-"""Fine-tuning on a device: resolution, and CPU numerics unchanged by the device path."""
+"""Fine-tuning on a device: the project's resolver, and CPU numerics unchanged by the device
+path (resolution itself: tests/test_device.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from pcl_viewer.device import available_devices
+from pcl_viewer import device
+from pcl_viewer.device import available_devices, default_device
 from pcl_viewer.models.unet import UNetConfig
 from pcl_viewer.train import finetune as ft
-from pcl_viewer.train.finetune import (
-    FinetuneConfig,
-    default_device,
-    finetune,
-    predict,
-    resolve_device,
-)
+from pcl_viewer.train.finetune import FinetuneConfig, finetune, predict
 
 HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy(n: int = 10, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,65 +34,39 @@ def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_auto_resolves_to_the_best_available_device():
-    assert resolve_device("auto") == torch.device(available_devices()[0])
-    assert resolve_device(None) == resolve_device("auto")
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    if not HAS_CUDA and "mps" not in available_devices():
-        assert resolve_device("auto").type == "cpu"
+ONLY_CPU = not HAS_CUDA and "mps" not in available_devices()
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
-def test_unavailable_cuda_fails_with_a_clear_message():
-    with pytest.raises(ValueError, match=r"'cuda' is not available here \(available: .*cpu"):
-        resolve_device("cuda")
-    with pytest.raises(ValueError, match="not available"):
-        resolve_device("cuda:0")
+def test_unavailable_cuda_fails_before_training_with_the_installation_hint():
     imgs, masks = _toy(4)
     with pytest.raises(ValueError, match="GPU installation"):
         finetune(imgs, masks, UNetConfig.for_preset("smoke"), CFG, device="cuda")
 
 
-def test_unknown_device_is_refused():
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        resolve_device("tpu")
-
-
-def test_default_device_block_sets_what_auto_means_and_is_restored():
-    with default_device("cpu") as dev:
-        assert dev == torch.device("cpu")
-        assert resolve_device("auto") == torch.device("cpu")
-    assert ft._AUTO_DEVICE is None
-    if not HAS_CUDA:
-        with pytest.raises(ValueError, match="not available"), default_device("cuda"):
-            pass
-        assert ft._AUTO_DEVICE is None
+def test_the_device_resolvers_are_the_projects_own():
+    assert (ft.resolve_device, ft.default_device) == (device.resolve_device, device.default_device)
 
 
 def test_cpu_device_gives_bit_identical_weights_to_the_default_path():
     """The half-done CPU benchmark grid must stay comparable: device="cpu", the default
-    ("auto" -> cpu on a CPU machine) and a ``default_device("cpu")`` block all give the
-    very same weights, loss and predictions."""
+    and a ``default_device("cpu")`` block all give the very same weights, loss and
+    predictions."""
     imgs, masks = _toy()
     unet = UNetConfig.for_preset("smoke")
-    ref, ref_log = finetune(imgs, masks, unet, CFG)
-    explicit, log = finetune(imgs, masks, unet, CFG, device="cpu")
+    ref, ref_log = finetune(imgs, masks, unet, CFG, device="cpu")
     with default_device("cpu"):
-        blocked, _ = finetune(imgs, masks, unet, CFG)
-    assert _states_equal(ref, explicit) and _states_equal(ref, blocked)
-    assert log["final_loss"] == ref_log["final_loss"] and log["device"] == "cpu"
-    if not HAS_CUDA and "mps" not in available_devices():
-        assert ref_log["device"] == "cpu"
-    assert np.array_equal(predict(ref, imgs, device="cpu"), predict(explicit, imgs))
+        blocked, log = finetune(imgs, masks, unet, CFG)
+    assert _states_equal(ref, blocked)
+    assert (log["final_loss"], log["device"]) == (ref_log["final_loss"], "cpu")
+    assert np.array_equal(predict(ref, imgs, device="cpu"), predict(blocked, imgs, device="cpu"))
+
+
+@pytest.mark.skipif(not ONLY_CPU, reason="needs a machine with only a CPU")
+def test_the_default_device_is_the_cpu_on_a_cpu_only_machine():
+    imgs, masks = _toy(4)
+    _, log = finetune(imgs, masks, UNetConfig.for_preset("smoke"), CFG)
+    assert log["device"] == "cpu"
 
 
 def test_augmentation_is_unchanged_by_the_device_plumbing():
@@ -149,17 +120,23 @@ def test_cuda_finetune_returns_a_cpu_model_and_predict_restores_its_device(tmp_p
     assert all(v.device.type == "cpu" for v in state.values())
 
 
-def test_cli_refuses_an_unavailable_device_before_any_work(tmp_path):
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_bench_refuses_an_unavailable_device_before_any_work(tmp_path):
     from click.testing import CliRunner
 
     from pcl_viewer.commands.bench import bench
-    from pcl_viewer.commands.evaluate import evaluate
 
-    if HAS_CUDA:
-        pytest.skip("needs a machine without CUDA")
     r = CliRunner().invoke(bench, ["--preset", "smoke", "--out", str(tmp_path / "r"),
                                    "--cache", str(tmp_path / "c"), "--device", "cuda"])
-    assert r.exit_code == 2 and "not available" in r.output
+    assert (r.exit_code, "not available" in r.output) == (2, True)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_evaluate_refuses_an_unavailable_device():
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.evaluate import evaluate
+
     r = CliRunner().invoke(evaluate, ["--device", "cuda"])
-    assert r.exit_code == 2 and "not available" in r.output
+    assert (r.exit_code, "not available" in r.output) == (2, True)

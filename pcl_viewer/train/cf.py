@@ -9,16 +9,17 @@ batches and noise come only from the saved generators.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pcl_viewer.device import resolve_device
 from pcl_viewer.models.bundle import ModelBundle, save_bundle
 from pcl_viewer.models.classifiers import (
     AttributeClassifiers,
@@ -29,9 +30,19 @@ from pcl_viewer.models.classifiers import (
 )
 from pcl_viewer.models.hvae import HVAE, HVAEConfig
 from pcl_viewer.parents import PARENT_VALUES
+from pcl_viewer.presets import check_preset
 from pcl_viewer.train.checkpoint import load_checkpoint, save_checkpoint
+from pcl_viewer.train.schedule import lr_factor
 
 STAGES = ("classifier", "hvae", "done")
+
+#: Run length and batch of each preset (:meth:`CFTrainConfig.for_preset`); the rest of
+#: :class:`CFTrainConfig` is the same for every preset.
+PRESET_DEFAULTS: dict[str, dict[str, int]] = {
+    "smoke": {"steps": 200, "cls_steps": 100, "batch_size": 16, "checkpoint_every": 50},
+    "cpu": {"steps": 1000, "cls_steps": 300, "batch_size": 32, "checkpoint_every": 100},
+    "paper": {"steps": 200_000, "cls_steps": 5000, "batch_size": 16, "checkpoint_every": 1000},
+}
 
 
 @dataclass
@@ -69,6 +80,19 @@ class CFTrainConfig:
     # Learning-rate multiplier of the effusion-noise encoder and the fluid head (new,
     # randomly initialised parts of a warm-started model).
     fluid_lr_scale: float = 1.0
+
+    @classmethod
+    def for_preset(cls, name: str, **overrides: Any) -> CFTrainConfig:
+        """The preset's settings (:data:`PRESET_DEFAULTS`) with ``overrides`` applied.
+
+        An override of None keeps the default, so command-line options left unset can be
+        passed through as they are. A warm start (``init_bundle``) without an explicit
+        ``kl_warmup`` starts at the full KL weight (``kl_warmup=0``): the model is trained.
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("init_bundle") and "kl_warmup" not in given:
+            given["kl_warmup"] = 0
+        return cls(preset=check_preset(name), **{**PRESET_DEFAULTS[name], **given})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,20 +136,20 @@ def load_training_data(data_dir: str | Path, size: int) -> TrainingData:
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    """The recipe's learning rate: linear warm-up ``base * (step + 1) / warmup``, then cosine
+    to 10 % of ``base`` at ``total`` (:func:`~pcl_viewer.train.schedule.lr_factor`)."""
+    return base * lr_factor(step, warmup, total, base, start_factor=0.0, warmup_offset=1,
+                            min_factor=0.1)
 
 
 class _Run:
     """Live training state of one run, convertible to and from a checkpoint."""
 
     def __init__(self, cfg: CFTrainConfig, hvae_cfg: HVAEConfig, cls_cfg: ClassifierConfig,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device | None = "auto"):
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         # Built on the CPU (same initial weights on any device), then moved.
         self.cls = AttributeClassifiers(cls_cfg).to(self.device)
         self.hvae = HVAE(hvae_cfg).to(self.device)
@@ -333,11 +357,12 @@ def calibrate_classifiers(cls: AttributeClassifiers, x: np.ndarray, pa: np.ndarr
 
 def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
              stop_after: int | None = None, progress: bool = True,
-             device: str | torch.device = "cpu", until_step: int | None = None) -> _Run:
+             device: str | torch.device | None = "auto", until_step: int | None = None) -> _Run:
     """Train (or resume) classifiers then the HVAE; returns the finished run state.
 
-    ``device``: where the models train (a checkpoint resumes on any device; tensors are
-    saved on the CPU). The CPU and CUDA noise streams are checkpointed, so a resumed run
+    ``device``: where the models train (:func:`pcl_viewer.device.resolve_device`; "auto":
+    CUDA, else MPS, else CPU). A checkpoint resumes on any device; tensors are saved on
+    the CPU. The CPU and CUDA noise streams are checkpointed, so a resumed run
     on the same device repeats an uninterrupted one.
 
     ``stop_after`` ends the process-level loop after that many optimisation steps in this

@@ -15,7 +15,8 @@ applied to the image (bilinear) and to the mask (nearest), so labels stay
 aligned with pixels.
 
 Devices: :func:`finetune` and :func:`predict` take ``device`` ("auto": cuda, else
-mps, else cpu; :func:`resolve_device`). On CUDA the network runs under bfloat16
+mps, else cpu; :func:`pcl_viewer.device.resolve_device`, re-exported here with
+:func:`~pcl_viewer.device.default_device`). On CUDA the network runs under bfloat16
 autocast (the loss in float32); on the CPU the computation is exactly the one of
 the CPU-only code before devices existed (same ops, same random numbers drawn in
 the same order from the same CPU generator), so CPU results stay bit-identical.
@@ -30,7 +31,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +40,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pcl_viewer.device import default_device as default_device  # re-exported
+from pcl_viewer.device import resolve_device
 from pcl_viewer.models.unet import DenseUNet, UNetConfig, build_unet
+from pcl_viewer.train.schedule import warmup_cosine
 
 
 @dataclass
@@ -82,60 +86,6 @@ class FinetuneConfig:
     def n_steps(self, n_images: int) -> int:
         steps = max(self.min_steps, self.epochs * math.ceil(n_images / self.batch_size))
         return steps if self.max_steps is None else min(steps, self.max_steps)
-
-
-# --- devices --------------------------------------------------------------------------
-
-_AUTO_DEVICE: str | None = None  # what "auto" means inside a ``default_device`` block
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The torch device of a ``device`` argument (see :func:`pcl_viewer.device.choose_device`).
-
-    ``"auto"`` (or None) is cuda if available, else mps, else cpu, unless an enclosing
-    :func:`default_device` block names one. Explicit ``"cuda"``, ``"cuda:1"``, ``"mps"``,
-    ``"cpu"`` (or a ``torch.device``) must be available here.
-
-    Raises:
-        ValueError: unknown or unavailable device, with what is available.
-    """
-    from pcl_viewer.device import available_devices, choose_device
-
-    name = str(device) if device is not None else "auto"
-    if name.lower() == "auto" and _AUTO_DEVICE is not None:
-        name = _AUTO_DEVICE
-    base, _, index = name.lower().partition(":")
-    try:
-        chosen = choose_device(base)
-    except ValueError as exc:
-        hint = (" (a CUDA GPU needs the CUDA wheel of torch: README, 'GPU installation')"
-                if base == "cuda" else "")
-        raise ValueError(f"fine-tuning device: {exc}{hint}") from None
-    if not index:
-        return torch.device(chosen)
-    if chosen != "cuda" or not index.isdigit() or int(index) >= torch.cuda.device_count():
-        raise ValueError(f"fine-tuning device: {name!r} is not available here "
-                         f"(available: {', '.join(available_devices())}, "
-                         f"{torch.cuda.device_count()} CUDA device(s))")
-    return torch.device(chosen, int(index))
-
-
-@contextlib.contextmanager
-def default_device(device: str | torch.device | None) -> Iterator[torch.device]:
-    """Inside the block, :func:`finetune` / :func:`predict` calls left at ``device="auto"``
-    use ``device`` (resolved now, so an unavailable choice fails here).
-
-    How ``pcl bench --device`` reaches the fine-tuning done deep inside the benchmark
-    grid and the row initialiser. ``None`` or ``"auto"`` leave "auto" as it is.
-    """
-    global _AUTO_DEVICE
-    previous = _AUTO_DEVICE
-    dev = resolve_device(device)
-    _AUTO_DEVICE = str(dev)
-    try:
-        yield dev
-    finally:
-        _AUTO_DEVICE = previous
 
 
 def _plain(dev: torch.device) -> bool:
@@ -331,17 +281,6 @@ def make_scheduler(opt: torch.optim.Optimizer, total: int, cfg: FinetuneConfig):
     Uses the schedule shared with pre-training (:mod:`pcl_viewer.train.schedule`).
     """
     warm = max(1, int(round(cfg.warmup_frac * total)))
-    try:
-        from pcl_viewer.train.schedule import warmup_cosine
-    except ImportError:  # the shared module is optional for this file's users
-        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-        return SequentialLR(
-            opt,
-            [LinearLR(opt, start_factor=0.01, total_iters=warm),
-             CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=cfg.final_lr)],
-            milestones=[warm],
-        )
     return warmup_cosine(opt, warm, total, start_factor=0.01, min_lr=cfg.final_lr)
 
 

@@ -35,6 +35,7 @@ from pcl_viewer.atomic import atomic_write_text
 from pcl_viewer.contrastive.losses import PIXEL_LOSSES, SimCLRLoss
 from pcl_viewer.contrastive.sampling import sample_pixels
 from pcl_viewer.data.views import make_views
+from pcl_viewer.device import available_devices, resolve_device
 from pcl_viewer.models.unet import DenseUNet, UNetConfig, build_unet
 from pcl_viewer.presets import IMAGE_SIZE, check_preset
 from pcl_viewer.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -277,16 +278,21 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 def _dist_setup() -> tuple[int, int, torch.device]:
+    """Rank, world size and this process's device.
+
+    Pre-training's own rule (``pcl bench --device`` does not apply to it): the local rank's
+    CUDA device (``LOCAL_RANK`` under torchrun, else 0) when CUDA is present, else the CPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = "cuda" in available_devices()
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    if not cuda:
+        return rank, world, torch.device("cpu")
+    device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    torch.cuda.set_device(device)
+    return rank, world, device
 
 
 def _write_json(path: Path, obj: Any, lines: bool = False) -> None:

@@ -3,9 +3,9 @@
 The GUI, ``pcl-viewer --screenshot`` and ``pcl review`` all call this module (see
 docs/CONTRACTS.md, "Pipeline"); it imports no Qt or napari.
 
-:meth:`Pipeline.run` is a generator (stardist-napari pattern): it yields
-``Step(stage, i, n, item)`` for a progress bar and partial results, and returns a
-:class:`PipelineResult`. The story, top-down::
+:meth:`Pipeline.run` is a generator (stardist-napari pattern): it yields the events of
+:mod:`pcl_viewer.events` (progress, and immutable partial results for the viewer) and
+returns a :class:`PipelineResult`. The story, top-down::
 
     model_image, geometry = to_model(scan.image, S)             # preprocess
     parents = user parents or classifiers(model_image)          # parents
@@ -25,16 +25,36 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from pcl_viewer.data.preprocess import Geometry, to_model
 from pcl_viewer.data.scan import Scan
-from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES, Parents, intervention_name
+from pcl_viewer.events import DomainReady, ParentsReady, QualityReady, Step, TableReady, ViewReady
+from pcl_viewer.parents import (
+    PARENT_NAMES,
+    PARENT_VALUES,
+    VIEW_KINDS,
+    Parents,
+    intervention_name,
+)
+from pcl_viewer.segmentation import Segmentation, segment_batch
+
+if TYPE_CHECKING:
+    import torch
+
+    from pcl_viewer.chromap import ChroMap
+    from pcl_viewer.domain import DomainCheck, DomainResult
+    from pcl_viewer.models.counterfactual import Abduction, CounterfactualModel
+    from pcl_viewer.models.unet import DenseUNet
+
+__all__ = ["Cancelled", "ConsistencyRow", "DomainReady", "ParentsReady", "Pipeline",
+           "PipelineResult", "QualityReady", "Step", "TableReady", "View", "ViewQuality",
+           "ViewReady", "consistency_rows", "resolve_interventions", "rows_to_csv"]
 
 DEFAULT_CF_BUNDLE = "cf-cpu"
 DEFAULT_SEG_BUNDLE = "seg-cpu"
@@ -43,15 +63,6 @@ STAGES: tuple[str, ...] = ("preprocess", "parents", "domain", "abduct", "decode"
 MAX_STRENGTH = 1.5
 FACTUAL = "factual"
 _ABDUCTION_CACHE = 4
-
-
-class Step(NamedTuple):
-    """One progress report: ``i`` of ``n`` done in ``stage``; ``item`` a partial result or None."""
-
-    stage: str
-    i: int
-    n: int
-    item: Any = None
 
 
 class Cancelled(Exception):
@@ -69,9 +80,12 @@ class BundleInfo:
         return {"name": self.name, "fingerprint": self.fingerprint, "path": self.path}
 
 
-@dataclass
+@dataclass(frozen=True)
 class View:
     """One view of a scan: the factual image or a counterfactual, at native size.
+
+    Immutable: a later stage makes a new View (``dataclasses.replace``), so a view
+    already handed to another thread never changes under it.
 
     Attributes:
         image: ``(H, W)`` float32 in [0, 1].
@@ -159,12 +173,19 @@ class PipelineResult:
     views: dict[str, View]
     bundles: dict[str, BundleInfo]
     consistency: list[ConsistencyRow] = field(default_factory=list)
-    chromap: Any = None
+    chromap: ChroMap | None = None
     reducer: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     cpu_timings: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-    domain: Any = None  # pcl_viewer.domain.DomainResult, or None when not checked
+    domain: DomainResult | None = None  # None when not checked
+
+    def snapshot(self) -> PipelineResult:
+        """A copy whose containers (views, rows, timings, errors) are its own: what the
+        result is now, for another thread, while this one is still being filled."""
+        return replace(self, views=dict(self.views), consistency=list(self.consistency),
+                       timings=dict(self.timings), cpu_timings=dict(self.cpu_timings),
+                       errors=list(self.errors))
 
     @property
     def domain_score(self) -> float | None:
@@ -218,19 +239,25 @@ class PipelineResult:
 
 
 class Pipeline:
-    """Counterfactual model + segmentation U-Net on one device, with an abduction cache."""
+    """Counterfactual model + segmentation U-Net on one device, with an abduction cache.
 
-    def __init__(self, cf=None, seg=None, device: str = "cpu",
-                 bundles: dict[str, BundleInfo] | None = None) -> None:
+    The only inference path: the viewer, ``pcl review``, ``pcl cf``, ``pcl segment`` and
+    ``pcl chromap`` all call it. :meth:`run` (one scan, a generator of
+    :mod:`pcl_viewer.events`) and :meth:`run_batch` (many scans, batched) are made of the
+    same stage methods; :meth:`counterfactual` and :meth:`segment` are single stages.
+    """
+
+    def __init__(self, cf: CounterfactualModel | None = None, seg: DenseUNet | None = None,
+                 device: str = "cpu", bundles: dict[str, BundleInfo] | None = None) -> None:
         self.cf = cf
         self.seg = seg
         self.device = device
         self.bundles = dict(bundles or {})
         self.load_errors: list[str] = []
-        self._abductions: OrderedDict[tuple, Any] = OrderedDict()
-        self._qualities: OrderedDict[tuple, ViewQuality] = OrderedDict()
+        self._abductions: OrderedDict[tuple[str, tuple[float, ...]], Abduction] = OrderedDict()
+        self._qualities: OrderedDict[tuple[Any, ...], ViewQuality] = OrderedDict()
         self.domain_path: str | Path | None = None  # None: resources/models/domain.json
-        self._domain = None
+        self._domain: DomainCheck | None = None
         # the CF bundle's held-out evaluation (card "metrics.eval_cf"): targets and misses
         self.cf_evaluation: dict[str, Any] = {}
 
@@ -260,6 +287,7 @@ class Pipeline:
         return pipe
 
     def _load(self, part: str, bundle: str | Path) -> None:
+        from pcl_viewer.device import prepare_for_inference
         from pcl_viewer.models.bundle import ModelBundle, find_bundle
 
         path = find_bundle(bundle)
@@ -271,8 +299,6 @@ class Pipeline:
             self.cf_evaluation = dict((info.card.get("metrics") or {}).get("eval_cf") or {})
             self._domain = None
         else:
-            from pcl_viewer.device import prepare_for_inference
-
             self.seg = prepare_for_inference(info.build("unet", device=self.device), self.device)
         self.bundles[part] = BundleInfo(info.name, info.fingerprint, str(path))
 
@@ -284,6 +310,11 @@ class Pipeline:
     def seg_size(self) -> int:
         return int(self.seg.cfg.image_size) if self.seg is not None else 128
 
+    def _cf_model(self) -> CounterfactualModel:
+        if self.cf is None:
+            raise RuntimeError("no counterfactual model loaded; cannot decode interventions")
+        return self.cf
+
     # -------------------------------------------------------------- run ---
 
     def run(self, scan: Scan, parents: Parents | dict[str, str] | None = None,
@@ -291,63 +322,55 @@ class Pipeline:
             strength: float = 1.0,
             segment: bool = True, chromap: bool = True, reducer: str = "pca",
             cancel: Callable[[], bool] | None = None) -> Generator[Step, None, PipelineResult]:
-        """Generator over the stages of one scan; returns the :class:`PipelineResult`."""
+        """Generator over the stages of one scan; returns the :class:`PipelineResult`.
+
+        ``parents``: a full :class:`Parents` overrides the classifiers; a dict overrides
+        only the parents it names. Yields :mod:`pcl_viewer.events` (never an object it
+        changes later).
+        """
         check = _checker(cancel)
         clock = _Clock()
         _check_strength(strength)
 
         yield Step("preprocess", 0, 1)
-        model_image, geometry = to_model(scan.image, self.cf_size)
+        x, geometries = self._prepare([scan])
         clock.lap("preprocess")
         yield Step("preprocess", 1, 1)
         check()
 
-        # A full Parents overrides the classifiers; a dict overrides only the parents it names.
-        probabilities, source = None, "inferred" if not parents else "user"
         if self.cf is not None:
             yield Step("parents", 0, 1)
-            try:
-                probabilities = self.infer_parents(model_image[None])[0]
-            except ValueError as exc:  # a bundle without classifiers: parents must be given
-                if not isinstance(parents, Parents):
-                    raise ValueError(f"{exc}; set scanner, sex and effusion by hand") from exc
-            if not isinstance(parents, Parents):
-                parents = _parents_from_probs(probabilities).intervene(dict(parents or {}))
+        pa, probs, sources = self._parents(x, [parents])
+        if self.cf is not None:
             clock.lap("parents")
-            yield Step("parents", 1, 1, parents)
+        result = self._new_result(scan, geometries[0], x[0], pa[0], probs[0], sources[0], reducer)
+        yield ParentsReady("parents", 1, 1, result.snapshot())
+        if self.cf is not None:
             check()
-        elif parents is not None and not isinstance(parents, Parents):
-            parents = None
-        views = {FACTUAL: View(FACTUAL, {}, 1.0, parents, scan.image)}
-        result = PipelineResult(scan, geometry, model_image, parents, probabilities, source,
-                                views, dict(self.bundles), reducer=reducer)
-        yield Step("parents", 1, 1, result)
-        yield Step("parents", 1, 1, views[FACTUAL])
 
-        if self.cf is not None and parents is not None:
+        if self.cf is not None and result.parents is not None:
             yield Step("domain", 0, 1)
-            result.domain = self.check_domain([model_image], [parents], [probabilities],
-                                              cancel)[0]
+            result.domain = self._domain_stage(x, [result.parents], probs, cancel)[0]
             clock.lap("domain")
-            yield Step("domain", 1, 1, result.domain)
+            yield DomainReady("domain", 1, 1, result.domain)
             check()
-            todo = resolve_interventions(interventions, parents)
+            todo = resolve_interventions(interventions, result.parents)
             yield Step("abduct", 0, 1)
-            abduction = self._abduction(model_image, parents)
+            abduction = self._abduction(result.model_image, result.parents)
             clock.lap("abduct")
             yield Step("abduct", 1, 1)
             check()
             for i, (key, do) in enumerate(todo.items()):
                 view = self._decode_view(result, abduction, key, do, strength)
-                views[key] = view
-                yield Step("decode", i + 1, len(todo), view)
+                result.views[key] = view
+                yield ViewReady("decode", i + 1, len(todo), view, "image")
                 check()
             clock.lap("decode")
             if todo:
                 yield Step("quality", 0, 1)
                 self._measure_quality(result, abduction, list(todo), check)
                 clock.lap("quality")
-                yield Step("quality", 1, 1, [views[k] for k in todo])
+                yield QualityReady("quality", 1, 1, tuple(result.views[k] for k in todo))
                 check()
 
         if segment and self.seg is not None:
@@ -364,14 +387,15 @@ class Pipeline:
         self._abductions.clear()
         self._qualities.clear()
 
-    def run_sync(self, scan: Scan, **kwargs) -> PipelineResult:
+    def run_sync(self, scan: Scan, **kwargs: Any) -> PipelineResult:
         """Run the generator to its end and return its result."""
         gen = self.run(scan, **kwargs)
         while True:
             try:
                 next(gen)
             except StopIteration as stop:
-                return stop.value
+                result: PipelineResult = stop.value
+                return result
 
     def decode(self, result: PipelineResult, key: str, do: dict[str, str],
                strength: float = 1.0) -> View:
@@ -405,55 +429,78 @@ class Pipeline:
         result.timings.update(clock.laps)
         return result
 
+    def counterfactual(self, scan: Scan, do: dict[str, str],
+                       parents: Parents | dict[str, str] | None = None,
+                       strength: float = 1.0) -> PipelineResult:
+        """One counterfactual of ``scan`` at its native size (``pcl cf``): the result has the
+        factual view and the view ``"counterfactual"``.
+
+        Parents as in :meth:`run` (the same classifiers and threshold). No domain check,
+        quality, segmentation; ``strength`` is not limited (extrapolation is the caller's).
+        """
+        x, geometries = self._prepare([scan])
+        pa, probs, sources = self._parents(x, [parents])
+        result = self._new_result(scan, geometries[0], x[0], pa[0], probs[0], sources[0], "pca")
+        if result.parents is None:
+            raise RuntimeError("no counterfactual model loaded; cannot decode interventions")
+        abduction = self._abduction(result.model_image, result.parents)
+        result.views["counterfactual"] = self._decode_view(result, abduction, "counterfactual",
+                                                           do, strength)
+        return result
+
+    def segment(self, images: Sequence[np.ndarray]) -> Segmentation:
+        """Segment ``(H, W)`` float32 [0, 1] images of any size in one batch: labels at
+        native size, model-size classes and decoder features (:mod:`pcl_viewer.segmentation`)."""
+        if self.seg is None:
+            raise RuntimeError("no segmentation model loaded")
+        return segment_batch(self.seg, images, self.seg_size, self.device)
+
     # ------------------------------------------------------------- batch ---
 
-    def run_batch(self, scans: list[Scan], parents: list[Parents | None] | None = None,
+    def run_batch(self, scans: list[Scan], parents: Sequence[Parents | dict[str, str] | None]
+                  | None = None,
                   interventions: Iterable[str] | None = ("scanner", "effusion"),
                   segment: bool = True, chromap: bool = False,
                   batch_size: int = 16) -> list[PipelineResult]:
         """Like :meth:`run` for many scans, with model work batched across scans.
 
-        ``interventions`` names keys of :func:`standard_interventions` (per-scan flips).
+        ``interventions`` names keys of :func:`standard_interventions` (per-scan flips);
+        ``parents`` per scan as in :meth:`run` (a dict overrides only what it names).
         """
         results: list[PipelineResult] = []
         for start in range(0, len(scans), batch_size):
             chunk = scans[start : start + batch_size]
-            given = (parents or [None] * len(scans))[start : start + batch_size]
-            results.extend(self._run_chunk(chunk, list(given), tuple(interventions or ()),
+            given = list(parents or [None] * len(scans))[start : start + batch_size]
+            results.extend(self._run_chunk(chunk, given, tuple(interventions or ()),
                                            segment, chromap))
         return results
 
-    def _run_chunk(self, scans, given, keys, segment, chromap) -> list[PipelineResult]:
+    def _run_chunk(self, scans: list[Scan], given: list[Parents | dict[str, str] | None],
+                   keys: tuple[str, ...], segment: bool, chromap: bool) -> list[PipelineResult]:
         clock = _Clock()
-        prepared = [to_model(s.image, self.cf_size) for s in scans]
-        x = np.stack([p[0] for p in prepared])
+        x, geometries = self._prepare(scans)
         clock.lap("preprocess")
-        probs: list[dict[str, float] | None] = [None] * len(scans)
-        if self.cf is not None:
-            probs = self.infer_parents(x)
-        pa = [g or (_parents_from_probs(p) if p else None) for g, p in zip(given, probs)]
+        pa, probs, sources = self._parents(x, given)
         clock.lap("parents")
-        results = []
-        for scan, (img, geo), p, prob, g in zip(scans, prepared, pa, probs, given):
-            views = {FACTUAL: View(FACTUAL, {}, 1.0, p, scan.image)}
-            results.append(PipelineResult(scan, geo, img, p, prob, "user" if g else "inferred",
-                                          views, dict(self.bundles), reducer="pca"))
-        if self.cf is not None and all(p is not None for p in pa):
-            for r, d in zip(results, self.check_domain(list(x), pa, probs)):
+        results = [self._new_result(scan, geo, img, p, prob, source, "pca")
+                   for scan, geo, img, p, prob, source
+                   in zip(scans, geometries, x, pa, probs, sources)]
+        known = [p for p in pa if p is not None]
+        if self.cf is not None and len(known) == len(pa):
+            for r, d in zip(results, self._domain_stage(x, known, probs)):
                 r.domain = d
             clock.lap("domain")
-        if self.cf is not None and keys and all(p is not None for p in pa):
-            abduction = self._abduct_batch(x, pa)
+        if self.cf is not None and keys and len(known) == len(pa):
+            abduction = self._abduct_batch(x, known)
             clock.lap("abduct")
             for key in keys:
-                dos = [resolve_interventions([key], p)[key] for p in pa]
-                res = self._residuals(abduction, dos, pa, x.shape[-1])
+                dos = [resolve_interventions([key], p)[key] for p in known]
+                res = self._residuals(abduction, dos, known, x.shape[-1])
                 for r, do, resid in zip(results, dos, res):
-                    r.views[key] = View(key, do, 1.0, r.parents.intervene(do),
-                                        self._native_view(r, resid, 1.0), resid)
+                    r.views[key] = self._make_view(r, key, do, 1.0, resid)
             clock.lap("decode")
         if segment and self.seg is not None:
-            self._segment_many(results, chromap, "pca")
+            self._segment_results(results, chromap, "pca")
             clock.lap("segment")
             for r in results:
                 r.consistency = consistency_rows(r.views)
@@ -464,9 +511,52 @@ class Pipeline:
         return results
 
     # ------------------------------------------------------------ stages ---
+    # run(), run_batch() and counterfactual() are made of these.
+
+    def _prepare(self, scans: Sequence[Scan]) -> tuple[np.ndarray, list[Geometry]]:
+        """``(B, S, S)`` model images of ``scans`` and their geometries."""
+        prepared = [to_model(s.image, self.cf_size) for s in scans]
+        return np.stack([p[0] for p in prepared]), [p[1] for p in prepared]
+
+    def _parents(self, x: np.ndarray, given: Sequence[Parents | dict[str, str] | None]
+                 ) -> tuple[list[Parents | None], list[dict[str, float] | None], list[str]]:
+        """``(parents, probabilities, source)`` per scan.
+
+        A full :class:`Parents` is taken as given; otherwise the classifiers' parents
+        (probability >= 0.5) with a dict's named parents overriding. Without a CF model
+        only a full :class:`Parents` is kept. The classifiers run even for given parents
+        (their probabilities are shown, and the domain check uses them).
+        """
+        sources = ["user" if g else "inferred" for g in given]
+        if self.cf is None:
+            return [g if isinstance(g, Parents) else None for g in given], [None] * len(given), \
+                sources
+        probs: list[dict[str, float] | None]
+        try:
+            probs = list(self.infer_parents(x))
+        except ValueError as exc:  # a bundle without classifiers: parents must be given
+            if not all(isinstance(g, Parents) for g in given):
+                raise ValueError(f"{exc}; set scanner, sex and effusion by hand") from exc
+            probs = [None] * len(given)
+        parents: list[Parents | None] = [
+            g if isinstance(g, Parents) else _parents_from_probs(p or {}).intervene(dict(g or {}))
+            for g, p in zip(given, probs)]
+        return parents, probs, sources
+
+    def _new_result(self, scan: Scan, geometry: Geometry, model_image: np.ndarray,
+                    parents: Parents | None, probabilities: dict[str, float] | None,
+                    source: str, reducer: str) -> PipelineResult:
+        views = {FACTUAL: View(FACTUAL, {}, 1.0, parents, scan.image)}
+        return PipelineResult(scan, geometry, model_image, parents, probabilities, source,
+                              views, dict(self.bundles), reducer=reducer)
+
+    def _domain_stage(self, x: np.ndarray, parents: list[Parents],
+                      probabilities: list[dict[str, float] | None],
+                      cancel: Callable[[], bool] | None = None) -> list[DomainResult]:
+        return self.check_domain(list(x), parents, probabilities, cancel)
 
     @property
-    def domain(self):
+    def domain(self) -> DomainCheck:
         """The :class:`pcl_viewer.domain.DomainCheck` of the loaded CF bundle (cached)."""
         if self._domain is None:
             from pcl_viewer.domain import DomainCheck
@@ -476,7 +566,7 @@ class Pipeline:
 
     def check_domain(self, model_images: list[np.ndarray], parents: list[Parents],
                      probabilities: list[dict[str, float] | None] | None = None,
-                     cancel: Callable[[], bool] | None = None) -> list:
+                     cancel: Callable[[], bool] | None = None) -> list[DomainResult]:
         """Domain check of ``(S, S)`` model images -> one ``DomainResult`` each.
 
         The ELBO is taken under the classifiers' parents when they ran (a user's override
@@ -486,7 +576,7 @@ class Pipeline:
         pa = [_parents_from_probs(p) if p else q for p, q in zip(probabilities, parents)]
         return self.domain.score(np.stack(model_images), pa, probabilities, cancel=cancel)
 
-    def _measure_quality(self, result: PipelineResult, abduction, keys: list[str],
+    def _measure_quality(self, result: PipelineResult, abduction: Abduction, keys: list[str],
                          check: Callable[[], None]) -> None:
         """Set :class:`ViewQuality` on the counterfactual views ``keys`` (model size).
 
@@ -496,13 +586,16 @@ class Pipeline:
         """
         import torch
 
+        cf = self._cf_model()
+        parents = result.parents
+        assert parents is not None
         x = result.model_image
         size = x.shape[-1]
-        base = self._abduction_key(x, result.parents)
+        base = self._abduction_key(x, parents)
         cached = {k: self._qualities.get((*base, _do_key(result.views[k].do))) for k in keys}
         if all(q is not None for q in cached.values()):
             for k, q in cached.items():
-                result.views[k].quality = q
+                result.views[k] = replace(result.views[k], quality=q)
             return
         mu = getattr(abduction, "mu", None)
         recon = (float("nan") if mu is None else
@@ -510,16 +603,17 @@ class Pipeline:
         views = [result.views[k] for k in keys]
         cfs = np.stack([np.clip(x + v.residual, 0.0, 1.0) for v in views]).astype(np.float32)
         check()
-        cf_parents = [v.parents for v in views]
+        cf_parents = [v.parents for v in views if v.parents is not None]
         back = self._abduct_batch(cfs, cf_parents)
         check()
-        target = torch.as_tensor(np.stack([result.parents.to_vector()] * len(views)),
+        target = torch.as_tensor(np.stack([parents.to_vector()] * len(views)),
                                  device=self.device)
         with torch.inference_mode():
-            resid = self.cf.residual(back, target, strength=1.0)
-        resid = np.asarray(_numpy(resid), np.float32).reshape(len(views), size, size)
-        rev = np.abs(np.clip(cfs + resid, 0.0, 1.0) - x[None]).mean(axis=(1, 2))
+            resid = cf.residual(back, target, strength=1.0)
+        rev = np.abs(np.clip(cfs + np.asarray(_numpy(resid), np.float32).reshape(
+            len(views), size, size), 0.0, 1.0) - x[None]).mean(axis=(1, 2))
         check()
+        probs: list[dict[str, float]]
         try:
             probs = self.infer_parents(cfs)
         except ValueError:  # a bundle without classifiers
@@ -531,9 +625,10 @@ class Pipeline:
                 if name in p:
                     idx = PARENT_VALUES[name].index(getattr(view.parents, name))
                     readback[name] = float(p[name] if idx == 1 else 1.0 - p[name])
-            view.quality = _quality(view, recon, float(r), readback, targets,
-                                    self.cf_evaluation.get("meets_targets") or {})
-            self._qualities[(*base, _do_key(view.do))] = view.quality
+            quality = _quality(view, recon, float(r), readback, targets,
+                               self.cf_evaluation.get("meets_targets") or {})
+            result.views[view.key] = replace(view, quality=quality)
+            self._qualities[(*base, _do_key(view.do))] = quality
         while len(self._qualities) > 8 * _ABDUCTION_CACHE:
             self._qualities.popitem(last=False)
 
@@ -541,17 +636,19 @@ class Pipeline:
         """``(B, S, S)`` model images -> per scan ``{parent: P(value index 1)}``."""
         import torch
 
+        cf = self._cf_model()
         with torch.inference_mode():
-            out = self.cf.infer_parents(self._tensor(x))
+            out = cf.infer_parents(self._tensor(x))
         probs = {k: np.asarray(_numpy(v), dtype=np.float64).reshape(-1) for k, v in out.items()}
         return [{k: float(probs[k][b]) for k in PARENT_NAMES if k in probs} for b in range(len(x))]
 
     @staticmethod
-    def _abduction_key(model_image: np.ndarray, parents: Parents) -> tuple:
+    def _abduction_key(model_image: np.ndarray, parents: Parents
+                       ) -> tuple[str, tuple[float, ...]]:
         return (hashlib.blake2b(model_image.tobytes(), digest_size=16).hexdigest(),
                 tuple(parents.to_vector().tolist()))
 
-    def _abduction(self, model_image: np.ndarray, parents: Parents):
+    def _abduction(self, model_image: np.ndarray, parents: Parents) -> Abduction:
         key = self._abduction_key(model_image, parents)
         if key in self._abductions:
             self._abductions.move_to_end(key)
@@ -562,15 +659,16 @@ class Pipeline:
             self._abductions.popitem(last=False)
         return abduction
 
-    def _abduct_batch(self, x: np.ndarray, parents: list[Parents]):
+    def _abduct_batch(self, x: np.ndarray, parents: list[Parents]) -> Abduction:
         import torch
 
+        cf = self._cf_model()
         pa = np.stack([p.to_vector() for p in parents])
         with torch.inference_mode():
-            return self.cf.abduct(self._tensor(x), pa)
+            return cf.abduct(self._tensor(x), pa)
 
-    def _residuals(self, abduction, dos: list[dict[str, str]], parents: list[Parents],
-                   size: int) -> np.ndarray:
+    def _residuals(self, abduction: Abduction, dos: list[dict[str, str]],
+                   parents: list[Parents], size: int) -> np.ndarray:
         """``(B, S, S)`` residuals at strength 1, one intervention per scan.
 
         One ``do`` for the whole batch goes as a dict; different ones as the target
@@ -578,65 +676,70 @@ class Pipeline:
         """
         import torch
 
+        cf = self._cf_model()
+        do: dict[str, str] | torch.Tensor
         if len({tuple(sorted(d.items())) for d in dos}) == 1:
             do = dos[0]
         else:
             do = torch.as_tensor(np.stack([p.intervene(d).to_vector()
                                            for p, d in zip(parents, dos)]), device=self.device)
         with torch.inference_mode():
-            out = self.cf.residual(abduction, do, strength=1.0)
+            out = cf.residual(abduction, do, strength=1.0)
         return np.asarray(_numpy(out), dtype=np.float32).reshape(len(dos), size, size)
 
-    def _decode_view(self, result: PipelineResult, abduction, key: str, do: dict[str, str],
-                     strength: float) -> View:
-        resid = self._residuals(abduction, [do], [result.parents], result.model_image.shape[-1])[0]
-        return View(key, dict(do), strength, result.parents.intervene(do),
-                    self._native_view(result, resid, strength), resid)
+    def _decode_view(self, result: PipelineResult, abduction: Abduction, key: str,
+                     do: dict[str, str], strength: float) -> View:
+        parents = result.parents
+        assert parents is not None
+        resid = self._residuals(abduction, [do], [parents], result.model_image.shape[-1])[0]
+        return self._make_view(result, key, do, strength, resid)
+
+    def _make_view(self, result: PipelineResult, key: str, do: dict[str, str],
+                   strength: float, residual: np.ndarray) -> View:
+        parents = result.parents
+        assert parents is not None
+        return View(key, dict(do), strength, parents.intervene(do),
+                    self._native_view(result, residual, strength), residual)
 
     @staticmethod
     def _native_view(result: PipelineResult, residual: np.ndarray, strength: float) -> np.ndarray:
         """High-resolution counterfactual: the native scan plus the upsampled residual."""
         up = result.geometry.to_native(residual.astype(np.float32))
-        out = result.scan.image + np.float32(strength) * up
+        out: np.ndarray = result.scan.image + np.float32(strength) * up
         return np.clip(out, 0.0, 1.0, out=out)
 
-    def _segment_stage(self, result, chromap, reducer, clock, check):
-        views = list(result.views.values())
+    def _segment_stage(self, result: PipelineResult, chromap: bool, reducer: str, clock: _Clock,
+                       check: Callable[[], None]) -> Generator[Step, None, None]:
+        keys = list(result.views)
         features = []
-        for i, view in enumerate(views):
-            features += self._segment_many([result], False, reducer, only=[view])
-            yield Step("segment", i + 1, len(views), view)
+        for i, key in enumerate(keys):
+            features += self._segment_results([result], False, reducer, only=[key])
+            yield ViewReady("segment", i + 1, len(keys), result.views[key], "labels")
             check()
         clock.lap("segment")
         if chromap:
             self._fit_chromap(result, np.stack(features), reducer, check)
             clock.lap("chromap")
-            for i, view in enumerate(views):
-                yield Step("chromap", i + 1, len(views), view)
+            for i, key in enumerate(keys):
+                yield ViewReady("chromap", i + 1, len(keys), result.views[key], "chromap")
             check()
         result.consistency = consistency_rows(result.views)
         clock.lap("consistency")
-        yield Step("consistency", 1, 1, result.consistency)
+        yield TableReady("consistency", 1, 1, tuple(result.consistency))
 
-    def _segment_many(self, results: list[PipelineResult], chromap: bool, reducer: str,
-                      only: list[View] | None = None) -> list[np.ndarray]:
-        """Segment views (batched); set labels at native size; return (C, s, s) features."""
-        import torch
-
-        items = [(r, v) for r in results for v in (only or r.views.values())]
-        prepared = [to_model(v.image, self.seg_size) for _, v in items]
-        x = self._tensor(np.stack([p[0] for p in prepared]))
-        with torch.inference_mode():
-            feats = self.seg.features(x)
-            labels = self.seg.seg_head(feats).argmax(1).to(torch.uint8).cpu().numpy()
-            feats = feats.float().cpu().numpy()
-        for (_, v), (_, geo), lab in zip(items, prepared, labels):
-            v.labels = geo.to_native(lab, nearest=True)
+    def _segment_results(self, results: list[PipelineResult], chromap: bool, reducer: str,
+                         only: list[str] | None = None) -> list[np.ndarray]:
+        """Segment views (one batch); set their labels at native size; return their
+        ``(C, s, s)`` features. ``only``: these view keys (default: every view)."""
+        items = [(r, k) for r in results for k in (only or list(r.views))]
+        seg = self.segment([r.views[k].image for r, k in items])
+        for (r, k), labels in zip(items, seg.labels):
+            r.views[k] = replace(r.views[k], labels=labels)
         if chromap:
             for r in results:
                 idx = [i for i, (rr, _) in enumerate(items) if rr is r]
-                self._fit_chromap(r, feats[idx], reducer)
-        return list(feats)
+                self._fit_chromap(r, seg.features[idx], reducer)
+        return list(seg.features)
 
     def _fit_chromap(self, result: PipelineResult, feats: np.ndarray, reducer: str,
                      check: Callable[[], None] | None = None) -> None:
@@ -649,11 +752,11 @@ class Pipeline:
             if check is not None:
                 check()
             overlays.append(cmap.overlay(v, view.image))
-        for view, overlay in zip(result.views.values(), overlays):  # all or none
-            view.overlay = overlay
+        for key, overlay in zip(list(result.views), overlays):  # all or none
+            result.views[key] = replace(result.views[key], overlay=overlay)
         result.chromap, result.reducer = cmap, reducer
 
-    def _tensor(self, x: np.ndarray):
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
         import torch
 
         return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)[:, None],
@@ -672,7 +775,7 @@ def resolve_interventions(interventions: dict[str, dict[str, str]] | Iterable[st
     if isinstance(interventions, dict):
         return {k: dict(v) for k, v in interventions.items()}
     flips = standard_interventions(parents) | {"sex": {"sex": parents.flipped("sex")}}
-    keys = ("scanner", "effusion", "both") if interventions is None else tuple(interventions)
+    keys = VIEW_KINDS if interventions is None else tuple(interventions)
     unknown = [k for k in keys if k not in flips]
     if unknown:
         raise ValueError(f"unknown interventions {unknown}; choose from {', '.join(flips)}")
@@ -737,7 +840,7 @@ def _quality(view: View, recon: float, reversibility: float, readback: dict[str,
     if eff_target is not None and any(p < eff_target for p in readback.values()):
         misses.append("effectiveness")
     # held-out misses of this intervention, e.g. "truth_effusion" for do(effusion)
-    kind = view.key if view.key in ("scanner", "effusion", "both") else None
+    kind = view.key if view.key in VIEW_KINDS else None
     held_out = sorted(k for k, ok in meets.items()
                       if ok is False and kind is not None and k.endswith(f"_{kind}"))
     misses += [f"held-out {k}" for k in held_out]

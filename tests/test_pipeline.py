@@ -215,19 +215,30 @@ def test_each_counterfactual_carries_its_quality_and_the_bundles_caveat(fake_pip
 
 
 def test_cancel_is_polled_inside_the_chromap_stage(fake_pipeline, chest_scan):
-    from pcl_viewer.pipeline import PipelineResult
-
     state = {"segmented": False, "polls": 0}
 
     def cancel() -> bool:  # false at the poll after the last segmentation, true at the next
         state["polls"] += state["segmented"]
         return state["polls"] >= 2
 
-    stages, result = [], None
+    stages = []
     with pytest.raises(Cancelled):
         for step in fake_pipeline.run(chest_scan, cancel=cancel):
             stages.append(step.stage)
-            result = step.item if isinstance(step.item, PipelineResult) else result
             state["segmented"] = step.stage == "segment" and step.i == step.n
     assert stages[-1] == "segment" and "chromap" not in stages
-    assert all(v.overlay is None for v in result.views.values())  # no half-made overlays
+
+
+def test_a_chromap_fit_cancelled_between_overlays_sets_none(fake_pipeline, chest_scan):
+    result = fake_pipeline.run_sync(chest_scan, chromap=False)
+    features = fake_pipeline.segment([v.image for v in result.views.values()]).features
+    polls = []
+
+    def check() -> None:  # cancelled after the first overlay
+        polls.append(1)
+        if len(polls) == 2:
+            raise Cancelled("cancelled by the test")
+
+    with pytest.raises(Cancelled):
+        fake_pipeline._fit_chromap(result, features, "pca", check)
+    assert all(v.overlay is None for v in result.views.values())  # all or none

@@ -279,30 +279,31 @@ def cf(scan: Path, do_items: tuple[str, ...], bundle_path: str, parents: str | N
     """Counterfactual of one scan of any size: abduct at model size, add the upsampled residual."""
     import numpy as np
 
-    from pcl_viewer.data.preprocess import to_model
-    from pcl_viewer.models.counterfactual import CounterfactualModel, apply_residual_native
+    from pcl_viewer.data.scan import Scan
     from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES, Parents, parse_do
+    from pcl_viewer.pipeline import Pipeline
 
     try:
         do = parse_do(list(do_items))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--do") from exc
     image = _read_image(scan)
-    model = CounterfactualModel.from_bundle(bundle_path)
-    small, geometry = to_model(image, model.image_size)
-    x = small[None, None]
+    given: Parents | None = None
     if parents:
         items = [p.strip() for p in parents.split(",") if p.strip()]
-        pa = Parents(**parse_do(items))
+        given = Parents(**parse_do(items))
+    # the CPU, as before the pipeline served this command (a GPU gains nothing on one scan)
+    pipe = Pipeline.from_bundles(cf_bundle=bundle_path, seg_bundle=None, device="cpu")
+    result = pipe.counterfactual(Scan(image, name=scan.name), do, parents=given,
+                                 strength=strength)
+    pa, probs = result.parents, result.probabilities
+    assert pa is not None
+    if given is not None or probs is None:
         source = "given"
     else:
-        probs = model.infer_parents(x)
-        pa = Parents(**{n: PARENT_VALUES[n][int(float(probs[n][0]) >= 0.5)] for n in PARENT_NAMES})
-        source = "inferred " + ", ".join(f"P({n}={PARENT_VALUES[n][1]})={float(probs[n][0]):.2f}"
-                                         for n in PARENT_NAMES)
-    ab = model.abduct(x, pa)
-    residual = model.residual(ab, do, strength)[0, 0].numpy()
-    native = apply_residual_native(image, residual, geometry)
+        source = "inferred " + ", ".join(f"P({n}={PARENT_VALUES[n][1]})={probs[n]:.2f}"
+                                         for n in PARENT_NAMES if n in probs)
+    native = result.views["counterfactual"].image
     out.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 

@@ -16,8 +16,9 @@ import click
 import numpy as np
 
 from pcl_viewer.chromap import MODES, REDUCERS
+from pcl_viewer.parents import VIEW_KINDS
 
-VIEW_NAMES: tuple[str, ...] = ("factual", "scanner", "effusion", "both")
+VIEW_NAMES: tuple[str, ...] = ("factual", *VIEW_KINDS)
 
 
 def parse_views(text: str) -> list[str]:
@@ -36,9 +37,6 @@ def chromap_inputs(pipe, scan, views: list[str]):
     ``(H, W)`` images, ``(V, 32, S, S)`` decoder features, ``(V, S, S)`` uint8
     predicted classes, and the native <-> segmentation-model :class:`Geometry`.
     """
-    import torch
-
-    from pcl_viewer.data.preprocess import to_model
     from pcl_viewer.pipeline import FACTUAL
 
     cf_views = [v for v in views if v != FACTUAL]
@@ -47,13 +45,9 @@ def chromap_inputs(pipe, scan, views: list[str]):
     if missing:
         raise click.ClickException(f"the pipeline made no {missing} view(s): {result.errors}")
     chosen = [result.views[v] for v in views]
-    prepared = [to_model(view.image, pipe.seg_size) for view in chosen]
-    x = torch.as_tensor(np.stack([p[0] for p in prepared])[:, None], device=pipe.device)
-    with torch.inference_mode():
-        feats = pipe.seg.features(x)
-        classes = pipe.seg.seg_head(feats).argmax(1).to(torch.uint8).cpu().numpy()
-    names = [view.name for view in chosen]
-    return names, [view.image for view in chosen], feats.float().cpu().numpy(), classes, prepared[0][1]
+    seg = pipe.segment([view.image for view in chosen])
+    return ([view.name for view in chosen], [view.image for view in chosen], seg.features,
+            seg.classes, seg.geometries[0])
 
 
 def _load_pipeline(seg_bundle: str, cf_bundle: str | None, device: str):
@@ -139,8 +133,8 @@ def benchmark_features(seg_bundle: str | None, native: int, seed: int = 0):
     """
     import torch
 
-    from pcl_viewer.data.preprocess import to_model
     from pcl_viewer.models.unet import build_unet
+    from pcl_viewer.pipeline import Pipeline
 
     net, source = None, "random cpu-preset U-Net"
     if seg_bundle:
@@ -159,11 +153,8 @@ def benchmark_features(seg_bundle: str | None, native: int, seed: int = 0):
     lower[int(0.65 * native):] = 1.0
     images = [img, np.clip(img + 0.08, 0, 1), np.clip(img - 0.12 * lower, 0, 1),
               np.clip(img + 0.08 - 0.12 * lower, 0, 1)]
-    prepared = [to_model(im, int(net.cfg.image_size)) for im in images]
-    x = torch.as_tensor(np.stack([p[0] for p in prepared])[:, None])
-    with torch.inference_mode():
-        feats = net.features(x).float().numpy()
-    return images, feats, prepared[0][1], source
+    seg = Pipeline(seg=net).segment(images)
+    return images, seg.features, seg.geometries[0], source
 
 
 def _synthetic_chest(n: int, seed: int) -> np.ndarray:

@@ -41,15 +41,17 @@ def segment(scan: Path, bundle: str | None, out: Path) -> None:
     if dicom_out and the_scan.metadata.get("format") != "dicom":
         raise click.ClickException(f"{out}: a DICOM SEG references its source image, but {scan} "
                                    "is not DICOM; write .png or .nii.gz instead")
-    from pcl_viewer.evaluate.phantom_eval import load_segmenter, segment_image
+    from pcl_viewer.pipeline import DEFAULT_SEG_BUNDLE, Pipeline
 
     try:
-        model, size, info = load_segmenter(bundle)
+        pipe = Pipeline.from_bundles(cf_bundle=None, seg_bundle=bundle or DEFAULT_SEG_BUNDLE,
+                                     device="cpu")
     except Exception as exc:  # BundleError and whatever a malformed bundle raises: one line
         raise click.ClickException(f"cannot load the segmentation bundle "
                                    f"{bundle or '(default)'}: {_first_line(exc)}") from None
+    info = pipe.bundles["seg"]
     image = the_scan.image
-    labels = segment_image(image, model, size)
+    labels = pipe.segment([image]).labels[0]
     try:
         if dicom_out:
             from pcl_viewer.data.dicom_seg import write_dicom_seg

@@ -28,15 +28,11 @@ def load_segmenter(bundle: str | Path | None):
 
 
 def segment_image(image: np.ndarray, model, size: int) -> np.ndarray:
-    """``(H, W)`` float32 [0, 1] scan of any size -> ``(H, W)`` uint8 labels at native size."""
-    import torch
+    """``(H, W)`` float32 [0, 1] scan of any size -> ``(H, W)`` uint8 labels at native size
+    (:func:`pcl_viewer.segmentation.segment_batch`, the pipeline's own segmentation)."""
+    from pcl_viewer.segmentation import segment_batch
 
-    from pcl_viewer.data.preprocess import to_model
-
-    small, geometry = to_model(image, size)
-    with torch.no_grad():
-        labels = model(torch.from_numpy(small)[None, None]).argmax(1)[0].to(torch.uint8).numpy()
-    return geometry.to_native(labels, nearest=True)
+    return segment_batch(model, [image], size).labels[0]
 
 
 def summary(pred: np.ndarray, gold: np.ndarray, effusion: np.ndarray) -> dict:

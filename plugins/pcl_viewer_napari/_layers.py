@@ -86,17 +86,6 @@ def _digest(data: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=16).hexdigest()
 
 
-def finished_part(view: View, stage: str) -> View:
-    """What of ``view`` the step of ``stage`` finished. The worker keeps filling the same
-    View while its earlier steps wait in the Qt thread's queue: show only this part."""
-    if stage == "decode" or (stage == "parents" and view.key == FACTUAL):
-        return View(view.key, view.do, view.strength, view.parents, view.image, view.residual)
-    if stage == "segment":
-        return View(view.key, view.do, view.strength, view.parents, view.image, view.residual,
-                    labels=view.labels)
-    return view
-
-
 class LayerBuilder:
     """Adds or updates the layers of one viewer."""
 

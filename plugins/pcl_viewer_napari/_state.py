@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator
 
-from pcl_viewer.pipeline import Pipeline, Step
+from pcl_viewer.events import Step
+from pcl_viewer.pipeline import Pipeline
 
 
 class AppState:
@@ -39,7 +40,7 @@ class AppState:
         with cls._lock:  # a preload of the same bundles finishes first and is used
             pipe = cls.get(cf_bundle, seg_bundle, device) or cls._load(cf_bundle, seg_bundle,
                                                                         device)
-        yield Step("load", 1, 1, pipe)
+        yield Step("load", 1, 1)
         return pipe
 
     @classmethod

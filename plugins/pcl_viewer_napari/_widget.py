@@ -19,12 +19,18 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QFrame, QScrollArea, QVBoxLayout, QWidget
 
-from pcl_viewer.domain import DomainResult
-from pcl_viewer.pipeline import FACTUAL, STAGES, PipelineResult, Step, View
+from pcl_viewer.events import (
+    DomainReady,
+    ParentsReady,
+    QualityReady,
+    Step,
+    TableReady,
+    ViewReady,
+)
+from pcl_viewer.pipeline import FACTUAL, STAGES, PipelineResult, View
 from pcl_viewer_napari import _compat, _workers  # noqa: F401  (_compat: the None guard)
 from pcl_viewer_napari._layers import (
     LayerBuilder,
-    finished_part,
     is_derived,
     layer_key,
     prewarm_labels,
@@ -408,7 +414,7 @@ class PCLViewerWidget(QWidget):
             self._show_progress()
         if self._cancel.is_set():  # rolled back when the run stops: not worth showing
             return
-        if isinstance(step.item, PipelineResult | View | list | DomainResult):
+        if type(step) is not Step:  # a partial result
             self.queue.put(f"{step.stage} {step.i}/{step.n}", self._on_step, step, inline=inline)
 
     def _enqueue_done(self, status: str, value: Any) -> None:
@@ -430,38 +436,45 @@ class PCLViewerWidget(QWidget):
         if self.status.text() != text:
             self.status.setText(text)
 
-    def _on_step(self, step: Step) -> None:
-        """Show a partial result: the parents, a view's layers or the consistency table."""
+    def _on_step(self, event: Step) -> None:
+        """Show a partial result: the parents, a view's layers or the consistency table.
+
+        ``self._pending`` is the Qt thread's own copy of the running result: the events'
+        views and domain are added to it here, in the order the run made them.
+        """
         if self._running_layer is None:
             return
-        item = step.item
+        pending = self._pending
         try:
-            if isinstance(item, PipelineResult):  # the panels now follow this run
-                self._pending = item
-                self.scan_panel.show_parents(item)
+            if isinstance(event, ParentsReady):  # the panels now follow this run
+                self._pending = event.result
+                self.scan_panel.show_parents(event.result)
                 self.banner.show_domain(None)
                 self.cf_panel.show_quality(None)
                 self.analysis_panel.clear()
-            elif isinstance(item, DomainResult):
-                self.banner.show_domain(item)
-            elif isinstance(item, View):
-                self._show_view(item, step.stage)
-            elif isinstance(item, list) and item and isinstance(item[0], View):
-                self.cf_panel.show_quality(self._pending)
-            elif isinstance(item, list):
-                self.analysis_panel.show_table(item)
+            elif pending is None:
+                return
+            elif isinstance(event, DomainReady):
+                pending.domain = event.domain
+                self.banner.show_domain(event.domain)
+            elif isinstance(event, ViewReady):
+                pending.views[event.view.key] = event.view
+                self._show_view(pending, event)
+            elif isinstance(event, QualityReady):
+                pending.views.update({v.key: v for v in event.views})
+                self.cf_panel.show_quality(pending)
+            elif isinstance(event, TableReady):
+                pending.consistency = list(event.rows)
+                self.analysis_panel.show_table(pending.consistency)
         except Exception as exc:  # a display error must not kill the run silently
-            show_error(f"pcl-viewer: could not show {step.stage} result: {exc}")
+            show_error(f"pcl-viewer: could not show {event.stage} result: {exc}")
 
-    def _show_view(self, view: View, stage: str) -> None:
-        result = self._pending
-        if result is None:
-            return
-        shown = finished_part(view, stage)
+    def _show_view(self, result: PipelineResult, event: ViewReady) -> None:
+        view = event.view
         chromap_visible = None
-        if stage == "chromap" and view.key in self.chromap_checks:
+        if event.part == "chromap" and view.key in self.chromap_checks:
             chromap_visible = self.chromap_checks[view.key].isChecked()
-        self.builder.show_view(self._running_layer, result, shown,
+        self.builder.show_view(self._running_layer, result, view,
                                difference=self.diff_check.isChecked(),
                                chromap_visible=chromap_visible)
 

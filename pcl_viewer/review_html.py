@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pcl_viewer.atomic import atomic_write_text
-from pcl_viewer.review import (
+from pcl_viewer.review_records import (
     ERROR_COLUMNS,
     REPORT_COLUMNS,
     ReviewConfig,

@@ -1,6 +1,8 @@
 # The two commands of the README: `make run` opens the app, `make test` runs the suite.
 VENV ?= .venv
 XVFB := xvfb-run -a -s "-screen 0 1280x1024x24"
+# ruff, then mypy (which files, and which strictly: [tool.mypy] in pyproject.toml)
+LINT := $(VENV)/bin/ruff check pcl_viewer plugins tests && $(VENV)/bin/mypy
 
 .PHONY: setup setup-test run test lint priors screenshots domain
 setup:
@@ -17,7 +19,9 @@ run: setup
 	  echo "make run: no display (DISPLAY and WAYLAND_DISPLAY unset); run it on a desktop, over ssh -X, or as 'make run XVFB_RUN=1 ARGS=\"--screenshot out.png\"'"; exit 1; fi
 	$(if $(XVFB_RUN),$(XVFB) )$(VENV)/bin/pcl-viewer $(ARGS)
 
+# the lint first (seconds), then the suite; CI runs exactly this
 test: setup-test
+	$(LINT)
 	QT_API=pyside6 $(XVFB) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # the app's screenshots in docs/figures (the default window after Run all, linked CHRO-map)
@@ -29,7 +33,7 @@ domain: setup
 	$(VENV)/bin/pcl domain calibrate --cf-bundle cf-cpu --seg-bundle seg-cpu --n 200 --seed 7919 --out resources/models/domain.json
 
 lint: setup
-	$(VENV)/bin/ruff check pcl_viewer plugins tests
+	$(LINT)
 
 priors: setup
 	$(VENV)/bin/pip install -q --no-deps torchxrayvision

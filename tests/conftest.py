@@ -18,10 +18,10 @@ from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES
 def one_torch_thread():
     """One intra-op thread for a module: the test machine is shared, and two threads on
     two busy cores stall on oversubscription. Restores the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from pcl_viewer.device import limited_threads
+
+    with limited_threads(1):
+        yield
 
 
 def synthetic_chest(h: int = 256, w: int = 224, seed: int = 0) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pcl_viewer.models.bundle import BundleError, ModelBundle, sha256_file
+from pcl_viewer.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 Mutate = Callable[[Path], None]
@@ -303,7 +304,7 @@ def test_every_config_field_has_bounds():
         assert set(b.config_fields(arch)) == {f.name for f in fields(cls)}
     with pytest.raises(b._Invalid, match="out of bounds -1024..1024"):
         b.GENERIC_BOUNDS["int"](4096, "x")
-    for preset in ("smoke", "cpu", "paper"):  # every preset's config passes its schema
+    for preset in PRESETS:  # every preset's config passes its schema
         for arch, cls in (("dense-unet", UNetConfig), ("hvae", HVAEConfig),
                           ("attribute-classifier", ClassifierConfig)):
             key = b.CONFIG_CLASSES[arch][0]

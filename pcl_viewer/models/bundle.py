@@ -51,7 +51,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT = "pcl-bundle/1"
 CARD = "card.json"
@@ -340,7 +343,7 @@ CARD_SCHEMA = _object({
 }, required=("format", "components"))
 
 
-def validate_card(card: Any, where: str | os.PathLike = "card") -> None:
+def validate_card(card: Any, where: str | os.PathLike[str] = "card") -> None:
     """Check a parsed card against the schema; raises :class:`BundleError` (one line)."""
     if not isinstance(card, dict):
         raise BundleError(f"{where}: the card must be a JSON object, got {type(card).__name__}")
@@ -378,7 +381,7 @@ def read_card(card_path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise BundleError(f"{card_path}: cannot read ({exc.strerror or exc})") from None
     validate_card(card, card_path)
-    return card
+    return cast(dict[str, Any], card)
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -487,13 +490,14 @@ def register_architecture(name: str, target: str, schema: Check | None = None) -
         CONFIG_SCHEMAS[name] = schema
 
 
-def _builder(name: str, where: Path) -> Callable[[dict], Any]:
+def _builder(name: str, where: Path) -> Callable[[dict[str, Any]], nn.Module]:
     if name not in ARCHITECTURES:
         raise BundleError(
             f"{where}: unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}"
         )
     module, func = ARCHITECTURES[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    builder: Callable[[dict[str, Any]], nn.Module] = getattr(importlib.import_module(module), func)
+    return builder
 
 
 @dataclass
@@ -520,7 +524,7 @@ class ModelBundle:
 
     @property
     def components(self) -> dict[str, dict[str, Any]]:
-        return self.card["components"]
+        return cast(dict[str, dict[str, Any]], self.card["components"])
 
     @property
     def fingerprint(self) -> str:
@@ -538,7 +542,7 @@ class ModelBundle:
                 "you trust")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, kind: str | None = None, *,
+    def load(cls, path: str | os.PathLike[str], kind: str | None = None, *,
              check_pin: bool = True) -> ModelBundle:
         """Open and verify a bundle folder (schema, no pickles, headers, sha256s, pins).
 
@@ -600,7 +604,7 @@ class ModelBundle:
     def config(self, component: str) -> dict[str, Any]:
         return dict(self._component(component).get("config", {}))
 
-    def build(self, component: str, device: str = "cpu"):
+    def build(self, component: str, device: str = "cpu") -> nn.Module:
         """Rebuild the network of ``component`` from its card config and load its weights.
 
         The network is first built on PyTorch's ``meta`` device (no memory): a config whose
@@ -660,7 +664,7 @@ class ModelBundle:
 
 
 def save_bundle(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     card: dict[str, Any],
     components: dict[str, tuple[str, dict[str, Any], Any]],
 ) -> ModelBundle:
@@ -700,7 +704,7 @@ def save_bundle(
     return ModelBundle.load(path, check_pin=False)
 
 
-def find_bundle(name_or_path: str | os.PathLike) -> Path:
+def find_bundle(name_or_path: str | os.PathLike[str]) -> Path:
     """Resolve a bundle given as a path, or a name under resources/models or the user dir."""
     from pcl_viewer.paths import models_dir, user_models_dir
 
@@ -716,7 +720,7 @@ def find_bundle(name_or_path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- pinning
 
 
-def pin_bundle(path: str | os.PathLike) -> dict[str, str]:
+def pin_bundle(path: str | os.PathLike[str]) -> dict[str, str]:
     """Record the digest of the shipped bundle at ``path`` in ``shipped.json`` (atomically).
 
     The bundle must pass every check but its pin. Returns the new pin.
@@ -737,10 +741,11 @@ def pin_bundle(path: str | os.PathLike) -> dict[str, str]:
     data["format"] = "pcl-bundle-pins/1"
     data["command"] = PIN_COMMAND.format(name="NAME")
     pins = dict(data.get("bundles", {}))
-    pins[name] = {"digest": bundle.digest, "fingerprint": bundle.fingerprint}
+    entry = {"digest": bundle.digest, "fingerprint": bundle.fingerprint}
+    pins[name] = entry
     data["bundles"] = dict(sorted(pins.items()))
     atomic_write_text(PINS_FILE, json.dumps(data, indent=2) + "\n")
-    return pins[name]
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:

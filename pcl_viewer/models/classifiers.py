@@ -9,6 +9,7 @@ evaluation uses them to measure counterfactual effectiveness.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,11 +39,11 @@ class ClassifierConfig:
             return cls(image_size=size)
         return cls(image_size=size, input_size=size, widths=(32, 64, 128, 256, 256))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ClassifierConfig:
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
         d = dict(d)
         d["widths"] = tuple(d["widths"])
         d["attributes"] = tuple(d["attributes"])
@@ -67,7 +68,8 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
         pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled).squeeze(1)
+        logit: torch.Tensor = self.head(pooled)
+        return logit.squeeze(1)
 
 
 class AttributeClassifiers(nn.Module):
@@ -76,6 +78,8 @@ class AttributeClassifiers(nn.Module):
     ``forward(x (B, 1, S, S) in [0, 1])`` -> calibrated logits ``(B, A)`` in ``attributes`` order;
     ``probs(x)`` -> ``(B, A)`` probability of value index 1 (philips, male, present).
     """
+
+    temperature: torch.Tensor  # (A,) buffer, set by calibration
 
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
@@ -107,7 +111,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200
     log_t = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
 
-    def closure():
+    def closure() -> torch.Tensor:
         opt.zero_grad()
         t = log_t.clamp(-3.0, 3.0).exp()  # separable data would drive T to 0
         loss = F.binary_cross_entropy_with_logits(logits / t, labels.float())
@@ -148,6 +152,6 @@ def build_classifiers(preset_or_cfg: str | ClassifierConfig) -> AttributeClassif
     return AttributeClassifiers(cfg)
 
 
-def build_from_config(config: dict) -> AttributeClassifiers:
+def build_from_config(config: dict[str, Any]) -> AttributeClassifiers:
     """Bundle builder: ``{"classifier": ClassifierConfig dict}``."""
     return AttributeClassifiers(ClassifierConfig.from_dict(config["classifier"]))

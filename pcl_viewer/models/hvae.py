@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,18 @@ from torch import nn
 from pcl_viewer.presets import IMAGE_SIZE, check_preset
 
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
+
+
+def _zero_(layer: nn.Conv2d | nn.Linear) -> None:
+    """Zero a layer's weight and bias (a block that starts as the identity or as nothing)."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def _blocks(stage: nn.Module) -> nn.ModuleList:
+    """One stage of ``enc_blocks`` / ``dec_blocks`` (a ModuleList of blocks)."""
+    return cast(nn.ModuleList, stage)
 
 
 @dataclass
@@ -86,13 +99,13 @@ class HVAEConfig:
     def resolutions(self) -> tuple[int, ...]:
         return tuple(self.work_size // 2**i for i in range(len(self.widths)))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["latents"] = {str(k): v for k, v in self.latents.items()}
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> HVAEConfig:
+    def from_dict(cls, d: dict[str, Any]) -> HVAEConfig:
         d = dict(d)
         d["widths"] = tuple(d["widths"])
         d["blocks"] = tuple(d["blocks"])
@@ -115,13 +128,11 @@ class Bottleneck(nn.Module):
         self.c3 = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.c4 = nn.Conv2d(hidden, c_out, 1)
         if zero_out:
-            nn.init.zeros_(self.c4.weight)
-            nn.init.zeros_(self.c4.bias)
+            _zero_(self.c4)
         self.film = film
         self.cond = nn.Linear(embed_dim, (2 if film else 1) * hidden) if embed_dim else None
         if self.cond is not None:
-            nn.init.zeros_(self.cond.weight)
-            nn.init.zeros_(self.cond.bias)
+            _zero_(self.cond)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
         y = self.c1(F.gelu(x))
@@ -133,7 +144,8 @@ class Bottleneck(nn.Module):
             else:
                 y = y + c
         y = self.c3(F.gelu(self.c2(F.gelu(y))))
-        return self.c4(F.gelu(y))
+        out: torch.Tensor = self.c4(F.gelu(y))
+        return out
 
 
 class ResBlock(nn.Module):
@@ -144,7 +156,8 @@ class ResBlock(nn.Module):
         self.body = Bottleneck(width, max(4, width // bottleneck), width, embed_dim, film=True)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
-        return h + self.body(h, e)
+        delta: torch.Tensor = self.body(h, e)
+        return h + delta
 
 
 class LatentBlock(nn.Module):
@@ -159,23 +172,27 @@ class LatentBlock(nn.Module):
         self.z_proj = nn.Conv2d(z_dim, width, 1)
         self.res = ResBlock(width, bottleneck, embed_dim)
 
-    def prior_params(self, h: torch.Tensor, e: torch.Tensor):
+    def prior_params(self, h: torch.Tensor, e: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prior mean and std ``(B, z, H, W)`` and a feature residual ``(B, C, H, W)``."""
-        out = self.prior(h, e)
-        loc, raw, feat = out.split([self.z_dim, self.z_dim, out.shape[1] - 2 * self.z_dim], 1)
+        out: torch.Tensor = self.prior(h, e)
+        loc, raw, feat = torch.split(out, [self.z_dim, self.z_dim, out.shape[1] - 2 * self.z_dim], 1)
         return loc, F.softplus(raw + _SOFTPLUS_ONE) + 1e-4, feat
 
-    def posterior_params(self, h: torch.Tensor, enc: torch.Tensor, e: torch.Tensor):
+    def posterior_params(self, h: torch.Tensor, enc: torch.Tensor, e: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std ``(B, z, H, W)`` given the encoder activation ``enc``."""
         loc, raw = self.posterior(torch.cat([h, enc], dim=1), e).chunk(2, dim=1)
         return loc, F.softplus(raw + _SOFTPLUS_ONE) + 1e-4
 
     def step(self, h: torch.Tensor, z: torch.Tensor, feat: torch.Tensor,
              e: torch.Tensor) -> torch.Tensor:
-        return self.res(h + feat + self.z_proj(z), e)
+        out: torch.Tensor = self.res(h + feat + self.z_proj(z), e)
+        return out
 
 
-def gaussian_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
+def gaussian_kl(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor,
+                p_scale: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(N(q) || N(p)), same shape as the inputs."""
     return (torch.log(p_scale / q_scale)
             + (q_scale**2 + (q_loc - p_loc) ** 2) / (2 * p_scale**2) - 0.5)
@@ -240,6 +257,7 @@ class HVAE(nn.Module):
         self.dec_up = nn.ModuleList()
         for i in reversed(range(len(w))):
             r, n = res[i], max(1, cfg.blocks[i]) if res[i] in cfg.latents else cfg.blocks[i]
+            blocks: list[nn.Module]
             if r in cfg.latents:
                 blocks = [LatentBlock(w[i], cfg.latents[r], e, cfg.bottleneck) for _ in range(n)]
             else:
@@ -261,20 +279,21 @@ class HVAE(nn.Module):
         """
         pa = pa.float()
         if self.fluid_head is not None:  # effusion acts only through the fluid head
-            return self.parent_embed(pa * pa.new_tensor([1.0, 1.0, 0.0]))
-        if self.cfg.fluid_dim:
+            pa = pa * pa.new_tensor([1.0, 1.0, 0.0])
+        elif self.cfg.fluid_dim:
             if fluid is None:
                 fluid = pa.new_zeros(pa.shape[0], self.cfg.fluid_dim)
             pa = torch.cat([pa, pa[:, 2:3] * fluid], dim=1)
-        return self.parent_embed(pa)
+        e: torch.Tensor = self.parent_embed(pa)
+        return e
 
     def encode(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """``(B, 1, S, S)`` in [0, 1] -> encoder activations per latent resolution, and under
         key ``-1`` the coarsest activation (for the effusion-noise posterior)."""
         h = self.stem(2 * self.to_work(x) - 1)
         acts: dict[int, torch.Tensor] = {}
-        for i, blocks in enumerate(self.enc_blocks):
-            for block in blocks:
+        for i, stage in enumerate(self.enc_blocks):
+            for block in _blocks(stage):
                 h = block(h)
             if h.shape[-1] in self.cfg.latents:
                 acts[h.shape[-1]] = h
@@ -306,7 +325,8 @@ class HVAE(nn.Module):
                              align_corners=False)
 
     def _top(self, e: torch.Tensor) -> torch.Tensor:
-        return self.top.expand(e.shape[0], -1, -1, -1) + self.top_embed(e)[:, :, None, None]
+        bias: torch.Tensor = self.top_embed(e)
+        return self.top.expand(e.shape[0], -1, -1, -1) + bias[:, :, None, None]
 
     def _up(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if isinstance(self.dec_up[i], nn.Identity):
@@ -348,8 +368,8 @@ class HVAE(nn.Module):
             kl_weighted = kl_weighted + cfg.fluid_beta * kl_f
         e = self.embed(pa, fluid)
         h = self._top(e)
-        for i, blocks in enumerate(self.dec_blocks):
-            for block in blocks:
+        for i, stage in enumerate(self.dec_blocks):
+            for block in _blocks(stage):
                 if isinstance(block, LatentBlock):
                     p_loc, p_scale, feat = block.prior_params(h, e)
                     q_loc, q_scale = block.posterior_params(h, acts[h.shape[-1]], e)
@@ -404,6 +424,7 @@ class HVAE(nn.Module):
         kl = x.new_zeros(())
         if q is not None:  # reparameterised draws: the pair error is u_f's reconstruction term
             q_true = self.fluid_posterior(self.encode(x_true))
+            assert q_true is not None  # both None or neither: the model has effusion noise
             add = (pa[:, 2] < 0.5) & (pa_true[:, 2] > 0.5)
             fluid = q[0] + q[1] * torch.randn_like(q[0])
             fluid_true = q_true[0] + q_true[1] * torch.randn_like(q_true[0])
@@ -421,14 +442,14 @@ class HVAE(nn.Module):
         return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl
 
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
-                     fluid: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+                     fluid: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor]:
         """Posterior-mean latents ``{"z", "u"}`` and the working-size mean (B,1,W,W)."""
         e = self.embed(pa, fluid)
         h = self._top(e)
         zs: list[torch.Tensor] = []
         us: list[torch.Tensor] = []
-        for i, blocks in enumerate(self.dec_blocks):
-            for block in blocks:
+        for i, stage in enumerate(self.dec_blocks):
+            for block in _blocks(stage):
                 if isinstance(block, LatentBlock):
                     p_loc, p_scale, feat = block.prior_params(h, e)
                     z, _ = block.posterior_params(h, acts[h.shape[-1]], e)
@@ -440,7 +461,7 @@ class HVAE(nn.Module):
             h = self._up(i, h)
         return {"z": zs, "u": us}, self._to_image(h, pa, fluid)
 
-    def _decode_walk(self, latents: dict, pa: torch.Tensor, fluid: torch.Tensor | None,
+    def _decode_walk(self, latents: dict[str, Any], pa: torch.Tensor, fluid: torch.Tensor | None,
                      mode: str) -> torch.Tensor:
         """Working-size mean (B,1,W,W) from latents under ``pa`` (see :meth:`decode_train`)."""
         if mode not in ("posterior", "prior-relative"):
@@ -448,8 +469,8 @@ class HVAE(nn.Module):
         e = self.embed(pa, fluid)
         h = self._top(e)
         k = 0
-        for i, blocks in enumerate(self.dec_blocks):
-            for block in blocks:
+        for i, stage in enumerate(self.dec_blocks):
+            for block in _blocks(stage):
                 if isinstance(block, LatentBlock):
                     p_loc, p_scale, feat = block.prior_params(h, e)
                     if mode == "posterior":
@@ -465,7 +486,7 @@ class HVAE(nn.Module):
 
     # -- counterfactual inference ----------------------------------------------
     @torch.no_grad()
-    def abduct(self, x: torch.Tensor, pa: torch.Tensor, fluid_seed: int = 0) -> dict:
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, fluid_seed: int = 0) -> dict[str, Any]:
         """Posterior-mean latents ``z`` and their prior-relative noise ``u`` per latent block,
         and the factual mean ``mu`` (B, 1, S, S) decoded from them.
 
@@ -494,12 +515,12 @@ class HVAE(nn.Module):
         return latents
 
     @torch.no_grad()
-    def decode(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
+    def decode(self, latents: dict[str, Any], pa: torch.Tensor,
                mode: str | None = None) -> torch.Tensor:
         """No-grad :meth:`decode_train` (inference)."""
         return self.decode_train(latents, pa, mode)
 
-    def decode_train(self, latents: dict[str, list[torch.Tensor]], pa: torch.Tensor,
+    def decode_train(self, latents: dict[str, Any], pa: torch.Tensor,
                      mode: str | None = None) -> torch.Tensor:
         """Mean image ``(B, 1, S, S)`` in [0, 1] from abducted latents under parents ``pa``.
 
@@ -525,8 +546,7 @@ class FluidHead(nn.Module):
         self.c3 = nn.Conv2d(hidden, 1, 1)
         self.film1 = nn.Linear(fluid_dim, 2 * hidden)
         self.film2 = nn.Linear(fluid_dim, 2 * hidden)
-        nn.init.zeros_(self.c3.weight)
-        nn.init.zeros_(self.c3.bias)
+        _zero_(self.c3)
 
     def forward(self, h: torch.Tensor, fluid: torch.Tensor) -> torch.Tensor:
         y = self.c1(F.gelu(h))
@@ -535,7 +555,8 @@ class FluidHead(nn.Module):
         y = self.c2(y)
         scale, shift = self.film2(fluid)[:, :, None, None].chunk(2, dim=1)
         y = F.gelu(y * (1 + scale) + shift)
-        return self.c3(y)
+        out: torch.Tensor = self.c3(y)
+        return out
 
 
 def fluid_eps(x: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
@@ -555,6 +576,6 @@ def build_hvae(preset_or_cfg: str | HVAEConfig) -> HVAE:
     return HVAE(cfg)
 
 
-def build_from_config(config: dict) -> HVAE:
+def build_from_config(config: dict[str, Any]) -> HVAE:
     """Bundle builder: ``{"hvae": HVAEConfig dict}``."""
     return HVAE(HVAEConfig.from_dict(config["hvae"]))

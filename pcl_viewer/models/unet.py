@@ -8,6 +8,7 @@ pre-training, a global head for SimCLR, and a 1x1-conv segmentation head.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class UNetConfig:
     num_classes: int = 3
     proj_hidden: int = 256
     proj_dim: int = 128
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_preset(cls, name: str) -> UNetConfig:
@@ -45,11 +46,11 @@ class UNetConfig:
             return cls(image_size=IMAGE_SIZE[name])
         return cls(arch="flexible-unet", image_size=IMAGE_SIZE[name])
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
         d = dict(d)
         for key in ("channels", "decoder_channels"):
             if key in d:
@@ -73,7 +74,8 @@ class _FlexibleFeatures(nn.Module):
         self.skip_connect = net.skip_connect
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x), self.skip_connect)
+        feats: torch.Tensor = self.decoder(self.encoder(x), self.skip_connect)
+        return feats
 
 
 class DenseUNet(nn.Module):
@@ -85,6 +87,7 @@ class DenseUNet(nn.Module):
     def __init__(self, cfg: UNetConfig, heads: tuple[str, ...] = ("seg",)) -> None:
         super().__init__()
         self.cfg = cfg
+        self.backbone: nn.Module
         if cfg.arch == "monai-unet":
             from monai.networks.nets import UNet
 
@@ -115,11 +118,13 @@ class DenseUNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` -> decoder features ``(B, 32, H, W)``."""
-        return self.backbone(x)
+        feats: torch.Tensor = self.backbone(x)
+        return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` -> segmentation logits ``(B, num_classes, H, W)``."""
-        return self.seg_head(self.features(x))
+        logits: torch.Tensor = self.seg_head(self.features(x))
+        return logits
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """Dense embeddings ``(B, proj_dim, H, W)``, L2-normalised per pixel."""
@@ -132,6 +137,6 @@ def build_unet(preset_or_cfg: str | UNetConfig, heads: tuple[str, ...] = ("seg",
     return DenseUNet(cfg, heads=heads)
 
 
-def build_from_config(config: dict) -> DenseUNet:
+def build_from_config(config: dict[str, Any]) -> DenseUNet:
     """Bundle builder: ``{"unet": UNetConfig dict, "heads": [...]}``."""
     return DenseUNet(UNetConfig.from_dict(config["unet"]), heads=tuple(config.get("heads", ["seg"])))

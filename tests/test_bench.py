@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pcl_viewer.evaluate.benchmark import (
     ROW_BY_SLUG,
@@ -33,6 +32,10 @@ from pcl_viewer.evaluate.benchmark_report import (
 from pcl_viewer.models.unet import build_unet
 from pcl_viewer.train.finetune import save_segmentation_bundle
 
+# One torch thread for the module (a `pcl bench` run sets its own --threads, 1 by
+# default): on a shared 2-core machine more threads only spin (10x slower when loaded).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _toy_sets(n: int = 16, size: int = 64, seed: int = 0) -> BenchSets:
     """Bright rectangles on noise: lung-like labels a tiny U-Net can start to learn."""
@@ -51,9 +54,6 @@ def _toy_sets(n: int = 16, size: int = 64, seed: int = 0) -> BenchSets:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    # One thread: on a shared 2-core machine more threads only spin (10x slower when loaded).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("bench")
     preset = bench_preset("smoke")
     sets = _toy_sets()
@@ -68,7 +68,6 @@ def grid(tmp_path_factory):
     rows = [ROW_BY_SLUG[s] for s in ("none", "dvd-cl")]
     first = run_grid(preset, sets, tmp / "cells", init, rows=rows, show_progress=False)
     second = run_grid(preset, sets, tmp / "cells", init, rows=rows, show_progress=False)
-    torch.set_num_threads(threads)
     return tmp, preset, rows, first, second, calls
 
 
@@ -268,7 +267,6 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
 
     from pcl_viewer.commands.bench import bench
 
-    threads = torch.get_num_threads()
     args = ["--preset", "smoke", "--out", str(tmp_path / "results"), "--cache",
             str(tmp_path / "cache"), "--rows", "none,seg-silver,s-mvd-cl-oracle"]
     first = CliRunner().invoke(bench, args)
@@ -276,7 +274,6 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
     # None 1 seed, the other two rows 2 seeds each, x 2 folds x 3 budgets
     assert "0 already done, 30 computed now, 0 left" in first.output
     second = CliRunner().invoke(bench, args)
-    torch.set_num_threads(threads)
     assert "30 already done, 0 computed now, 0 left" in second.output
     with open(tmp_path / "results" / "benchmark.csv") as fh:
         table = list(csv.DictReader(fh))
@@ -297,14 +294,12 @@ def test_smoke_preset_end_to_end_cli_is_resumable(tmp_path):
     dice = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(tmp_path / "cache"),
                                       "--rows", "none", "--loss", "dicece",
                                       "--out", str(tmp_path / "dc")])
-    torch.set_num_threads(threads)
     assert dice.exit_code == 0, dice.output + repr(dice.exception)
     assert "0 already done, 6 computed now, 0 left" in dice.output
     assert len(load_cells(runs / "cells-dicece")) == 6 and len(load_cells(runs / "cells")) == 30
     assert json.loads(next((runs / "cells-dicece" / "none").glob("seed0/*.json")).read_text())[
         "finetune"]["loss"] == "dicece"
     again = CliRunner().invoke(bench, [*args, "--report-only"])
-    torch.set_num_threads(threads)
     assert "## Fine-tuning loss: Dice+CE vs cross-entropy" in (
         tmp_path / "results" / "benchmark.md").read_text()
     with open(tmp_path / "results" / "loss_comparison.csv") as fh:
@@ -320,10 +315,8 @@ def test_prepare_makes_the_shared_inputs_and_no_cells(tmp_path):
 
     from pcl_viewer.commands.bench import bench
 
-    threads = torch.get_num_threads()
     cache = tmp_path / "cache"
     r = CliRunner().invoke(bench, ["--preset", "smoke", "--cache", str(cache), "--prepare"])
-    torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output + repr(r.exception)
     for name in ("gold", "portable", "severe", "pool"):
         assert (cache / "data" / "smoke" / name / ".complete").is_file(), name
@@ -338,11 +331,9 @@ def test_jobs_runs_rows_in_worker_processes_and_reports_once(tmp_path):
 
     from pcl_viewer.commands.bench import bench
 
-    threads = torch.get_num_threads()
     args = ["--preset", "smoke", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
             "--rows", "none,dvd-cl-dagger", "--jobs", "2"]
     r = CliRunner().invoke(bench, args)
-    torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output + repr(r.exception)
     # one process per (row, seed): none seed 0, dvd-cl-dagger seeds 0 and 1
     assert "rows: 3 finished, 0 failed" in r.output
@@ -356,7 +347,6 @@ def test_jobs_runs_rows_in_worker_processes_and_reports_once(tmp_path):
     with open(tmp_path / "r" / "benchmark.csv") as fh:
         assert [row["method"] for row in csv.DictReader(fh)] == ["None", "DVD-CL†"]
     again = CliRunner().invoke(bench, args)  # resumable: nothing left to compute
-    torch.set_num_threads(threads)
     assert again.exit_code == 0 and "rows: 3 finished" in again.output
     assert len(load_cells(runs / "cells")) == len(cells)
 
@@ -491,14 +481,12 @@ def test_folds_and_budgets_run_a_subset_that_a_later_run_extends(tmp_path):
 
     from pcl_viewer.commands.bench import bench
 
-    threads = torch.get_num_threads()
     args = ["--preset", "smoke", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
             "--rows", "none", "--threads", "1"]
     first = CliRunner().invoke(bench, [*args, "--folds", "1", "--budgets", "all"])
     assert first.exit_code == 0, first.output + repr(first.exception)
     assert "0 already done, 1 computed now, 0 left" in first.output
     more = CliRunner().invoke(bench, [*args, "--folds", "0,1"])
-    torch.set_num_threads(threads)
     assert "1 already done, 5 computed now, 0 left" in more.output
     cells = load_cells(tmp_path / "c" / "runs" / "smoke" / data_key() / "cells")
     assert sorted((c["fold"], c["budget"]) for c in cells) == [

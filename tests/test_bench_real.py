@@ -9,9 +9,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from pcl_viewer.data import rle
+
+# One torch thread for the module (a `pcl bench` run sets its own --threads, 1 by
+# default): on a shared 2-core machine more threads only spin (10x slower when loaded).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N, SIZE, N_GOOD = 30, 64, 16
 
@@ -79,12 +82,10 @@ def test_bench_runs_the_grid_on_a_real_folder_and_skips_the_oracle(tmp_path):
     from pcl_viewer.evaluate.benchmark_inputs import data_key
 
     folder = _make_real_folder(tmp_path / "padchest")
-    threads = torch.get_num_threads()
     r = CliRunner().invoke(bench, ["--preset", "smoke", "--data", str(folder), "--cache",
                                    str(tmp_path / "cache"), "--out", str(tmp_path / "res"),
                                    "--rows", "none,vader,dvd-aug,s-mvd-cl-oracle",
                                    "--seeds", "0", "--threads", "1"])
-    torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "skipped row s-mvd-cl-oracle: S-MVD-CL (oracle CF): real data have no true " \
            "counterfactuals" in r.output

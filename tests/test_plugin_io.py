@@ -103,7 +103,9 @@ def test_every_sample_is_a_grey_scan_with_known_parents(key):
     assert kind == "image" and data.ndim == 2 and min(data.shape) >= 256
     assert 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0.02
     parents = kwargs["metadata"]["true_parents"]
-    assert parents["scanner"] == SAMPLES[key][0] or parents.get("style") == SAMPLES[key][0]
+    style, effusion = SAMPLES[key]
+    assert parents["style"] == style
+    assert parents["effusion"] == ("present" if effusion else "absent")
 
 
 def test_labels_of_a_dicom_scan_are_written_as_dicom_seg(tmp_path):

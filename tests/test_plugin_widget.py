@@ -32,9 +32,9 @@ def app(make_napari_viewer, fake_pipeline, chest_scan, tmp_path, monkeypatch):
     viewer = make_napari_viewer()
     widget = _widget.PCLViewerWidget(viewer)
     viewer.window.add_dock_widget(widget, area="right")
-    widget.cf_combo.setCurrentText("fake-cf")
-    widget.seg_combo.setCurrentText("seg-smoke")
-    widget.device_combo.setCurrentText("cpu")
+    widget.model_panel.cf_combo.setCurrentText("fake-cf")
+    widget.model_panel.seg_combo.setCurrentText("seg-smoke")
+    widget.model_panel.device_combo.setCurrentText("cpu")
     AppState.set(fake_pipeline, "fake-cf", "seg-smoke", "cpu")
     data, kwargs, _ = scan_layer_data(chest_scan)
     scan = viewer.add_image(data.copy(), **kwargs)
@@ -49,14 +49,14 @@ def test_sample_data_opens_a_grey_scan_the_widget_offers(app):
     (layer,) = viewer.open_sample("pcl-viewer", "philips-effusion")
     assert layer.data.ndim == 2 and 0.0 <= layer.data.min() and layer.data.max() <= 1.0
     assert layer.metadata["true_parents"]["scanner"] == "philips"
-    assert widget.scan_combo.findText(layer.name) >= 0
+    assert widget.scan_panel.scan_combo.findText(layer.name) >= 0
 
 
 def test_each_intervention_becomes_an_aligned_layer_with_provenance(app):
     viewer, widget, scan = app
     before = scan.data.copy()
-    widget.intervention_checks["sex"].setChecked(True)
-    widget.diff_check.setChecked(True)
+    widget.cf_panel.intervention_checks["sex"].setChecked(True)
+    widget.cf_panel.diff_check.setChecked(True)
     assert run_and_measure(widget, "generate").status == "ok"
     result = widget.result_for(scan)
     names = {ly.name for ly in viewer.layers}
@@ -83,8 +83,8 @@ def test_segment_adds_native_labels_a_consistency_table_and_toggleable_chromaps(
     assert run_and_measure(widget, "all").status == "ok"
     labels = [ly for ly in viewer.layers if ly.metadata.get("kind") == "labels"]
     assert len(labels) == 4 and all(ly.data.shape == scan.data.shape for ly in labels)
-    assert widget.table.rowCount() == 3
-    dice = float(widget.table.item(0, 1).text())
+    assert widget.analysis_panel.table.rowCount() == 3
+    dice = float(widget.analysis_panel.table.item(0, 1).text())
     assert 0.0 <= dice <= 1.0
     chromaps = {ly.metadata["view"]: ly for ly in viewer.layers
                 if ly.metadata.get("kind") == "chromap"}
@@ -111,9 +111,10 @@ def test_a_rerun_sets_each_layer_once_and_draws_the_embedding(app):
         ly.events.data.connect(lambda e, name=ly.name: sets.__setitem__(name, sets[name] + 1))
     assert run_and_measure(widget, "all").status == "ok"
     assert len(derived) == 3 + 4 + 4 and set(sets.values()) == {1}, sets
-    pixels = widget.plot.pixels
-    assert pixels is not None and pixels.shape == (widget.plot.size_px, widget.plot.size_px, 3)
-    assert "factual" in widget.plot.legend.text() and "pca" in widget.plot.legend.text()
+    pixels = widget.analysis_panel.plot.pixels
+    plot = widget.analysis_panel.plot
+    assert pixels is not None and pixels.shape == (plot.size_px, plot.size_px, 3)
+    assert "factual" in plot.legend.text() and "pca" in plot.legend.text()
 
 
 def test_the_embedding_picture_puts_each_view_where_its_points_are():
@@ -210,7 +211,7 @@ def test_strength_slider_updates_counterfactuals_live_and_labels_extrapolation(a
     assert run_and_measure(widget, "generate").status == "ok"
     key = "effusion"
     full = viewer.layers[f"chest: {key}"].data.copy()
-    widget.strength_slider.setValue(50)
+    widget.cf_panel.strength_slider.setValue(50)
     layer = widget.builder.get(scan, key, "image")
     qtbot.waitUntil(lambda: layer.metadata["strength"] == 0.5, timeout=3000)
     # attenuated, not extrapolated (only a strength above 1 goes beyond the model)
@@ -237,11 +238,13 @@ def test_cancel_mid_run_stops_between_stages_and_leaves_consistent_state(app, qt
     assert timing.status == "cancelled"
     qtbot.waitUntil(lambda: widget._rollback is None, timeout=10_000)
     assert widget.result_for(scan) is None and not widget.running
-    assert widget.run_all_btn.isEnabled() and not widget.cancel_btn.isEnabled()
+    assert widget.analysis_panel.run_all_btn.isEnabled()
+    assert not widget.run_bar.cancel_btn.isEnabled()
     # the scan had no finished result: the cancelled run's layers are gone, panels empty
     assert [ly for ly in viewer.layers if is_derived(ly)] == []
     assert {ly.name for ly in viewer.layers} == before
-    assert widget.table.rowCount() == 0 and widget.prob_labels["sex"].text() == "–"
+    assert widget.analysis_panel.table.rowCount() == 0
+    assert widget.scan_panel.prob_labels["sex"].text() == "–"
     assert run_and_measure(widget, "all").status == "ok"  # and the next run works
 
 
@@ -260,8 +263,8 @@ def test_a_broken_file_gives_a_notification_and_loses_nothing(app, tmp_path):
 def test_a_failing_run_is_a_readable_notification_and_changes_no_layer(app):
     viewer, widget, scan = app
     AppState.pipeline = AppState.key = None
-    widget.cf_combo.setCurrentText("/nonexistent/cf")
-    widget.seg_combo.setCurrentText("/nonexistent/seg")
+    widget.model_panel.cf_combo.setCurrentText("/nonexistent/cf")
+    widget.model_panel.seg_combo.setCurrentText("/nonexistent/seg")
     names = [ly.name for ly in viewer.layers]
     assert run_and_measure(widget, "all").status == "error"
     assert "no model could be loaded" in widget.errors[-1]
@@ -270,7 +273,7 @@ def test_a_failing_run_is_a_readable_notification_and_changes_no_layer(app):
 
 def test_settings_are_remembered_and_export_writes_csv_and_layers(app, tmp_path):
     viewer, widget, scan = app
-    widget.reducer_combo.setCurrentText("pca")
+    widget.analysis_panel.reducer_combo.setCurrentText("pca")
     assert run_and_measure(widget, "all").status == "ok"
     saved = json.loads((tmp_path / "config" / "settings.json").read_text())
     assert saved == {"cf_bundle": "fake-cf", "seg_bundle": "seg-smoke", "device": "cpu",
@@ -304,9 +307,13 @@ def test_heartbeat_gap_during_a_full_run(app):
     timing = run_and_measure(widget, "all")
     print(f"\nheartbeat largest gap {timing.max_gap_ms:.0f} ms over {timing.seconds:.2f} s")
     assert timing.status == "ok"
-    # Lenient: on a loaded 2-core CI box one layer draw (software GL) can take a second;
-    # a frozen window would show the whole run as one gap. The 100 ms target is in bench.
-    assert timing.max_gap_ms < 3000
+    # The app's target: no heartbeat gap over TARGET_GAP_MS on a quiet machine (measured by
+    # ``python -m pcl_viewer_napari.bench``). Tests share a loaded 2-core machine, where the scheduler alone
+    # can hold the Qt thread off its core for a few time slices, so they allow LOAD_FACTOR
+    # times the target (measured here under a load average of 4: 58 ms); a frozen window
+    # would show the whole run, seconds, as one gap.
+    TARGET_GAP_MS, LOAD_FACTOR = 100, 5
+    assert timing.max_gap_ms <= TARGET_GAP_MS * LOAD_FACTOR
 
 
 def test_the_widget_docked_from_the_plugins_menu_works_through_napari_proxies(
@@ -317,8 +324,9 @@ def test_the_widget_docked_from_the_plugins_menu_works_through_napari_proxies(
     monkeypatch.setenv("PCL_VIEWER_SYNC", "1")
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("pcl-viewer", WIDGET_NAME)
-    for combo, text in ((widget.cf_combo, "fake-cf"), (widget.seg_combo, "seg-smoke"),
-                        (widget.device_combo, "cpu")):
+    mp = widget.model_panel
+    for combo, text in ((mp.cf_combo, "fake-cf"), (mp.seg_combo, "seg-smoke"),
+                        (widget.model_panel.device_combo, "cpu")):
         combo.setCurrentText(text)
     AppState.set(fake_pipeline, "fake-cf", "seg-smoke", "cpu")
     try:
@@ -365,8 +373,9 @@ def _second_scan(viewer, widget, name="other"):
 
 def _panel(widget):
     """What the panels show: parents, table rows, CHRO-map toggles, plot drawn."""
-    return ({n: lab.text() for n, lab in widget.prob_labels.items()}, widget.table.rowCount(),
-            sorted(widget.chromap_checks), widget.plot.pixels is not None)
+    return ({n: lab.text() for n, lab in widget.scan_panel.prob_labels.items()},
+            widget.analysis_panel.table.rowCount(),
+            sorted(widget.chromap_checks), widget.analysis_panel.plot.pixels is not None)
 
 
 def test_switching_scans_shows_that_scans_last_result_or_nothing(app):
@@ -375,7 +384,7 @@ def test_switching_scans_shows_that_scans_last_result_or_nothing(app):
     shown = _panel(widget)
     assert shown[1] == 3 and shown[2] == ["both", "effusion", "factual", "scanner"] and shown[3]
     _second_scan(viewer, widget)
-    assert _panel(widget) == ({n: "–" for n in widget.prob_labels}, 0, [], False)
+    assert _panel(widget) == ({n: "–" for n in widget.scan_panel.prob_labels}, 0, [], False)
     widget.select_scan(scan)
     assert _panel(widget) == shown
 
@@ -398,13 +407,13 @@ def test_cancel_on_another_scan_keeps_each_scans_panel_and_layers(app, qtbot):
     finally:
         seg.features = features
     qtbot.waitUntil(lambda: widget._rollback is None, timeout=10_000)
-    assert _panel(widget) == ({n: "–" for n in widget.prob_labels}, 0, [], False)
+    assert _panel(widget) == ({n: "–" for n in widget.scan_panel.prob_labels}, 0, [], False)
     assert widget.builder.layers_of(other) == []  # nothing half-made for the other scan
     now = {ly.name: ly.data for ly in viewer.layers if is_derived(ly)}
     assert now.keys() == first_layers.keys()
     assert all(now[k] is first_layers[k] for k in now)  # the first scan's layers untouched
     widget.select_scan(scan)
-    assert widget.table.rowCount() == 3
+    assert widget.analysis_panel.table.rowCount() == 3
 
 
 def test_a_rerun_never_overwrites_an_edited_lungs_layer_and_undo_still_works(app):
@@ -489,7 +498,7 @@ def test_a_banner_stays_on_a_photo_and_on_noise_but_not_on_a_phantom_scan(app, t
     pipe = Pipeline.from_bundles("cf-cpu", None, "cpu")
     if not pipe.domain.calibrated:
         pytest.skip(f"domain check uncalibrated for the shipped cf-cpu: {pipe.domain.reason}")
-    widget.cf_combo.setCurrentText("cf-cpu")
+    widget.model_panel.cf_combo.setCurrentText("cf-cpu")
     AppState.set(pipe, "cf-cpu", "seg-smoke", "cpu")
     rng = np.random.default_rng(0)
     photo = viewer.add_image(data.camera().astype(np.float32) / 255.0, name="camera")
@@ -510,8 +519,8 @@ def test_a_banner_stays_on_a_photo_and_on_noise_but_not_on_a_phantom_scan(app, t
     assert widget.banner.text() == ""
     widget.select_scan(noise)  # the banner follows the scan shown
     assert not widget.banner.isHidden() and widget.banner.text().startswith("OUT OF DOMAIN")
-    widget.intervention_checks["effusion"].setChecked(False)
-    widget.intervention_checks["both"].setChecked(False)
+    widget.cf_panel.intervention_checks["effusion"].setChecked(False)
+    widget.cf_panel.intervention_checks["both"].setChecked(False)
     assert run_and_measure(widget, "generate").status == "ok"
     assert widget.builder.get(noise, "scanner", "image").metadata["out_of_domain"] is True
 
@@ -527,18 +536,18 @@ def test_linked_chromap_marks_a_clicked_pixel_and_its_feature_in_every_view(app)
     assert all(ly is not None and ly.data.shape == scan.data.shape for ly in linked.values())
     assert linked["factual"].data[row, col] == 1  # the clicked pixel is in its feature
     assert 0 < linked["factual"].data.mean() < 0.5
-    np.testing.assert_allclose(widget.plot.marked[0], result.chromap.embedding[
+    np.testing.assert_allclose(widget.analysis_panel.plot.marked[0], result.chromap.embedding[
         result.chromap.index_of(0, row, col)])
     # the same pixel in the scanner tile is found through that tile's offset
     tile = np.asarray(widget.builder.offset(scan, result, "scanner"))
     assert widget.link_at(tile + np.asarray(scan.scale) * (row, col)) == ("scanner", row, col)
 
-    widget.plot.brushed.emit((0.0, 0.0), (1.0, 1.0))  # brushing a quarter of the disc
+    widget.analysis_panel.plot.brushed.emit((0.0, 0.0), (1.0, 1.0))  # brushing a quarter of the disc
     expected = result.chromap.select_region((0.0, 0.0), (1.0, 1.0))
     for v, key in enumerate(result.views):
         np.testing.assert_array_equal(linked[key].data.astype(bool), result.chromap.mask_native(
             expected[v], scan.data.shape))
-    assert widget.plot.box == ((0.0, 0.0), (1.0, 1.0))
+    assert widget.analysis_panel.plot.box == ((0.0, 0.0), (1.0, 1.0))
 
 
 def test_each_counterfactuals_quality_and_the_effusion_caveat_are_shown(app):
@@ -576,7 +585,7 @@ def test_export_in_the_background_writes_the_same_files_off_the_qt_thread(app, q
     _export.export_scan = recording
     try:
         widget.export(tmp_path / "bg", background=True)
-        qtbot.waitUntil(lambda: widget.status.text().startswith("Exported"), timeout=30_000)
+        qtbot.waitUntil(lambda: widget.run_bar.status.text().startswith("Exported"), timeout=30_000)
     finally:
         _export.export_scan = export_scan
     assert threads and threads[0] != threading.get_ident()

@@ -54,9 +54,12 @@ def test_discovery_recurses_narrows_to_scan_files_and_lists_linked_files_once(tm
     (tmp_path / "vol.nii.gz").write_bytes(b"x")
     os.symlink(tmp_path / "a" / "b" / "scan_000.png", tmp_path / "alias.png")
     paths, errors = discover(tmp_path)
-    names = sorted(Path(p).name for p in paths)
-    assert names == ["scan_000.png", "scan_001.png", "vol.nii.gz"] or names == [
-        "alias.png", "scan_001.png", "vol.nii.gz"]
+    found = sorted(os.path.realpath(p) for p in paths)
+    # recursion into sub-folders, scan files only (readme.txt is not one)
+    assert found == sorted(os.path.realpath(tmp_path / f)
+                           for f in ("a/b/scan_000.png", "a/b/scan_001.png", "vol.nii.gz"))
+    # scan_000.png and its link alias.png are one file, listed once
+    assert len(paths) == 3
     assert errors == []
 
 

@@ -26,11 +26,11 @@ def new_viewer_with_widget(bundle: str | None = None, seg_bundle: str | None = N
     viewer = napari.Viewer(title="pcl-viewer")
     widget = dock_widget(viewer)
     if bundle:
-        widget.cf_combo.setCurrentText(bundle)
+        widget.model_panel.cf_combo.setCurrentText(bundle)
     if seg_bundle:
-        widget.seg_combo.setCurrentText(seg_bundle)
+        widget.model_panel.seg_combo.setCurrentText(seg_bundle)
     if device:
-        widget.device_combo.setCurrentText(device)
+        widget.model_panel.device_combo.setCurrentText(device)
     return viewer, widget
 
 

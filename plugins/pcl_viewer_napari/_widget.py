@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QFrame, QScrollArea, QVBoxLayout, QWidget
 
+from pcl_viewer.data.scan import Scan
 from pcl_viewer.events import (
     DomainReady,
     ParentsReady,
@@ -54,6 +57,23 @@ ALL_STAGES = ("load", *STAGES)
 # timer covers stretches without results. See _uiqueue for why repaints are rationed.
 PROGRESS_INTERVAL_MS = 500
 DOCK_WIDTH = 440  # px: the panels' controls, table and embedding plot side by side
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What one run asks of the pipeline, read from the panels when it starts.
+
+    ``bundles`` is ``(cf bundle, seg bundle, device)``; ``parents`` the parents the user
+    set (None: all inferred); the rest are :meth:`Pipeline.run`'s arguments.
+    """
+
+    bundles: tuple[str, str, str]
+    parents: dict[str, str] | None
+    interventions: tuple[str, ...]
+    strength: float
+    segment: bool
+    chromap: bool
+    reducer: str
 
 
 class PCLViewerWidget(QWidget):
@@ -124,51 +144,30 @@ class PCLViewerWidget(QWidget):
         self.analysis_panel = AnalysisPanel(s.reducer)
         for panel in (self.model_panel, self.scan_panel, self.cf_panel, self.analysis_panel):
             root.addWidget(panel)
-        # the controls, by the names the launcher, the bench and the tests use
-        self.cf_combo = self.model_panel.cf_combo
-        self.seg_combo = self.model_panel.seg_combo
-        self.device_combo = self.model_panel.device_combo
-        self.notice = self.model_panel.notice
-        self.scan_combo = self.scan_panel.scan_combo
-        self.parent_combos = self.scan_panel.parent_combos
-        self.prob_labels = self.scan_panel.prob_labels
-        self.infer_btn = self.scan_panel.infer_btn
-        self.intervention_checks = self.cf_panel.intervention_checks
-        self.diff_check = self.cf_panel.diff_check
-        self.strength_slider = self.cf_panel.strength_slider
-        self.strength_label = self.cf_panel.strength_label
-        self.generate_btn = self.cf_panel.generate_btn
-        self.reducer_combo = self.analysis_panel.reducer_combo
-        self.segment_btn = self.analysis_panel.segment_btn
-        self.run_all_btn = self.analysis_panel.run_all_btn
-        self.table = self.analysis_panel.table
-        self.plot = self.analysis_panel.plot
-
         self.scan_panel.open_requested.connect(self._open_dialog)
-        self.infer_btn.clicked.connect(lambda: self.run("parents"))
-        self.generate_btn.clicked.connect(lambda: self.run("generate"))
-        self.segment_btn.clicked.connect(lambda: self.run("segment"))
-        self.run_all_btn.clicked.connect(lambda: self.run("all"))
-        self.strength_slider.valueChanged.connect(lambda _: self._strength_timer.start())
-        self.scan_combo.currentTextChanged.connect(lambda _: self.show_result_of())
+        self.scan_panel.infer_btn.clicked.connect(lambda: self.run("parents"))
+        self.cf_panel.generate_btn.clicked.connect(lambda: self.run("generate"))
+        self.analysis_panel.segment_btn.clicked.connect(lambda: self.run("segment"))
+        self.analysis_panel.run_all_btn.clicked.connect(lambda: self.run("all"))
+        self.cf_panel.strength_slider.valueChanged.connect(lambda _: self._strength_timer.start())
+        self.scan_panel.scan_combo.currentTextChanged.connect(lambda _: self.show_result_of())
         self.cf_panel.compare_check.toggled.connect(self._set_compare)
-        self.plot.brushed.connect(lambda lo, hi: self.link_region(lo, hi))
+        self.analysis_panel.plot.brushed.connect(lambda lo, hi: self.link_region(lo, hi))
         self.viewer.mouse_drag_callbacks.append(self._on_canvas_click)
 
         self.run_bar = RunBar()
         root.addWidget(self.run_bar)
         root.addStretch(1)
-        self.progress, self.status = self.run_bar.progress, self.run_bar.status
-        self.cancel_btn, self.export_btn = self.run_bar.cancel_btn, self.run_bar.export_btn
-        self.cancel_btn.clicked.connect(self.cancel)
-        self.export_btn.clicked.connect(self._export_dialog)
+        self.run_bar.cancel_btn.clicked.connect(self.cancel)
+        self.run_bar.export_btn.clicked.connect(self._export_dialog)
         # the dock as wide as its content (the scroll area only scrolls vertically)
         self.setMinimumWidth(max(inner.sizeHint().width(), DOCK_WIDTH)
                              + scroll.verticalScrollBar().sizeHint().width())
-        self._busy_widgets = [self.cf_combo, self.seg_combo, self.device_combo, self.scan_combo,
-                              self.infer_btn, self.generate_btn, self.segment_btn,
-                              self.run_all_btn, self.strength_slider, self.reducer_combo,
-                              self.export_btn, *self.parent_combos.values()]
+        mp, sp, cp, ap = self.model_panel, self.scan_panel, self.cf_panel, self.analysis_panel
+        self._busy_widgets = [mp.cf_combo, mp.seg_combo, mp.device_combo, sp.scan_combo,
+                              sp.infer_btn, cp.generate_btn, ap.segment_btn, ap.run_all_btn,
+                              cp.strength_slider, ap.reducer_combo, self.run_bar.export_btn,
+                              *sp.parent_combos.values()]
 
     @property
     def chromap_checks(self) -> dict[str, QCheckBox]:
@@ -187,12 +186,12 @@ class PCLViewerWidget(QWidget):
         return self._running_layer is not None
 
     def _refresh_scans(self, *_: Any) -> None:
-        before = self.scan_combo.currentText()
+        before = self.scan_panel.scan_combo.currentText()
         self.scan_panel.set_scans([
             ly.name for ly in self.viewer.layers
             if isinstance(ly, napari.layers.Image) and not is_derived(ly)
             and not ly.rgb and ly.ndim == 2])
-        if self.scan_combo.currentText() != before and not self.running:
+        if self.scan_panel.scan_combo.currentText() != before and not self.running:
             self.show_result_of()
 
     def _on_layer_removed(self, event) -> None:
@@ -213,7 +212,7 @@ class PCLViewerWidget(QWidget):
         self.cf_panel.show_quality(result)
         if result is None:
             self.analysis_panel.clear()
-            self.status.setText("Ready" if layer is None else
+            self.run_bar.status.setText("Ready" if layer is None else
                                 f"{layer.name}: no result yet (Run all)")
             return
         self.analysis_panel.show_table(result.consistency)
@@ -254,8 +253,9 @@ class PCLViewerWidget(QWidget):
         cm = result.chromap
         idx = cm.index_of(list(result.views).index(key), row, col)
         self._show_linked(result, cm.select_near(idx))
-        self.plot.mark(cm.embedding[idx][None])
-        self.status.setText(f"linked: {key} pixel ({row:.0f}, {col:.0f}) and its feature in "
+        self.analysis_panel.plot.mark(cm.embedding[idx][None])
+        self.run_bar.status.setText(f"linked: {key} pixel ({row:.0f}, {col:.0f}) and its "
+                                    "feature in "
                             "every view")
         return hit
 
@@ -265,7 +265,7 @@ class PCLViewerWidget(QWidget):
         if result is None or result.chromap is None:
             return
         self._show_linked(result, result.chromap.select_region(lo, hi))
-        self.plot.mark(None, box=(tuple(lo), tuple(hi)))
+        self.analysis_panel.plot.mark(None, box=(tuple(lo), tuple(hi)))
 
     def _show_linked(self, result: PipelineResult, masks) -> None:
         layer = self.scan_layer()
@@ -284,13 +284,13 @@ class PCLViewerWidget(QWidget):
 
     def scan_layer(self):
         """The image layer chosen as the scan, or None."""
-        name = self.scan_combo.currentText()
+        name = self.scan_panel.scan_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def select_scan(self, layer) -> None:
         self._refresh_scans()
-        if layer is not None and self.scan_combo.findText(layer.name) >= 0:
-            self.scan_combo.setCurrentText(layer.name)
+        if layer is not None and self.scan_panel.scan_combo.findText(layer.name) >= 0:
+            self.scan_panel.scan_combo.setCurrentText(layer.name)
 
     def result_for(self, layer) -> PipelineResult | None:
         entry = self.results.get(layer_key(layer)) if layer is not None else None
@@ -316,7 +316,7 @@ class PCLViewerWidget(QWidget):
             show_error(f"pcl-viewer: {exc}")
             return False
         self._finish_rollback()  # a cancelled run's layers are gone before the next starts
-        params = self._params(mode, interventions)
+        request = self._request(mode, interventions)
         self._remember_settings()
         self._cancel.clear()
         self.cancel_latency = self.rollback_seconds = None
@@ -325,38 +325,38 @@ class PCLViewerWidget(QWidget):
         self._before = self.builder.snapshot(layer)
         done = self.result_for(layer)
         self.builder.tiles = max(len(done.views) if done else 0,
-                                 1 + len(params["run"]["interventions"] or ()))
+                                 1 + len(request.interventions))
         self._running_layer = layer
         self._set_busy(True)
-        self.progress.setValue(0)
-        self.status.setText(f"{mode}: starting…")
+        self.run_bar.progress.setValue(0)
+        self.run_bar.status.setText(f"{mode}: starting…")
         self._last_step = None
         self._start_activity(mode)
         self._progress_timer.start()
         self._t0 = time.perf_counter()
-        self.worker = _workers.start(lambda: self._job(scan, params),
+        self.worker = _workers.start(lambda: self._job(scan, request),
                                      on_yield=self._enqueue_step, on_done=self._enqueue_done)
         return True
 
-    def _params(self, mode: str, interventions: tuple[str, ...] | None) -> dict[str, Any]:
-        overrides = self.scan_panel.overrides()
+    def _request(self, mode: str, interventions: tuple[str, ...] | None) -> RunRequest:
+        """The run ``mode`` asks for, read from the panels (in the Qt thread)."""
         if interventions is None:
             interventions = self.cf_panel.interventions()
-        if mode == "parents":
-            interventions = ()
-        return {
-            "bundles": self.model_panel.bundles(),
-            "run": {"parents": overrides or None, "interventions": interventions,
-                    "strength": self.cf_panel.strength(),
-                    "segment": mode in ("segment", "all"), "chromap": mode in ("segment", "all"),
-                    "reducer": self.reducer_combo.currentText()},
-            "difference": self.diff_check.isChecked(),
-        }
+        segment = mode in ("segment", "all")
+        return RunRequest(bundles=self.model_panel.bundles(),
+                          parents=self.scan_panel.overrides() or None,
+                          interventions=() if mode == "parents" else tuple(interventions),
+                          strength=self.cf_panel.strength(), segment=segment, chromap=segment,
+                          reducer=self.analysis_panel.reducer_combo.currentText())
 
-    def _job(self, scan, params):
+    def _job(self, scan: Scan, request: RunRequest) -> Generator[Step, None, PipelineResult]:
         """The worker's generator: load (cached) bundles, then the pipeline's stages."""
-        pipeline = yield from AppState.load(*params["bundles"])
-        return (yield from pipeline.run(scan, cancel=self._cancel.is_set, **params["run"]))
+        pipeline = yield from AppState.load(*request.bundles)
+        return (yield from pipeline.run(scan, parents=request.parents,
+                                        interventions=request.interventions,
+                                        strength=request.strength, segment=request.segment,
+                                        chromap=request.chromap, reducer=request.reducer,
+                                        cancel=self._cancel.is_set))
 
     def cancel(self) -> None:
         """Stop the run (the pipeline polls the flag between stages and within them); the
@@ -366,7 +366,7 @@ class PCLViewerWidget(QWidget):
             self._cancel_t = time.perf_counter()
             self._cancel.set()
             self.queue.drop(lambda label: not label.startswith("done"))
-            self.status.setText("Cancelling…")
+            self.run_bar.status.setText("Cancelling…")
 
     def _finish_rollback(self) -> None:
         """Remove the layers an unfinished run added and restore the ones it changed."""
@@ -374,7 +374,7 @@ class PCLViewerWidget(QWidget):
             return
         (layer, before), self._rollback = self._rollback, None
         self.builder.rollback(layer, before, self.result_for(layer),
-                              difference=self.diff_check.isChecked())
+                              difference=self.cf_panel.diff_check.isChecked())
         if self._cancel_t:
             self.rollback_seconds = time.perf_counter() - self._cancel_t
 
@@ -401,7 +401,7 @@ class PCLViewerWidget(QWidget):
     def _set_busy(self, busy: bool) -> None:
         for w in self._busy_widgets:
             w.setEnabled(not busy)
-        self.cancel_btn.setEnabled(busy)
+        self.run_bar.cancel_btn.setEnabled(busy)
 
     # Partial results go through the UiQueue; steps without one only record the progress.
 
@@ -428,13 +428,13 @@ class PCLViewerWidget(QWidget):
             return
         k = ALL_STAGES.index(step.stage) if step.stage in ALL_STAGES else 0
         frac = (k + (step.i / step.n if step.n else 1.0)) / len(ALL_STAGES)
-        self.progress.setValue(int(1000 * frac))
+        self.run_bar.progress.setValue(int(1000 * frac))
         if self._nprogress is not None and int(1000 * frac) > self._nprogress.n:
             self._nprogress.set_description(f"pcl-viewer: {step.stage}")
             self._nprogress.update(int(1000 * frac) - self._nprogress.n)
         text = f"{step.stage} {step.i}/{step.n}"
-        if self.status.text() != text:
-            self.status.setText(text)
+        if self.run_bar.status.text() != text:
+            self.run_bar.status.setText(text)
 
     def _on_step(self, event: Step) -> None:
         """Show a partial result: the parents, a view's layers or the consistency table.
@@ -475,7 +475,7 @@ class PCLViewerWidget(QWidget):
         if event.part == "chromap" and view.key in self.chromap_checks:
             chromap_visible = self.chromap_checks[view.key].isChecked()
         self.builder.show_view(self._running_layer, result, view,
-                               difference=self.diff_check.isChecked(),
+                               difference=self.cf_panel.diff_check.isChecked(),
                                chromap_visible=chromap_visible)
 
     def _on_done(self, status: str, value: Any) -> None:
@@ -493,7 +493,7 @@ class PCLViewerWidget(QWidget):
             self._rollback = (layer, self._before)
             self._rollback_timer.start()
         if status == "ok":
-            self.progress.setValue(1000)
+            self.run_bar.progress.setValue(1000)
             self.results[layer_key(layer)] = (layer, value)
             self.builder.remove_kind(layer, "linked")  # they belonged to the old CHRO-map
             if len(value.views) > 1:
@@ -504,20 +504,21 @@ class PCLViewerWidget(QWidget):
                 self._tiled.add(layer_key(layer))
                 self.viewer.reset_view()  # fit the camera to the tiles once per scan
             total = sum(value.timings.values())
-            self.status.setText(f"Done in {self.last_run_seconds:.2f} s (model work {total:.2f} s)."
+            self.run_bar.status.setText(f"Done in {self.last_run_seconds:.2f} s "
+                                        f"(model work {total:.2f} s)."
                                 + AppState.load_notice())
         elif status == "cancelled":
             self.cancel_latency = time.perf_counter() - self._cancel_t
-            self.progress.setValue(0)
+            self.run_bar.progress.setValue(0)
             self.show_result_of(layer)
-            self.status.setText("Cancelled: the scan shows its last finished result"
+            self.run_bar.status.setText("Cancelled: the scan shows its last finished result"
                                 + (" (none yet)." if self.result_for(layer) is None else "."))
         else:
             self.show_result_of(layer)
-            self.progress.setValue(0)
+            self.run_bar.progress.setValue(0)
             message = f"pcl-viewer: {type(value).__name__}: {value}" if not isinstance(
                 value, ValueError | OSError) else f"pcl-viewer: {value}"
-            self.status.setText(message)
+            self.run_bar.status.setText(message)
             show_error(message)
         self.finished.emit(status)
 
@@ -540,8 +541,10 @@ class PCLViewerWidget(QWidget):
             new = pipe.decode(result, key, view.do, s)
             # labels and CHRO-maps were made at the old strength: only images follow live
             shown = View(new.key, new.do, new.strength, new.parents, new.image, new.residual)
-            self.builder.show_view(layer, result, shown, difference=self.diff_check.isChecked())
-        self.status.setText(f"strength {s:.2f}: press Segment to update labels and CHRO-maps")
+            self.builder.show_view(layer, result, shown,
+                                   difference=self.cf_panel.diff_check.isChecked())
+        self.run_bar.status.setText(f"strength {s:.2f}: press Segment to update labels and "
+                                    "CHRO-maps")
 
     # ------------------------------------------------------- open/export ---
 
@@ -591,16 +594,17 @@ class PCLViewerWidget(QWidget):
             return written
         from napari.qt.threading import create_worker
 
-        self.status.setText(f"Exporting to {folder}…")
+        self.run_bar.status.setText(f"Exporting to {folder}…")
         worker = create_worker(export_scan, *args, _start_thread=False)
         worker.returned.connect(lambda w: (show_info(f"pcl-viewer: exported {len(w)} files "
                                                      f"to {folder}"),
-                                           self.status.setText(f"Exported {len(w)} files.")))
+                                           self.run_bar.status.setText(f"Exported {len(w)} files.")))
         worker.errored.connect(lambda exc: show_error(f"pcl-viewer: export failed: {exc}"))
         self.export_worker = worker
         worker.start()
         return worker
 
     def _remember_settings(self) -> None:
-        self.settings = Settings(*self.model_panel.bundles(), self.reducer_combo.currentText())
+        self.settings = Settings(*self.model_panel.bundles(),
+                                 self.analysis_panel.reducer_combo.currentText())
         self.settings.save()

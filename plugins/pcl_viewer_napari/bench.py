@@ -200,9 +200,9 @@ def _gui(pipe, scan, cf, seg, sync_s: float, repeats: int) -> int:
     viewer = napari.Viewer(title="pcl-viewer bench")
     widget = PCLViewerWidget(viewer)
     viewer.window.add_dock_widget(widget, area="right")
-    widget.cf_combo.setCurrentText(cf)
-    widget.seg_combo.setCurrentText(seg)
-    AppState.set(pipe, cf, seg, widget.device_combo.currentText())
+    widget.model_panel.cf_combo.setCurrentText(cf)
+    widget.model_panel.seg_combo.setCurrentText(seg)
+    AppState.set(pipe, cf, seg, widget.model_panel.device_combo.currentText())
     data, kwargs, _ = scan_layer_data(scan)
     widget.select_scan(viewer.add_image(data, **kwargs))
 

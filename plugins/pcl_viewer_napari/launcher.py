@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for data, kwargs, _ in sample_layers(args.sample):
             widget.select_scan(viewer.add_image(data, **kwargs))
-    notice = widget.notice.text()
+    notice = widget.model_panel.notice.text()
     if "No " in notice:
         from napari.utils.notifications import show_warning
 

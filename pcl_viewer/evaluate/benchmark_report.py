@@ -492,6 +492,16 @@ CLAIMS_INTRO = (
     "is the one against the closest row.")
 
 
+def _seed_note(row: dict) -> str:
+    """`` [sd]``: the Dice std over pre-training seeds where a row has several, else ``""``."""
+    return f" [{row['dsc_seed_sd']:.2f}]" if row["n_seeds"] > 1 else ""
+
+
+def _paper(method: str) -> dict:
+    """The paper's numbers of a benchmark row (by its name), ``{}`` where it has none."""
+    return next((r.paper or {} for r in ROWS if r.name == method), {})
+
+
 def markdown(main: list[dict], eff: list[dict], claim_rows: list[dict], header: str) -> str:
     """benchmark.md: our table beside the paper's, label efficiency, claim verdicts."""
     lines = [header, "", "## Main table (all training labels of each fold)", "",
@@ -502,12 +512,11 @@ def markdown(main: list[dict], eff: list[dict], claim_rows: list[dict], header: 
              "| method | seeds x folds | DSC | nf | pe | w74 | portable | severe | HD95 | ASD "
              "| paper DSC | paper nf | paper pe | paper HD95 | paper ASD |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    by_name = {r.name: r for r in ROWS}
     for m in main:
-        p = by_name[m["method"]].paper or {}
-        seed = f" [{m['dsc_seed_sd']:.2f}]" if m["n_seeds"] > 1 else ""
+        p = _paper(m["method"])
         lines.append("| " + " | ".join([
-            m["method"], f"{m['n_seeds']} x {m['n_folds']}", _fmt(m["dsc"], m["dsc_std"]) + seed,
+            m["method"], f"{m['n_seeds']} x {m['n_folds']}",
+            _fmt(m["dsc"], m["dsc_std"]) + _seed_note(m),
             _fmt(m["dsc_nf"], m["dsc_nf_std"]), _fmt(m["dsc_pe"], m["dsc_pe_std"]),
             _fmt(m["dsc_w74"], m["dsc_w74_std"]),
             _fmt(m["dsc_portable"], m["dsc_portable_std"]), _fmt(m["dsc_severe"], m["dsc_severe_std"]),
@@ -517,9 +526,8 @@ def markdown(main: list[dict], eff: list[dict], claim_rows: list[dict], header: 
     lines += ["", "## Label efficiency (Dice %, mean (std over folds) [std over seeds])", "",
               "| method | budget | seeds x folds | DSC | pe | w74 |", "|---|---|---|---|---|---|"]
     for e in eff:
-        seed = f" [{e['dsc_seed_sd']:.2f}]" if e["n_seeds"] > 1 else ""
         lines.append(f"| {e['method']} | {e['budget']} | {e['n_seeds']} x {e['n_folds']} | "
-                     f"{_fmt(e['dsc'], e['dsc_std'])}{seed} | {_fmt(e['dsc_pe'])} | "
+                     f"{_fmt(e['dsc'], e['dsc_std'])}{_seed_note(e)} | {_fmt(e['dsc_pe'])} | "
                      f"{_fmt(e['dsc_w74'])} |")
     lines += ["", "## The paper's claims on our data", "", CLAIMS_INTRO, ""]
     for family, title in (("primary", "overall Dice"), ("secondary", "pe and w74 Dice")):
@@ -540,14 +548,11 @@ def readme_markdown(main: list[dict], claim_rows: list[dict], header: str,
     lines = [header, "",
              "| method | seeds x folds | DSC | nf | pe | w74 | portable | paper DSC |",
              "|---|---|---|---|---|---|---|---|"]
-    by_name = {r.name: r for r in ROWS}
     for m in main:
-        p = by_name[m["method"]].paper or {}
-        seed = f" [{m['dsc_seed_sd']:.2f}]" if m["n_seeds"] > 1 else ""
         lines.append(f"| {m['method']} | {m['n_seeds']} x {m['n_folds']} | "
-                     f"{_fmt(m['dsc'], m['dsc_std'])}{seed} | {_fmt(m['dsc_nf'])} | "
+                     f"{_fmt(m['dsc'], m['dsc_std'])}{_seed_note(m)} | {_fmt(m['dsc_nf'])} | "
                      f"{_fmt(m['dsc_pe'])} | {_fmt(m['dsc_w74'])} | {_fmt(m['dsc_portable'])} | "
-                     f"{_fmt(p.get('dsc'))} |")
+                     f"{_fmt(_paper(m['method']).get('dsc'))} |")
     lines += ["", "Dice %, mean (std over folds) [std over pre-training seeds]. Claims "
               "(overall Dice; paired over seed x fold, 95 % t interval, Holm-adjusted p; "
               "details in docs/results/benchmark.md):", "",

@@ -50,33 +50,73 @@ def test_realistic_noise_roundtrip_and_determinism(studies):
     assert [s.noise.to_dict() for s in first] == [s.noise.to_dict() for s in studies[:3]]
 
 
-@pytest.mark.parametrize("severity", [0.03, 0.3, 0.6, 0.9])
-@pytest.mark.parametrize("layering", [False, True])
-def test_do_effusion_removes_lung_only_where_fluid_is(studies, severity, layering):
-    st = studies[2]
-    noise = ExogenousNoise.from_dict(st.noise.to_dict())
+def _add_effusion(studies, severity: float, layering: bool):
+    """A right effusion of ``severity`` added to study 2 (a philips inpatient without one):
+    ``(noise, parents, (img, mask), (cf_img, cf_mask))``."""
+    noise = ExogenousNoise.from_dict(studies[2].noise.to_dict())
     noise.effusion.severity = severity
     noise.effusion.side = "right"
     noise.extra.layering = 0.0 if layering else 0.99
-    parents = replace(st.parents, effusion=False, style="philips", care="inpatient")
-    img, mask = render(noise, parents, 128)
-    cf_img, cf_mask = counterfactual(noise, parents, {"effusion": "present"}, 128)
-    diff = mask != cf_mask
-    assert np.all(cf_mask[diff] == 0), "fluid only takes aerated lung away"
-    assert set(np.unique(mask[diff])) <= {1}, "only the chosen side changes"
-    assert np.abs(cf_img - img).max() > 0.05, "the fluid is visible"
-    right = mask == 1
-    lost = diff.sum() / right.sum()
-    if not layering and severity >= 0.6:
-        assert lost > 0.4 * severity, f"a large effusion covers much of the lung ({lost:.2f})"
-    if diff.any():
-        rows = np.nonzero(right)[0]
-        assert np.nonzero(diff)[0].mean() > rows.mean(), "fluid sits at the base"
-    # the image changes mostly on the right side (image left); vendor processing
-    # (local contrast equalisation, veil) spreads a little of it over the image
+    parents = replace(studies[2].parents, effusion=False, style="philips", care="inpatient")
+    return (noise, parents, render(noise, parents, 128),
+            counterfactual(noise, parents, {"effusion": "present"}, 128))
+
+
+SEVERITIES = pytest.mark.parametrize("severity", [0.03, 0.3, 0.6, 0.9])
+LAYERING = pytest.mark.parametrize("layering", [False, True])
+
+
+@SEVERITIES
+@LAYERING
+def test_fluid_only_takes_aerated_lung_away(studies, severity, layering):
+    _, _, (_, mask), (_, cf_mask) = _add_effusion(studies, severity, layering)
+    assert np.all(cf_mask[mask != cf_mask] == 0)
+
+
+@SEVERITIES
+@LAYERING
+def test_only_the_chosen_side_changes(studies, severity, layering):
+    _, _, (_, mask), (_, cf_mask) = _add_effusion(studies, severity, layering)
+    assert set(np.unique(mask[mask != cf_mask])) == {1}
+
+
+@SEVERITIES
+@LAYERING
+def test_the_fluid_is_visible(studies, severity, layering):
+    _, _, (img, _), (cf_img, _) = _add_effusion(studies, severity, layering)
+    assert np.abs(cf_img - img).max() > 0.05
+
+
+@SEVERITIES
+@LAYERING
+def test_the_fluid_sits_at_the_base_of_the_lung(studies, severity, layering):
+    _, _, (_, mask), (_, cf_mask) = _add_effusion(studies, severity, layering)
+    covered_rows = np.nonzero(mask != cf_mask)[0]
+    assert covered_rows.mean() > np.nonzero(mask == 1)[0].mean()
+
+
+@pytest.mark.parametrize("severity", [0.6, 0.9])
+def test_a_large_free_effusion_covers_much_of_the_lung(studies, severity):
+    _, _, (_, mask), (_, cf_mask) = _add_effusion(studies, severity, layering=False)
+    lost = (mask != cf_mask).sum() / (mask == 1).sum()
+    assert lost > 0.4 * severity
+
+
+@SEVERITIES
+@LAYERING
+def test_the_image_changes_mostly_on_the_effusion_side(studies, severity, layering):
+    """The right lung is on the image's left; vendor processing (local contrast
+    equalisation, veil) spreads a little of the change over the whole image."""
+    _, _, (img, _), (cf_img, _) = _add_effusion(studies, severity, layering)
     change = np.abs(cf_img - img)
     assert change[:, :64].sum() > 1.5 * change[:, 64:].sum()
-    # the scanner counterfactual of the effusion image keeps its mask
+
+
+@SEVERITIES
+@LAYERING
+def test_the_scanner_counterfactual_of_an_effusion_image_keeps_its_mask(studies, severity,
+                                                                       layering):
+    noise, parents, _, (_, cf_mask) = _add_effusion(studies, severity, layering)
     eff = replace(parents, effusion=True)
     _, sc_mask = counterfactual(noise, eff, {"scanner": "imagingdynamics"}, 128)
     np.testing.assert_array_equal(sc_mask, cf_mask)

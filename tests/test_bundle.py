@@ -20,6 +20,14 @@ def _save(tmp_path, name="b"):
     return net, save_bundle(tmp_path / name, card, {"unet": ("dense-unet", config, net)})
 
 
+def _edit_unet_card(bundle: ModelBundle, **fields) -> None:
+    """Overwrite fields of the card's ``unet`` component (the weights stay as they are)."""
+    path = bundle.path / "card.json"
+    card = json.loads(path.read_text())
+    card["components"]["unet"].update(fields)
+    path.write_text(json.dumps(card))
+
+
 def test_round_trip_rebuilds_identical_network(tmp_path):
     net, bundle = _save(tmp_path)
     rebuilt = ModelBundle.load(bundle.path, kind="segmentation").build("unet")
@@ -42,9 +50,7 @@ def test_changed_weight_file_is_refused(tmp_path):
 
 def test_unknown_architecture_is_refused(tmp_path):
     _, bundle = _save(tmp_path)
-    card = json.loads((bundle.path / "card.json").read_text())
-    card["components"]["unet"]["architecture"] = "evil-net"
-    (bundle.path / "card.json").write_text(json.dumps(card))
+    _edit_unet_card(bundle, architecture="evil-net")
     with pytest.raises(BundleError, match="unknown architecture 'evil-net'"):
         ModelBundle.load(bundle.path)
 
@@ -64,9 +70,8 @@ def test_pickle_in_folder_is_refused_without_unpickling(tmp_path, monkeypatch):
 
 def test_weights_of_wrong_shape_are_refused(tmp_path):
     _, bundle = _save(tmp_path)
-    card = json.loads((bundle.path / "card.json").read_text())
-    card["components"]["unet"]["config"]["unet"]["channels"] = [8, 16, 64]
-    (bundle.path / "card.json").write_text(json.dumps(card))
+    _edit_unet_card(bundle, config={"unet": {**UNetConfig.for_preset("smoke").to_dict(),
+                                             "channels": [8, 16, 64]}, "heads": ["seg"]})
     with pytest.raises(BundleError, match="do not fit"):
         ModelBundle.load(bundle.path).build("unet")
 

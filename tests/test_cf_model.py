@@ -40,6 +40,16 @@ def toy_images(pa: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def perturbed_toy_hvae(seed: int = 0) -> HVAE:
+    """An untrained toy-size HVAE with every weight nudged off its initial value (zero-
+    initialised layers included), so that every parent reaches the decoder."""
+    torch.manual_seed(seed)
+    hvae = HVAE(HVAEConfig(**TOY_HVAE, embed_dim=8, bottleneck=2))
+    for p in hvae.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return hvae
+
+
 def toy_data(n: int = 256, seed: int = 0) -> TrainingData:
     rng = np.random.default_rng(seed)
     pa = rng.integers(0, 2, (n, 3)).astype(np.float32)
@@ -87,10 +97,7 @@ def test_scanner_intervention_changes_brightness_and_sex_intervention_changes_li
 
 
 def test_a_parent_the_decoder_ignores_has_a_zero_residual():
-    torch.manual_seed(0)
-    hvae = HVAE(HVAEConfig(**TOY_HVAE, embed_dim=8, bottleneck=2))
-    for p in hvae.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    hvae = perturbed_toy_hvae()
     hvae.parent_embed[0].weight.data[:, 1] = 0.0  # sex no longer reaches the decoder
     model = CounterfactualModel(hvae)
     x = torch.rand(4, 1, SIZE, SIZE)
@@ -100,10 +107,7 @@ def test_a_parent_the_decoder_ignores_has_a_zero_residual():
 
 
 def test_standard_views_are_pixel_aligned_residuals_from_one_abduction():
-    torch.manual_seed(0)
-    hvae = HVAE(HVAEConfig(**TOY_HVAE, embed_dim=8, bottleneck=2))
-    for p in hvae.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    hvae = perturbed_toy_hvae()
     model = CounterfactualModel(hvae)
     x = torch.rand(2, 1, SIZE, SIZE) * 0.5 + 0.25
     pa = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cf_model import SIZE, TOY_HVAE, toy_data
+from test_cf_model import SIZE, perturbed_toy_hvae, toy_data
 
 from pcl_viewer.data import cf_views
 from pcl_viewer.data.cf_views import load_views, precompute_views
 from pcl_viewer.models.bundle import save_bundle
 from pcl_viewer.models.counterfactual import CounterfactualModel
-from pcl_viewer.models.hvae import HVAE, HVAEConfig
 from pcl_viewer.parents import VIEW_KINDS
 
 
@@ -39,13 +38,9 @@ class ToyDataset:
 
 
 def _bundle(path: Path):
-    torch.manual_seed(0)
-    cfg = HVAEConfig(**TOY_HVAE, embed_dim=8, bottleneck=2)
-    hvae = HVAE(cfg)
-    for p in hvae.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    hvae = perturbed_toy_hvae()
     card = {"name": "toy", "kind": "counterfactual", "input": {"size": SIZE}}
-    return save_bundle(path, card, {"hvae": ("hvae", {"hvae": cfg.to_dict()}, hvae)})
+    return save_bundle(path, card, {"hvae": ("hvae", {"hvae": hvae.cfg.to_dict()}, hvae)})
 
 
 @pytest.fixture(scope="module")

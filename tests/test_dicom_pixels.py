@@ -98,13 +98,20 @@ def _grey_dicom(tmp_path, name="g.dcm"):
     return img, write_dicom(tmp_path / name, img)
 
 
+def _reversing_lut(**fields) -> Dataset:
+    """A 12-bit LUT item mapping v to 4095 - v (LUTData), with ``fields`` added."""
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    for key, value in fields.items():
+        setattr(item, key, value)
+    item.add_new(0x00283006, "US", [4095 - i for i in range(4096)])  # LUTData
+    return item
+
+
 def test_voi_lut_sequence_takes_precedence_over_the_window(tmp_path):
     img, path = _grey_dicom(tmp_path)
     ds = pydicom.dcmread(path)
-    item = Dataset()
-    item.LUTDescriptor = [4096, 0, 16]
-    item.add_new(0x00283006, "US", [4095 - i for i in range(4096)])  # LUTData: reversing
-    ds.VOILUTSequence = [item]
+    ds.VOILUTSequence = [_reversing_lut()]
     ds.WindowCenter, ds.WindowWidth = 100, 10  # would clip almost everything
     ds.save_as(path)
     scan = read_scan(path)
@@ -115,11 +122,7 @@ def test_voi_lut_sequence_takes_precedence_over_the_window(tmp_path):
 def test_modality_lut_sequence_comes_before_the_full_range(tmp_path):
     img, path = _grey_dicom(tmp_path)
     ds = pydicom.dcmread(path)
-    item = Dataset()
-    item.LUTDescriptor = [4096, 0, 16]
-    item.ModalityLUTType = "US"
-    item.add_new(0x00283006, "US", [4095 - i for i in range(4096)])  # LUTData
-    ds.ModalityLUTSequence = [item]
+    ds.ModalityLUTSequence = [_reversing_lut(ModalityLUTType="US")]
     ds.save_as(path)
     expected = 1.0 - (img - img.min()) / float(img.max() - img.min())
     np.testing.assert_allclose(read_scan(path).image, expected, atol=1e-6)

@@ -206,7 +206,7 @@ def prepare_for_inference(module: torch.nn.Module, device: str | torch.device,
     if channels_last is None:
         channels_last = dev.type == "cpu"
     if channels_last:
-        module = module.to(dev, memory_format=torch.channels_last)
+        module = module.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
     else:
         module = module.to(dev)
     return module.eval()

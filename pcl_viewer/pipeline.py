@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
@@ -299,7 +299,8 @@ class Pipeline:
             self.cf_evaluation = dict((info.card.get("metrics") or {}).get("eval_cf") or {})
             self._domain = None
         else:
-            self.seg = prepare_for_inference(info.build("unet", device=self.device), self.device)
+            net = prepare_for_inference(info.build("unet", device=self.device), self.device)
+            self.seg = cast("DenseUNet", net)
         self.bundles[part] = BundleInfo(info.name, info.fingerprint, str(path))
 
     @property
@@ -856,7 +857,7 @@ def _quality(view: View, recon: float, reversibility: float, readback: dict[str,
                        tuple(misses), caveat)
 
 
-def _do_key(do: dict[str, str]) -> tuple:
+def _do_key(do: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(do.items()))
 
 
@@ -877,8 +878,10 @@ def _checker(cancel: Callable[[], bool] | None) -> Callable[[], None]:
     return check
 
 
-def _numpy(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+def _numpy(t: Any) -> np.ndarray:
+    """A tensor (any device, any float type) or array-like as a NumPy array."""
+    out: np.ndarray = t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+    return out
 
 
 class _Clock:

@@ -29,6 +29,7 @@ in tqdm, the napari widget in a ``thread_worker``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import stat
@@ -143,7 +144,7 @@ def _not_regular(mode: int) -> str:
     return f"not a regular file ({kind}); not read"
 
 
-def discover(source: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+def discover(source: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, str]]]:
     """List the scans of a folder (recursive) or a CSV with a ``path`` column.
 
     Symbolic links are followed, but every directory is entered once by its real
@@ -216,7 +217,7 @@ def _discover_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return list(dict.fromkeys(paths)), []  # keep the CSV's order: it defines the batches
 
 
-def _error(path: str | os.PathLike, stage: str, reason: str) -> dict[str, str]:
+def _error(path: str | os.PathLike[str], stage: str, reason: str) -> dict[str, str]:
     return {"path": os.fsdecode(path), "stage": stage, "error": reason}
 
 
@@ -416,7 +417,7 @@ class _ReadAhead:
         self.budget, self.workers, self.max_queue = budget, max(1, workers), max(1, max_queue)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pcl-read")
         self.lock = threading.RLock()
-        self.queue: deque[tuple[str, Future]] = deque()
+        self.queue: deque[tuple[str, Future[Any]]] = deque()
         self.next_index = 0
         self.held = 0
         self.largest = 0
@@ -443,9 +444,9 @@ class _ReadAhead:
         futures = [(path, self.pool.submit(self.read, path)) for path in new]
         self.queue.extend(futures)  # in order, before a callback can start more decodes
         for path, fut in futures:
-            fut.add_done_callback(lambda f, p=path: self._on_done(p, f))
+            fut.add_done_callback(functools.partial(self._on_done, path))
 
-    def _on_done(self, path: str, fut: Future) -> None:
+    def _on_done(self, path: str, fut: Future[Any]) -> None:
         with self.lock:
             try:
                 if not fut.cancelled() and fut.exception() is None:
@@ -513,8 +514,8 @@ def _batches(ahead: _ReadAhead, cfg: ReviewConfig
 
 
 def iter_review(
-    source: str | os.PathLike | Sequence[str],
-    out: str | os.PathLike,
+    source: str | os.PathLike[str] | Sequence[str],
+    out: str | os.PathLike[str],
     pipeline: Any,
     cfg: ReviewConfig | None = None,
     bundles: dict[str, Any] | None = None,
@@ -626,20 +627,21 @@ def run_review(*args: Any, **kwargs: Any) -> ReviewSummary:
         try:
             next(gen)
         except StopIteration as stop:
-            return stop.value
+            summary: ReviewSummary = stop.value
+            return summary
 
 
 # --------------------------------------------------------------------------- outputs
 
 
-def finalize(out: str | os.PathLike, cfg: ReviewConfig | None = None) -> dict[str, Path]:
+def finalize(out: str | os.PathLike[str], cfg: ReviewConfig | None = None) -> dict[str, Path]:
     """Rewrite report.csv, errors.csv and report.html from the journal (each atomically)."""
     from pcl_viewer.review_html import write_reports
 
     return write_reports(out, cfg or ReviewConfig())
 
 
-def merge(reports: Sequence[str | os.PathLike], out: str | os.PathLike,
+def merge(reports: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
           cfg: ReviewConfig | None = None) -> dict[str, Path]:
     """Merge the journals of several review folders (shards) into ``out`` and finalize it.
 
@@ -653,7 +655,7 @@ def merge(reports: Sequence[str | os.PathLike], out: str | os.PathLike,
         return _merge_locked(reports, out, cfg)
 
 
-def _merge_locked(reports: Sequence[str | os.PathLike], out: Path,
+def _merge_locked(reports: Sequence[str | os.PathLike[str]], out: Path,
                   cfg: ReviewConfig | None) -> dict[str, Path]:
     from pcl_viewer.atomic import atomic_write_text
 

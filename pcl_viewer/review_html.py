@@ -342,7 +342,7 @@ def report_rows(records: Iterable[dict[str, Any]], cfg: ReviewConfig) -> list[di
     return rows
 
 
-def write_reports(out: str | os.PathLike, cfg: ReviewConfig) -> dict[str, Path]:
+def write_reports(out: str | os.PathLike[str], cfg: ReviewConfig) -> dict[str, Path]:
     """Rewrite report.csv, errors.csv and report.html from the journal (each atomically)."""
     out = Path(out)
     header, records = load_journal(out)

@@ -85,7 +85,7 @@ def display_text(text: Any) -> str:
 
 
 
-def read_journal(out: str | os.PathLike
+def read_journal(out: str | os.PathLike[str]
                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, int]]:
     """Header, scan records and interrupted decodes of a journal.
 
@@ -95,7 +95,8 @@ def read_journal(out: str | os.PathLike
         (``read``). A torn last line (a kill mid-write) is dropped.
     """
     path = Path(out) / JOURNAL
-    header, records = None, []
+    header: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
     attempts: dict[str, int] = {}
     if not path.is_file():
         return header, records, attempts
@@ -112,7 +113,7 @@ def read_journal(out: str | os.PathLike
             for p in item.get("reading", []):
                 attempts[p] = attempts.get(p, 0) + 1
             records.extend(item.get("batch", []))
-    unique = {}
+    unique: dict[str, dict[str, Any]] = {}
     for rec in records:  # a scan journaled twice (a merge, a re-run) keeps its first record
         unique.setdefault(rec["path"], rec)
     for p in unique:
@@ -120,7 +121,7 @@ def read_journal(out: str | os.PathLike
     return header, list(unique.values()), attempts
 
 
-def load_journal(out: str | os.PathLike) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def load_journal(out: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Header and scan records of a journal. A torn last line (a kill mid-write) is dropped."""
     header, records, _ = read_journal(out)
     return header, records

@@ -21,6 +21,8 @@ from pcl_viewer.data.preprocess import Geometry, to_model
 if TYPE_CHECKING:
     import torch
 
+    from pcl_viewer.models.unet import DenseUNet
+
 
 @dataclass(frozen=True)
 class Segmentation:
@@ -40,7 +42,7 @@ class Segmentation:
     geometries: list[Geometry]
 
 
-def segment_batch(net: torch.nn.Module, images: Sequence[np.ndarray], size: int,
+def segment_batch(net: DenseUNet, images: Sequence[np.ndarray], size: int,
                   device: str | torch.device = "cpu") -> Segmentation:
     """Segment ``(H, W)`` float32 [0, 1] scans (any sizes) in one batch.
 
@@ -52,8 +54,8 @@ def segment_batch(net: torch.nn.Module, images: Sequence[np.ndarray], size: int,
     prepared = [to_model(np.asarray(im), size) for im in images]
     x = np.ascontiguousarray(np.stack([p[0] for p in prepared]), dtype=np.float32)[:, None]
     with torch.inference_mode():
-        feats = net.features(torch.as_tensor(x, device=device))  # type: ignore[operator]
-        classes = net.seg_head(feats).argmax(1).to(torch.uint8).cpu().numpy()  # type: ignore[operator]
+        feats = net.features(torch.as_tensor(x, device=device))
+        classes = net.seg_head(feats).argmax(1).to(torch.uint8).cpu().numpy()
         features = feats.float().cpu().numpy()
     geometries = [geo for _, geo in prepared]
     labels = [geo.to_native(lab, nearest=True) for geo, lab in zip(geometries, classes)]

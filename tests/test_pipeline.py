@@ -242,3 +242,46 @@ def test_a_chromap_fit_cancelled_between_overlays_sets_none(fake_pipeline, chest
     with pytest.raises(Cancelled):
         fake_pipeline._fit_chromap(result, features, "pca", check)
     assert all(v.overlay is None for v in result.views.values())  # all or none
+
+
+def test_a_partial_parent_override_works_in_batches_as_in_single_runs(fake_pipeline, chest_scan):
+    single = fake_pipeline.run_sync(chest_scan, parents={"sex": "male"}, segment=False)
+    (batch,) = fake_pipeline.run_batch([chest_scan], parents=[{"sex": "male"}], segment=False)
+    assert batch.parents == single.parents
+    assert batch.parents_source == "user"
+
+
+def test_counterfactual_is_the_runs_view_with_the_runs_parents(fake_pipeline, chest_scan):
+    run = fake_pipeline.run_sync(chest_scan, interventions={"x": {"effusion": "present"}},
+                                 strength=0.5, segment=False)
+    one = fake_pipeline.counterfactual(chest_scan, {"effusion": "present"}, strength=0.5)
+    assert one.parents == run.parents and one.parents_source == "inferred"
+    np.testing.assert_array_equal(one.views["counterfactual"].image, run.views["x"].image)
+
+
+def test_segment_gives_native_labels_model_classes_and_features(fake_pipeline, chest_scan):
+    from pcl_viewer.evaluate.phantom_eval import segment_image
+
+    seg = fake_pipeline.segment([chest_scan.image, chest_scan.image[:100]])
+    s = fake_pipeline.seg_size
+    assert [lab.shape for lab in seg.labels] == [chest_scan.shape, (100, chest_scan.shape[1])]
+    assert seg.classes.shape == (2, s, s) and seg.features.shape[::2] == (2, s)
+    # pcl evaluate's segmentation is the same computation
+    np.testing.assert_array_equal(segment_image(chest_scan.image, fake_pipeline.seg, s),
+                                  seg.labels[0])
+
+
+def test_run_yields_each_partial_result_once_and_never_changes_it(fake_pipeline, chest_scan):
+    from pcl_viewer.events import ParentsReady, TableReady, ViewReady
+
+    events = list(fake_pipeline.run(chest_scan))
+    assert sum(isinstance(e, ParentsReady) for e in events) == 1
+    decoded = [e.view for e in events if isinstance(e, ViewReady) and e.part == "image"]
+    assert [v.key for v in decoded] == ["scanner", "effusion", "both"]
+    # the run went on to segment and map these views: the objects yielded stay as they were
+    assert all(v.labels is None and v.overlay is None for v in decoded)
+    labelled = [e.view for e in events if isinstance(e, ViewReady) and e.part == "labels"]
+    assert all(v.labels is not None and v.overlay is None for v in labelled)
+    (parents,) = [e.result for e in events if isinstance(e, ParentsReady)]
+    assert list(parents.views) == [FACTUAL]
+    assert isinstance(events[-1], TableReady) and len(events[-1].rows) == 3

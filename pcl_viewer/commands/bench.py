@@ -164,13 +164,12 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
     pre-training runs are cached under CACHE/runs/PRESET/DATA/ROW/seedS/. Each cell
     records the device it was fine-tuned on (``train_log.device``).
     """
-    from pcl_viewer.device import configure_threads
+    from pcl_viewer.device import configure_threads, default_device
 
     configure_threads(threads)
     from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, ROWS, bench_preset, load_cells, run_grid
     from pcl_viewer.evaluate.benchmark_inputs import RowInitialiser, data_key, git_commit
     from pcl_viewer.evaluate.benchmark_report import provenance, write_report
-    from pcl_viewer.train.finetune import default_device
 
     dev = _device(device)
 

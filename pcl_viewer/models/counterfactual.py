@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ from pcl_viewer.data.preprocess import Geometry
 from pcl_viewer.device import prepare_for_inference, resolve_device
 from pcl_viewer.models.bundle import ModelBundle, find_bundle
 from pcl_viewer.parents import PARENT_NAMES, PARENT_VALUES, Parents
+
+if TYPE_CHECKING:
+    from pcl_viewer.models.classifiers import AttributeClassifiers
+    from pcl_viewer.models.hvae import HVAE
 
 CF_KIND = "counterfactual"
 
@@ -34,11 +39,12 @@ class Abduction:
 
     x: torch.Tensor
     parents: torch.Tensor
-    latents: dict  # "z", "u": per latent block (B, c, h, w); "fluid": (B, fluid_dim) if any
+    latents: dict[str, Any]  # "z", "u": per latent block (B, c, h, w); "fluid": (B, fluid_dim)
     mu: torch.Tensor
 
 
-def parents_tensor(parents, batch: int | None = None) -> torch.Tensor:
+def parents_tensor(parents: Parents | list[Parents] | tuple[Parents, ...] | np.ndarray,
+                   batch: int | None = None) -> torch.Tensor:
     """``Parents`` / list of ``Parents`` / array ``(B, 3)`` -> float tensor ``(B, 3)``."""
     if isinstance(parents, Parents):
         vec = torch.from_numpy(parents.to_vector())[None]
@@ -73,40 +79,43 @@ STANDARD_DOS: dict[str, dict[str, str]] = {
 class CounterfactualModel:
     """The trained HVAE and attribute classifiers of one bundle, ready for inference."""
 
-    def __init__(self, hvae, classifier=None, device: str = "cpu",
-                 bundle: ModelBundle | None = None) -> None:
+    def __init__(self, hvae: torch.nn.Module, classifier: torch.nn.Module | None = None,
+                 device: str | torch.device = "cpu", bundle: ModelBundle | None = None) -> None:
         self.device = resolve_device(device)
         # channels_last on every device: the HVAE's narrow convolutions then run without
         # layout reorders (precompute-cf 55 -> 85 images/s per core at 128 px; outputs
         # equal to 3e-6).
-        self.hvae = prepare_for_inference(hvae, self.device, channels_last=True)
-        self.classifier = (prepare_for_inference(classifier, self.device)
+        self.hvae = cast("HVAE", prepare_for_inference(hvae, self.device, channels_last=True))
+        self.classifier = (cast("AttributeClassifiers",
+                                prepare_for_inference(classifier, self.device))
                            if classifier is not None else None)
         self.bundle = bundle
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike | ModelBundle, device: str = "cpu"
-                    ) -> CounterfactualModel:
+    def from_bundle(cls, path: str | os.PathLike[str] | ModelBundle,
+                    device: str | torch.device = "cpu") -> CounterfactualModel:
         """Load and verify a bundle (components ``hvae`` and, optionally, ``classifier``)."""
         bundle = path if isinstance(path, ModelBundle) else ModelBundle.load(find_bundle(path))
-        hvae = bundle.build("hvae", device)
-        clf = bundle.build("classifier", device) if "classifier" in bundle.components else None
+        hvae = bundle.build("hvae", str(device))
+        clf = (bundle.build("classifier", str(device)) if "classifier" in bundle.components
+               else None)
         return cls(hvae, clf, device, bundle)
 
     @property
     def image_size(self) -> int:
         return int(self.hvae.cfg.image_size)
 
-    def _x(self, x) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
-        if x.ndim == 2:
-            x = x[None, None]
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            raise ValueError(f"expected (B, 1, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
-        return x
+    def _x(self, x: Any) -> torch.Tensor:
+        t = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        if t.ndim == 2:
+            t = t[None, None]
+        if t.shape[-1] != self.image_size or t.shape[-2] != self.image_size:
+            raise ValueError(f"expected (B, 1, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(t.shape)}")
+        return t
 
     @torch.no_grad()
-    def infer_parents(self, x) -> dict[str, torch.Tensor]:
+    def infer_parents(self, x: Any) -> dict[str, torch.Tensor]:
         """Calibrated ``{name: (B,) probability of value index 1}`` from the classifiers."""
         if self.classifier is None:
             raise ValueError("this bundle has no attribute classifier")
@@ -114,7 +123,7 @@ class CounterfactualModel:
         return {name: probs[:, i] for i, name in enumerate(self.classifier.cfg.attributes)}
 
     @torch.no_grad()
-    def abduct(self, x, parents) -> Abduction:
+    def abduct(self, x: Any, parents: Any) -> Abduction:
         """Posterior-mean latents and factual mean of ``x`` (B, 1, S, S) given its parents."""
         x = self._x(x)
         pa = parents_tensor(parents, x.shape[0]).to(self.device)
@@ -131,13 +140,14 @@ class CounterfactualModel:
         return strength * (mu_cf - abduction.mu)
 
     @torch.no_grad()
-    def counterfactual(self, x, parents, do: dict[str, str], strength: float = 1.0) -> torch.Tensor:
+    def counterfactual(self, x: Any, parents: Any, do: dict[str, str],
+                       strength: float = 1.0) -> torch.Tensor:
         """``x_cf = clip(x + strength * (mu_cf - mu), 0, 1)``, ``(B, 1, S, S)``."""
         ab = self.abduct(x, parents)
         return (ab.x + self.residual(ab, do, strength)).clamp(0, 1)
 
     @torch.no_grad()
-    def standard_views(self, x, parents) -> torch.Tensor:
+    def standard_views(self, x: Any, parents: Any) -> torch.Tensor:
         """The method's three views ``(B, 3, 1, S, S)``: flip scanner, flip effusion, both.
 
         One abduction; the three decodes run as one batch.
@@ -167,4 +177,5 @@ def apply_residual_native(native: np.ndarray, residual: np.ndarray, geometry: Ge
     if res.ndim == 3:
         res = res[0]
     up = geometry.to_native(res)
-    return np.clip(native.astype(np.float32) + up, 0.0, 1.0)
+    out: np.ndarray = np.clip(native.astype(np.float32) + up, 0.0, 1.0)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,20 +184,21 @@ def test_missing_file_and_directory(tmp_path):
         read_scan(tmp_path)
 
 
-def test_extension_mismatch_is_refused(tmp_path):
-    dcm = write_dicom(tmp_path / "a.dcm", np.zeros((20, 20), np.uint16))
-    fake = tmp_path / "a.png"
-    fake.write_bytes(dcm.read_bytes())
+def _copy_as(src: Path, dst: Path) -> Path:
+    """``src``'s bytes under another name (another extension, or none)."""
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+@pytest.fixture
+def dicom_file(tmp_path) -> Path:
+    return write_dicom(tmp_path / "a.dcm", (synthetic_cxr(20, 20) * 4095).astype(np.uint16))
+
+
+def test_extension_mismatch_is_refused(tmp_path, dicom_file):
+    fake = _copy_as(dicom_file, tmp_path / "a.png")
     with pytest.raises(ScanReadError, match="cannot decode as PNG: the content looks like DICOM"):
         read_scan(fake)
-
-
-def test_no_extension_is_sniffed(tmp_path):
-    img = (synthetic_cxr(20, 20) * 4095).astype(np.uint16)
-    dcm = write_dicom(tmp_path / "a.dcm", img)
-    bare = tmp_path / "IM0001"
-    bare.write_bytes(dcm.read_bytes())
-    assert read_scan(bare).metadata["format"] == "dicom"
 
 
 def test_write_labels_png_and_nifti_round_trip(tmp_path):
@@ -324,20 +326,20 @@ def test_other_formats_under_a_scan_extension_are_refused(tmp_path, fmt, ext, lo
         read_scan(path)
 
 
-def test_extensionless_files_only_as_dicom(tmp_path):
-    dcm = write_dicom(tmp_path / "a.dcm", (synthetic_cxr(20, 20) * 4095).astype(np.uint16))
-    uid = tmp_path / "1.2.840.113619.2.55.3.604688119"
-    uid.write_bytes(dcm.read_bytes())
-    assert read_scan(uid).metadata["format"] == "dicom"
+@pytest.mark.parametrize("name", ["IM0001", "1.2.840.113619.2.55.3.604688119"])
+def test_a_dicom_file_without_an_extension_is_sniffed(tmp_path, dicom_file, name):
+    assert read_scan(_copy_as(dicom_file, tmp_path / name)).metadata["format"] == "dicom"
+
+
+def test_other_formats_are_not_read_without_an_extension(tmp_path):
     png = write_png(tmp_path / "p.png", np.zeros((20, 20), np.uint8))
-    bare = tmp_path / "IMG0001"
-    bare.write_bytes(png.read_bytes())
     with pytest.raises(ScanReadError, match="only DICOM files are read without an extension"):
-        read_scan(bare)
-    other = tmp_path / "scan.bmp"
-    other.write_bytes(dcm.read_bytes())
+        read_scan(_copy_as(png, tmp_path / "IMG0001"))
+
+
+def test_an_unsupported_extension_is_refused(tmp_path, dicom_file):
     with pytest.raises(ScanReadError, match="unsupported file type '.bmp'"):
-        read_scan(other)
+        read_scan(_copy_as(dicom_file, tmp_path / "scan.bmp"))
 
 
 def test_pixel_budget_counts_channels_and_gives_the_size(tmp_path):

@@ -34,35 +34,66 @@ def _dx_source(tmp_path):
     return path
 
 
-def test_round_trip_references_and_geometry_of_a_real_ct_file(tmp_path):
+@pytest.fixture(scope="module")
+def ct_seg(tmp_path_factory):
+    """A SEG of two synthetic lungs written against pydicom's CT_small.dcm:
+    ``(labels, source dataset, SEG path, SEG dataset)``."""
+    folder = tmp_path_factory.mktemp("seg")
     src_path = pydicom_file("CT_small.dcm")
-    src = pydicom.dcmread(src_path)
     lab = _labels(128, 128)
-    out = write_dicom_seg(tmp_path / "lungs.dcm", lab, src_path)
+    out = write_dicom_seg(folder / "lungs.dcm", lab, src_path)
+    return lab, pydicom.dcmread(src_path), out, pydicom.dcmread(out)
+
+
+def test_a_seg_reads_back_as_the_written_labels(ct_seg):
+    lab, _, out, _ = ct_seg
     np.testing.assert_array_equal(read_dicom_seg(out), lab)
 
-    seg = pydicom.dcmread(out)
+
+def test_a_seg_is_a_segmentation_storage_object(ct_seg):
+    seg = ct_seg[3]
     assert seg.SOPClassUID == SEG_SOP_CLASS == "1.2.840.10008.5.1.4.1.1.66.4"
     assert seg.file_meta.MediaStorageSOPClassUID == SEG_SOP_CLASS
+
+
+def test_a_seg_is_a_new_series_of_the_source_study(ct_seg):
+    _, src, _, seg = ct_seg
     assert seg.StudyInstanceUID == src.StudyInstanceUID
     assert seg.SeriesInstanceUID != src.SeriesInstanceUID
+
+
+def test_a_seg_references_its_source_series_and_instance(ct_seg):
+    _, src, _, seg = ct_seg
     ref = seg.ReferencedSeriesSequence[0]
     assert ref.SeriesInstanceUID == src.SeriesInstanceUID
     assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+
+def test_a_seg_has_the_sources_size_and_pixel_spacing(ct_seg):
+    _, src, _, seg = ct_seg
     assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
     spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert [float(v) for v in spacing] == pytest.approx([float(v) for v in src.PixelSpacing])
-    segs = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
-    assert sorted(segs) == [1, 2]
-    assert segs[1].SegmentLabel == "Right lung" and segs[2].SegmentLabel == "Left lung"
-    assert segs[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "3341006"
-    assert segs[2].SegmentedPropertyTypeCodeSequence[0].CodeValue == "44029006"
-    # pydicom alone: one binary frame per segment, each equal to its lung
+
+
+def test_a_seg_names_and_codes_both_lungs(ct_seg):
+    segs = {int(s.SegmentNumber): s for s in ct_seg[3].SegmentSequence}
+    assert {n: s.SegmentLabel for n, s in segs.items()} == {1: "Right lung", 2: "Left lung"}
+    assert {n: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for n, s in segs.items()} == {
+        1: "3341006", 2: "44029006"}
+
+
+def test_pydicom_alone_reads_one_binary_frame_per_lung(ct_seg):
+    lab, _, _, seg = ct_seg
     frames = seg.pixel_array
     assert frames.shape == (2, 128, 128)
     np.testing.assert_array_equal(frames[0], lab == 1)
     np.testing.assert_array_equal(frames[1], lab == 2)
-    assert [p.name for p in tmp_path.iterdir()] == ["lungs.dcm"]  # no temp file left
+
+
+def test_writing_a_seg_leaves_no_temporary_file(ct_seg):
+    out = ct_seg[2]
+    assert [p.name for p in out.parent.iterdir()] == ["lungs.dcm"]
 
 
 def test_projection_radiograph_source_and_empty_lung(tmp_path):

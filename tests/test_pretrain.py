@@ -17,8 +17,9 @@ from pcl_viewer.train.pretrain import METHODS, PretrainConfig, PretrainData, pre
 TINY = {"epochs": 1, "batch_size": 4, "pixels": 32, "max_steps_per_epoch": 1,
         "probe_train": 4, "probe_eval": 2, "probe_steps": 5}
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+QUIET = {"progress": False, "echo": lambda *_: None}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -26,33 +27,50 @@ def pool() -> PretrainData:
     return PretrainData.synthetic(12, 64, seed=0)
 
 
-@pytest.mark.parametrize(
-    ("method", "dagger"),
-    [(m, False) for m in METHODS] + [(m, True) for m in ("dvd-cl", "mvd-cl", "s-dvd-cl", "s-mvd-cl")],
-)
-def test_every_method_pretrains_and_writes_a_pretrained_bundle(pool, tmp_path, method, dagger):
+@pytest.fixture(scope="module", params=[(m, False) for m in METHODS] + [
+    (m, True) for m in ("dvd-cl", "mvd-cl", "s-dvd-cl", "s-mvd-cl")],
+    ids=lambda p: p[0] + ("-dagger" if p[1] else ""))
+def method_run(request, pool, tmp_path_factory, one_torch_thread):
+    """One tiny pre-training run of every method (and the dagger variants):
+    ``(method, dagger, summary, run folder)``."""
+    method, dagger = request.param
+    run = tmp_path_factory.mktemp("run") / "run"
     cfg = PretrainConfig.for_preset("smoke", method=method, dagger=dagger, **TINY)
-    summary = pretrain(cfg, pool, tmp_path / "run", progress=False, echo=lambda *_: None)
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0]["images_per_s"] > 0
+    return method, dagger, pretrain(cfg, pool, run, **QUIET), run
+
+
+def test_every_method_logs_a_finite_loss_and_its_speed(method_run):
+    run = method_run[3]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1
+    assert math.isfinite(log[0]["loss"]) and log[0]["images_per_s"] > 0
+
+
+def test_every_method_scores_a_probe_dice(method_run):
+    summary, run = method_run[2:]
     assert 0.0 <= summary["probe_dice"] <= 1.0
-    bundle = ModelBundle.load(tmp_path / "run" / "bundle", kind="pretrained")
-    assert bundle.card["method"] == method and bundle.card["dagger"] == dagger
-    assert bundle.card["training"]["seed"] == 0
-    net = bundle.build("unet")
+    assert json.loads((run / "probe.json").read_text())["best_epoch"] == 1
+
+
+def test_every_method_writes_a_pretrained_bundle_that_names_it(method_run):
+    method, dagger, _, run = method_run
+    card = ModelBundle.load(run / "bundle", kind="pretrained").card
+    assert (card["method"], card["dagger"], card["training"]["seed"]) == (method, dagger, 0)
+
+
+def test_every_methods_bundle_gives_full_resolution_features(method_run):
+    net = ModelBundle.load(method_run[3] / "bundle", kind="pretrained").build("unet")
     assert net.features(torch.rand(1, 1, 64, 64)).shape == (1, 32, 64, 64)
-    assert json.loads((tmp_path / "run" / "probe.json").read_text())["best_epoch"] == 1
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(pool, tmp_path):
     cfg = PretrainConfig.for_preset("smoke", method="dvd-cl", **{**TINY, "epochs": 2,
                                                                   "max_steps_per_epoch": 2})
-    quiet = {"progress": False, "echo": lambda *_: None}
-    pretrain(cfg, pool, tmp_path / "full", **quiet)
-    pretrain(cfg, pool, tmp_path / "cut", stop_after_epoch=1, **quiet)
+    pretrain(cfg, pool, tmp_path / "full", **QUIET)
+    pretrain(cfg, pool, tmp_path / "cut", stop_after_epoch=1, **QUIET)
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last")["epoch"] == 1
     assert not (tmp_path / "cut" / "bundle").exists()
-    pretrain(cfg, pool, tmp_path / "cut", **quiet)  # resumes at epoch 2
+    pretrain(cfg, pool, tmp_path / "cut", **QUIET)  # resumes at epoch 2
     full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last")
     cut = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last")
     assert [h["loss"] for h in full["history"]] == [h["loss"] for h in cut["history"]]
@@ -62,11 +80,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(pool, tmp_path):
 
 
 def test_resume_refuses_a_run_folder_of_another_configuration(pool, tmp_path):
-    quiet = {"progress": False, "echo": lambda *_: None}
-    pretrain(PretrainConfig.for_preset("smoke", method="vader", **TINY), pool, tmp_path, **quiet)
+    pretrain(PretrainConfig.for_preset("smoke", method="vader", **TINY), pool, tmp_path, **QUIET)
     other = PretrainConfig.for_preset("smoke", method="ssdcl", **TINY)
     with pytest.raises(ValueError, match="different configuration"):
-        pretrain(other, pool, tmp_path, **quiet)
+        pretrain(other, pool, tmp_path, **QUIET)
 
 
 def test_dagger_views_are_the_real_image(pool):
@@ -82,28 +99,39 @@ def test_dagger_views_are_the_real_image(pool):
     assert torch.equal(simclr[:, 1], pool.counterfactuals[idx, 1])  # the effusion CF
 
 
-def test_augmented_views_control_uses_real_copies_with_augmentation(pool, tmp_path):
-    """views="real": the counterfactual method's loss and V, real copies for the CF views,
-    augmented exactly as the counterfactual views would be (unlike dagger)."""
-    from pcl_viewer.data.views import make_views
+def test_the_augmented_views_control_stacks_real_copies(pool):
+    """views="real": the counterfactual method's loss and V, real copies for the CF views."""
     from pcl_viewer.train.pretrain import stack_views
 
     idx = torch.tensor([1, 2])
     stacks = stack_views(pool, idx, METHODS["mvd-cl"], dagger=False, real_views=True)
     assert stacks.shape == (2, 4, 1, 64, 64)
     assert all(torch.equal(stacks[:, k], pool.images[idx]) for k in range(4))
+
+
+def test_the_real_copies_are_augmented_like_counterfactual_views(pool):
+    """Unlike dagger: the same random geometry as the counterfactual row's views, so the
+    copies differ from each other."""
+    from pcl_viewer.data.views import make_views
+    from pcl_viewer.train.pretrain import stack_views
+
+    idx = torch.tensor([1, 2])
+    real = stack_views(pool, idx, METHODS["mvd-cl"], dagger=False, real_views=True)
     cf = stack_views(pool, idx, METHODS["mvd-cl"], dagger=False)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    v_real, th_real = make_views(stacks, augment=True, generator=g1, min_visible=32)
+    v_real, th_real = make_views(real, augment=True, generator=g1, min_visible=32)
     v_cf, th_cf = make_views(cf, augment=True, generator=g2, min_visible=32)
-    assert torch.equal(th_real, th_cf)  # the same geometry as the counterfactual row's views
-    assert not torch.equal(v_real[:, 1], v_real[:, 2])  # augmented, not identical copies
+    assert torch.equal(th_real, th_cf)
+    assert not torch.equal(v_real[:, 1], v_real[:, 2])
     assert torch.allclose(v_real[:, 0], v_cf[:, 0])  # view 0 is the real image in both
+
+
+def test_the_augmented_views_control_pretrains_without_counterfactuals(pool, tmp_path):
     cfg = PretrainConfig.for_preset("smoke", method="mvd-cl", views="real", **TINY)
     real_only = PretrainData(images=pool.images, silver=pool.silver, has_silver=pool.has_silver)
-    summary = pretrain(cfg, real_only, tmp_path, progress=False, echo=lambda *_: None)
+    summary = pretrain(cfg, real_only, tmp_path, **QUIET)
     card = json.loads((tmp_path / "bundle" / "card.json").read_text())
-    assert card["views"] == "real" and summary["method"] == "mvd-cl"
+    assert (card["views"], summary["method"]) == ("real", "mvd-cl")
 
 
 @pytest.fixture(scope="module")

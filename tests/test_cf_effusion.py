@@ -61,38 +61,81 @@ def _case(n: int, true_sides: list[str], model_sides: list[str | None], directio
     return x.astype(np.float32), x_cf.astype(np.float32), truth.astype(np.float32)
 
 
-def test_remove_metrics_reward_the_true_region_and_side():
+@pytest.fixture(scope="module")
+def removed_right():
+    """Metrics of effusions removed exactly where they are."""
     sides = ["right", "left", "right", "bilateral"]
     x, x_cf, truth = _case(4, sides, sides, "remove")
-    m = effusion_direction_metrics("remove", x, x_cf, x, truth, np.zeros(4), np.array([0.1, 0.2, 0.3, 0.9]))
-    assert m["mae"] == pytest.approx(0.0, abs=1e-7)
-    assert m["mae_reduction_vs_identity"] == pytest.approx(1.0)
-    assert m["change_in_fluid_region"] == pytest.approx(1.0)
-    assert m["side_agreement"] == 1.0
-    assert m["effectiveness"] == 1.0 and m["judge_effectiveness"] == 0.75
-    # the same amount of change on the mirrored side: nothing inside the fluid region
+    return effusion_direction_metrics("remove", x, x_cf, x, truth, np.zeros(4),
+                                      np.array([0.1, 0.2, 0.3, 0.9]))
+
+
+@pytest.fixture(scope="module")
+def removed_mirrored():
+    """Metrics of the same amount of change on the mirrored side."""
     x, wrong, truth = _case(4, ["right"] * 4, ["left"] * 4, "remove")
-    m = effusion_direction_metrics("remove", x, wrong, x, truth, None, None)
-    assert m["change_in_fluid_region"] == pytest.approx(0.0)
-    assert m["side_agreement"] == 0.0
-    assert m["mae_reduction_vs_identity"] < 0  # worse than doing nothing
+    return effusion_direction_metrics("remove", x, wrong, x, truth, None, None)
 
 
-def test_add_metrics_show_a_collapse_to_one_side():
-    prior = {"right": 0.55, "left": 0.33, "bilateral": 0.12}
-    true = ["right"] * 5 + ["left"] * 3 + ["bilateral"] * 2
-    x, collapsed, truth = _case(10, true, ["right"] * 10, "add")
-    m = effusion_direction_metrics("add", x, collapsed, x, truth, None, np.ones(10),
-                                   side_prior=prior)
-    assert m["model_sides"] == {"right": 1.0, "left": 0.0, "bilateral": 0.0}
-    assert m["side_share_max_deviation_points"] == pytest.approx(45.0)
-    assert m["n_side_matched"] == 5
-    assert m["change_in_fluid_region_side_matched"] == pytest.approx(1.0)
-    x, spread, truth = _case(10, true, true[::-1], "add")
-    m = effusion_direction_metrics("add", x, spread, x, truth, None, np.ones(10), side_prior=prior)
-    assert m["side_share_max_deviation_points"] == pytest.approx(8.0)  # 50/30/20 vs 55/33/12
-    report = {"effusion_add": m, "interventions": {}, "composition_mae": 0.0}
-    acc = acceptance(report)
+def test_an_exact_removal_has_no_error(removed_right):
+    assert removed_right["mae"] == pytest.approx(0.0, abs=1e-7)
+    assert removed_right["mae_reduction_vs_identity"] == pytest.approx(1.0)
+
+
+def test_an_exact_removal_changes_only_the_fluid_region_on_the_true_side(removed_right):
+    assert removed_right["change_in_fluid_region"] == pytest.approx(1.0)
+    assert removed_right["side_agreement"] == 1.0
+
+
+def test_removal_effectiveness_is_read_from_the_classifiers_probabilities(removed_right):
+    assert (removed_right["effectiveness"], removed_right["judge_effectiveness"]) == (1.0, 0.75)
+
+
+def test_a_mirrored_removal_changes_nothing_inside_the_fluid_region(removed_mirrored):
+    assert removed_mirrored["change_in_fluid_region"] == pytest.approx(0.0)
+    assert removed_mirrored["side_agreement"] == 0.0
+
+
+def test_a_mirrored_removal_is_worse_than_doing_nothing(removed_mirrored):
+    assert removed_mirrored["mae_reduction_vs_identity"] < 0
+
+
+SIDE_PRIOR = {"right": 0.55, "left": 0.33, "bilateral": 0.12}
+TRUE_SIDES = ["right"] * 5 + ["left"] * 3 + ["bilateral"] * 2
+
+
+@pytest.fixture(scope="module")
+def added_collapsed():
+    """Effusions added always on the right, whatever side the truth has."""
+    x, collapsed, truth = _case(10, TRUE_SIDES, ["right"] * 10, "add")
+    return effusion_direction_metrics("add", x, collapsed, x, truth, None, np.ones(10),
+                                      side_prior=SIDE_PRIOR)
+
+
+@pytest.fixture(scope="module")
+def added_spread():
+    """Effusions added on sides as often as the truth has them (50/30/20 %)."""
+    x, spread, truth = _case(10, TRUE_SIDES, TRUE_SIDES[::-1], "add")
+    return effusion_direction_metrics("add", x, spread, x, truth, None, np.ones(10),
+                                      side_prior=SIDE_PRIOR)
+
+
+def test_a_collapse_to_one_side_shows_in_the_side_shares(added_collapsed):
+    assert added_collapsed["model_sides"] == {"right": 1.0, "left": 0.0, "bilateral": 0.0}
+    assert added_collapsed["side_share_max_deviation_points"] == pytest.approx(45.0)
+
+
+def test_the_fluid_region_is_scored_on_the_side_matched_images(added_collapsed):
+    assert added_collapsed["n_side_matched"] == 5
+    assert added_collapsed["change_in_fluid_region_side_matched"] == pytest.approx(1.0)
+
+
+def test_side_shares_are_compared_with_the_prior(added_spread):
+    assert added_spread["side_share_max_deviation_points"] == pytest.approx(8.0)  # vs 55/33/12
+
+
+def test_acceptance_judges_the_reported_targets_and_leaves_the_rest_open(added_spread):
+    acc = acceptance({"effusion_add": added_spread, "interventions": {}, "composition_mae": 0.0})
     assert acc["effusion_add.side_share_max_deviation_points"]["met"] is True
     assert acc["effusion_add.judge_effectiveness"]["met"] is True
     assert acc["scanner.judge_effectiveness"]["met"] is None
@@ -130,24 +173,45 @@ def _fluid_hvae(mode: str = "embed") -> HVAE:
     return model.eval()
 
 
-@pytest.mark.parametrize("mode", ["embed", "head"])
-def test_effusion_noise_acts_only_where_effusion_is_present(mode):
+PARENTS = torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.float32)
+FLUID_MODES = pytest.mark.parametrize("mode", ["embed", "head"])
+
+
+def _abducted(mode: str) -> tuple[HVAE, torch.Tensor, dict, torch.Tensor]:
+    """A random fluid HVAE, 4 images, their latents and their factual mean."""
     model = _fluid_hvae(mode)
-    x = torch.rand(4, 1, S, S)
-    pa = torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.float32)
-    lat = model.abduct(x, pa)
-    mu = lat.pop("mu")
+    x = torch.rand(4, 1, S, S, generator=torch.Generator().manual_seed(1))
+    lat = model.abduct(x, PARENTS)
+    return model, x, lat, lat.pop("mu")
+
+
+@FLUID_MODES
+def test_abduction_infers_one_effusion_noise_per_image(mode):
+    _, _, lat, _ = _abducted(mode)
     assert lat["fluid"].shape == (4, 2)
-    assert torch.allclose(model.decode(lat, pa), mu, atol=1e-6)  # composition
-    other = dict(lat, fluid=lat["fluid"] + 3.0)
-    no_eff = pa[:, 2] < 0.5
-    changed = (model.decode(other, pa) - mu).abs().flatten(1).amax(1)
-    assert torch.all(changed[no_eff] < 1e-6)  # effusion absent: the noise has no effect
-    assert torch.all(changed[~no_eff] > 1e-3)
-    # the draw is deterministic per image, and differs between images and seeds
-    again = model.abduct(x, pa)["fluid"]
-    assert torch.equal(again, lat["fluid"])
-    assert not torch.equal(model.abduct(x, pa, fluid_seed=1)["fluid"], lat["fluid"])
+
+
+@FLUID_MODES
+def test_decoding_the_abducted_latents_gives_the_factual_mean(mode):
+    model, _, lat, mu = _abducted(mode)
+    assert torch.allclose(model.decode(lat, PARENTS), mu, atol=1e-6)
+
+
+@FLUID_MODES
+def test_effusion_noise_acts_only_where_effusion_is_present(mode):
+    model, _, lat, mu = _abducted(mode)
+    changed = (model.decode(dict(lat, fluid=lat["fluid"] + 3.0), PARENTS) - mu
+               ).abs().flatten(1).amax(1)
+    effusion = PARENTS[:, 2] > 0.5
+    assert torch.all(changed[~effusion] < 1e-6)
+    assert torch.all(changed[effusion] > 1e-3)
+
+
+@FLUID_MODES
+def test_the_noise_draw_is_deterministic_per_image_and_seed(mode):
+    model, x, lat, _ = _abducted(mode)
+    assert torch.equal(model.abduct(x, PARENTS)["fluid"], lat["fluid"])
+    assert not torch.equal(model.abduct(x, PARENTS, fluid_seed=1)["fluid"], lat["fluid"])
 
 
 def test_fluid_head_is_the_only_path_of_the_effusion_parent():
@@ -176,10 +240,15 @@ def test_pair_loss_reads_added_fluid_from_the_true_counterfactual():
     loss = model.cf_pair_loss(x, pa, x_true, pa_true)
     loss.backward()
     grad = model.enc_fluid[0].weight.grad
-    assert loss.item() > 0 and grad is not None and grad.abs().sum() > 0
-    # a null intervention with an identical target costs nothing
-    zero = model.cf_pair_loss(x, pa, x, pa)
-    assert zero.item() == pytest.approx(0.0, abs=1e-3)
+    assert loss.item() > 0
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_a_null_intervention_with_an_identical_target_costs_nothing():
+    model = _fluid_hvae().train()
+    x = torch.rand(2, 1, S, S)
+    pa = torch.zeros(2, 3)
+    assert model.cf_pair_loss(x, pa, x, pa).item() == pytest.approx(0.0, abs=1e-3)
 
 
 def test_old_bundles_without_effusion_noise_still_build():

@@ -128,19 +128,31 @@ def test_modality_lut_sequence_comes_before_the_full_range(tmp_path):
     np.testing.assert_allclose(read_scan(path).image, expected, atol=1e-6)
 
 
-def test_spacing_sources(tmp_path):
+def test_a_cr_is_measured_at_the_detector(tmp_path):
     cr = read_scan(_cr())
-    assert cr.spacing == pytest.approx((0.1, 0.1))
-    assert cr.metadata["spacing_source"] == "ImagerPixelSpacing"
+    assert (cr.spacing, cr.metadata["spacing_source"]) == (
+        pytest.approx((0.1, 0.1)), "ImagerPixelSpacing")
     assert any("detector" in n for n in cr.metadata["notices"])
+
+
+def test_the_magnification_factor_corrects_the_detector_spacing(tmp_path):
     ermf = read_scan(_derive(tmp_path, _cr(), "e.dcm", EstimatedRadiographicMagnificationFactor=1.25))
-    assert ermf.spacing == pytest.approx((0.08, 0.08))
-    assert ermf.metadata["spacing_source"] == "ImagerPixelSpacing/ERMF"
+    assert (ermf.spacing, ermf.metadata["spacing_source"]) == (
+        pytest.approx((0.08, 0.08)), "ImagerPixelSpacing/ERMF")
+
+
+def test_pixel_spacing_comes_before_the_detector_spacing(tmp_path):
     both = read_scan(_derive(tmp_path, _cr(), "p.dcm", PixelSpacing=[0.09, 0.07],
                              EstimatedRadiographicMagnificationFactor=1.25))
-    assert both.spacing == pytest.approx((0.09, 0.07))
-    assert both.metadata["spacing_source"] == "PixelSpacing"
+    assert (both.spacing, both.metadata["spacing_source"]) == (
+        pytest.approx((0.09, 0.07)), "PixelSpacing")
+
+
+def test_no_spacing_attribute_gives_no_spacing(tmp_path):
     none = read_scan(_derive(tmp_path, _cr(), "n.dcm", ImagerPixelSpacing=None))
-    assert none.spacing is None and none.metadata["spacing_source"] is None
+    assert (none.spacing, none.metadata["spacing_source"]) == (None, None)
+
+
+def test_a_ct_slice_uses_its_pixel_spacing():
     ct = read_scan(get_testdata_file("CT_small.dcm"))
     assert ct.metadata["spacing_source"] == "PixelSpacing"

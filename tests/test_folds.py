@@ -1,6 +1,7 @@
 """Folds grouped by patient and stratified by effusion; label budgets stratified, nested, fixed."""
 
 import numpy as np
+import pytest
 
 from pcl_viewer.evaluate.folds import label_budget, patient_folds
 
@@ -37,16 +38,41 @@ def test_same_seed_same_folds():
     assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
 
 
-def test_budgets_are_subsets_sized_stratified_nested_and_deterministic():
+@pytest.fixture(scope="module")
+def train_fold():
+    """``(effusion, training indices of fold 0)`` of a 150-patient cohort."""
     effusion, patients = _cohort(150)
-    tr, _ = patient_folds(effusion, patients, seed=0)[0]
+    return effusion, patient_folds(effusion, patients, seed=0)[0][0]
+
+
+def test_a_budget_has_its_size(train_fold):
+    effusion, tr = train_fold
+    assert len(label_budget(tr, effusion, 8, seed=0, fold=0)) == 8
+    assert len(label_budget(tr, effusion, "32", seed=0, fold=0)) == 32
+
+
+def test_budgets_are_nested_subsets_of_the_training_fold(train_fold):
+    effusion, tr = train_fold
     b8 = label_budget(tr, effusion, 8, seed=0, fold=0)
-    b32 = label_budget(tr, effusion, "32", seed=0, fold=0)
-    assert len(b8) == 8 and len(b32) == 32
+    b32 = label_budget(tr, effusion, 32, seed=0, fold=0)
     assert set(b8) <= set(b32) <= set(tr)
+
+
+def test_budgets_are_stratified_by_effusion(train_fold):
+    effusion, tr = train_fold
     share = effusion[tr].mean()
+    b32 = label_budget(tr, effusion, 32, seed=0, fold=0)
     assert abs(effusion[b32].sum() - 32 * share) <= 1.5
-    assert 1 <= effusion[b8].sum() <= 4
-    assert np.array_equal(b8, label_budget(tr, effusion, 8, seed=0, fold=0))
+    assert 1 <= effusion[label_budget(tr, effusion, 8, seed=0, fold=0)].sum() <= 4
+
+
+def test_a_budget_is_fixed_by_seed_and_fold(train_fold):
+    effusion, tr = train_fold
+    b32 = label_budget(tr, effusion, 32, seed=0, fold=0)
+    assert np.array_equal(b32, label_budget(tr, effusion, 32, seed=0, fold=0))
     assert not np.array_equal(b32, label_budget(tr, effusion, 32, seed=0, fold=1))
+
+
+def test_the_all_budget_is_the_whole_training_fold(train_fold):
+    effusion, tr = train_fold
     assert np.array_equal(label_budget(tr, effusion, "all"), np.sort(tr))

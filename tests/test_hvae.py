@@ -10,17 +10,35 @@ from pcl_viewer.models.hvae import HVAE, HVAEConfig, build_from_config, discreti
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_smoke_forward_returns_per_pixel_terms_and_full_size_mean():
+@pytest.fixture(scope="module")
+def smoke():
+    """The smoke HVAE (seed 0), two images and their parents."""
     torch.manual_seed(0)
     model = HVAE(HVAEConfig.for_preset("smoke"))
-    x, pa = torch.rand(2, 1, 64, 64), torch.tensor([[0, 1, 0], [1, 0, 1]], dtype=torch.float32)
+    return model, torch.rand(2, 1, 64, 64), torch.tensor([[0, 1, 0], [1, 0, 1]],
+                                                          dtype=torch.float32)
+
+
+def test_forward_returns_a_finite_scalar_loss_and_a_nonnegative_kl(smoke):
+    model, x, pa = smoke
     out = model(x, pa)
-    assert out["mu"].shape == (2, 1, 64, 64)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     assert float(out["kl"].detach()) >= 0.0
-    lat = model.abduct(x, pa)
-    assert [z.shape for z in lat["z"]] == [(2, 4, 4, 4), (2, 4, 8, 8)]
-    assert model.decode(lat, pa).shape == (2, 1, 64, 64)
+
+
+def test_forward_returns_the_mean_at_full_size(smoke):
+    model, x, pa = smoke
+    assert model(x, pa)["mu"].shape == (2, 1, 64, 64)
+
+
+def test_abduction_gives_one_latent_per_latent_resolution(smoke):
+    model, x, pa = smoke
+    assert [z.shape for z in model.abduct(x, pa)["z"]] == [(2, 4, 4, 4), (2, 4, 8, 8)]
+
+
+def test_decoding_gives_a_full_size_image(smoke):
+    model, x, pa = smoke
+    assert model.decode(model.abduct(x, pa), pa).shape == (2, 1, 64, 64)
 
 
 def test_decode_modes_agree_under_factual_parents():

@@ -10,20 +10,35 @@ import torch
 from pcl_viewer.train.finetune import monai_augment
 
 
-def test_monai_augment_is_seeded_and_keeps_labels():
-    x = torch.rand(6, 1, 64, 64)
-    y = torch.zeros(6, 64, 64, dtype=torch.long)
+def _lungs(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images with the same two rectangular lungs labelled 1 and 2."""
+    x = torch.rand(n, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(n, 64, 64, dtype=torch.long)
     y[:, 10:40, 8:28], y[:, 10:40, 36:56] = 1, 2
-    a = monai_augment(x, y, torch.Generator().manual_seed(3))
-    b = monai_augment(x, y, torch.Generator().manual_seed(3))
-    c = monai_augment(x, y, torch.Generator().manual_seed(4))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], c[0])
-    xa, ya = a
-    assert xa.shape == x.shape and xa.dtype == torch.float32 and ya.shape == y.shape
+    return x, y
+
+
+def _augment(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return monai_augment(*_lungs(), torch.Generator().manual_seed(seed))
+
+
+def test_monai_augment_is_seeded():
+    (xa, ya), (xb, yb) = _augment(3), _augment(3)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, _augment(4)[0])
+
+
+def test_monai_augment_keeps_shapes_range_and_labels():
+    x, y = _lungs()
+    xa, ya = _augment(3)
+    assert (xa.shape, xa.dtype, ya.shape) == (x.shape, torch.float32, y.shape)
     assert 0.0 <= float(xa.min()) and float(xa.max()) <= 1.0
     assert set(ya.unique().tolist()) <= {0, 1, 2}
-    # geometry moves image and labels together: both lungs survive in most samples
+
+
+def test_monai_augment_moves_image_and_labels_together():
+    """Both lungs survive the geometry in most samples."""
+    _, ya = _augment(3)
     assert sum(int((ya[i] == 1).any() and (ya[i] == 2).any()) for i in range(6)) >= 4
 
 

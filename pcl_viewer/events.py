@@ -75,3 +75,8 @@ class TableReady(Step):
     """The consistency rows of the counterfactuals against the factual view."""
 
     rows: tuple[ConsistencyRow, ...]
+
+
+#: The events that carry a partial result (every one but the plain :class:`Step`).
+RESULT_EVENTS: tuple[type[Step], ...] = (ParentsReady, DomainReady, ViewReady, QualityReady,
+                                         TableReady)

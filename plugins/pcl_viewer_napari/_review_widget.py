@@ -35,7 +35,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from pcl_viewer.pipeline import DEFAULT_CF_BUNDLE, DEFAULT_SEG_BUNDLE, Step
+from pcl_viewer.events import Step
+from pcl_viewer.pipeline import DEFAULT_CF_BUNDLE, DEFAULT_SEG_BUNDLE
 from pcl_viewer.review import ReviewConfig, ReviewProgress, ReviewSummary, flag_reason
 from pcl_viewer_napari import _workers
 from pcl_viewer_napari._state import AppState

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import QCheckBox, QFileDialog, QFrame, QScrollArea, QVBoxLay
 
 from pcl_viewer.data.scan import Scan
 from pcl_viewer.events import (
+    RESULT_EVENTS,
     DomainReady,
     ParentsReady,
     QualityReady,
@@ -414,7 +415,7 @@ class PCLViewerWidget(QWidget):
             self._show_progress()
         if self._cancel.is_set():  # rolled back when the run stops: not worth showing
             return
-        if type(step) is not Step:  # a partial result
+        if isinstance(step, RESULT_EVENTS):
             self.queue.put(f"{step.stage} {step.i}/{step.n}", self._on_step, step, inline=inline)
 
     def _enqueue_done(self, status: str, value: Any) -> None:
@@ -447,8 +448,8 @@ class PCLViewerWidget(QWidget):
         pending = self._pending
         try:
             if isinstance(event, ParentsReady):  # the panels now follow this run
-                self._pending = event.result
-                self.scan_panel.show_parents(event.result)
+                self._pending = event.result.snapshot()  # ours to fill in
+                self.scan_panel.show_parents(self._pending)
                 self.banner.show_domain(None)
                 self.cf_panel.show_quality(None)
                 self.analysis_panel.clear()

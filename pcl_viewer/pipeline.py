@@ -52,9 +52,10 @@ if TYPE_CHECKING:
     from pcl_viewer.models.counterfactual import Abduction, CounterfactualModel
     from pcl_viewer.models.unet import DenseUNet
 
-__all__ = ["Cancelled", "ConsistencyRow", "DomainReady", "ParentsReady", "Pipeline",
-           "PipelineResult", "QualityReady", "Step", "TableReady", "View", "ViewQuality",
-           "ViewReady", "consistency_rows", "resolve_interventions", "rows_to_csv"]
+__all__ = ["DEFAULT_CF_BUNDLE", "DEFAULT_SEG_BUNDLE", "FACTUAL", "MAX_STRENGTH", "STAGES",
+           "BundleInfo", "Cancelled", "ConsistencyRow", "DomainReady", "ParentsReady", "Pipeline",
+           "PipelineResult", "QualityReady", "Segmentation", "Step", "TableReady", "View",
+           "ViewQuality", "ViewReady", "consistency_rows", "resolve_interventions", "rows_to_csv"]
 
 DEFAULT_CF_BUNDLE = "cf-cpu"
 DEFAULT_SEG_BUNDLE = "seg-cpu"
@@ -270,9 +271,9 @@ class Pipeline:
         ``strict=False``: a bundle that cannot be loaded is skipped and its readable
         error kept in ``load_errors`` (the viewer still opens, with a notice).
         """
-        from pcl_viewer.device import choose_device, configure_threads
+        from pcl_viewer.device import configure_threads, resolve_device
 
-        device = choose_device(device)
+        device = str(resolve_device(device))  # "cpu", "cuda", "cuda:1", "mps"
         configure_threads()
         pipe = cls(None, None, device)
         for part, bundle in (("cf", cf_bundle), ("seg", seg_bundle)):

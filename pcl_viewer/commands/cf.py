@@ -270,7 +270,8 @@ def _write_card_metrics(path: Path, report: dict) -> None:
 @click.option("--do", "do_items", multiple=True, required=True, help="NAME=VALUE, repeatable.")
 @click.option("--bundle", "bundle_path", default="cf-cpu", show_default=True)
 @click.option("--parents", default=None,
-              help="Factual parents 'scanner=philips,sex=male,effusion=absent' (default: inferred).")
+              help="Factual parents 'scanner=philips,sex=male,effusion=absent' (default: inferred); "
+                   "naming only some overrides those and infers the others.")
 @click.option("--strength", type=float, default=1.0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="PNG of the counterfactual at the scan's native size (16-bit).")
@@ -288,21 +289,26 @@ def cf(scan: Path, do_items: tuple[str, ...], bundle_path: str, parents: str | N
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--do") from exc
     image = _read_image(scan)
-    given: Parents | None = None
+    given: Parents | dict[str, str] | None = None
     if parents:
-        items = [p.strip() for p in parents.split(",") if p.strip()]
-        given = Parents(**parse_do(items))
+        try:
+            named = parse_do([p.strip() for p in parents.split(",") if p.strip()])
+            given = Parents(**named) if set(named) == set(PARENT_NAMES) else named
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--parents") from exc
     # the CPU, as before the pipeline served this command (a GPU gains nothing on one scan)
     pipe = Pipeline.from_bundles(cf_bundle=bundle_path, seg_bundle=None, device="cpu")
     result = pipe.counterfactual(Scan(image, name=scan.name), do, parents=given,
                                  strength=strength)
     pa, probs = result.parents, result.probabilities
     assert pa is not None
-    if given is not None or probs is None:
+    if isinstance(given, Parents) or probs is None:
         source = "given"
     else:
         source = "inferred " + ", ".join(f"P({n}={PARENT_VALUES[n][1]})={probs[n]:.2f}"
                                          for n in PARENT_NAMES if n in probs)
+        if given:
+            source += "; given " + ", ".join(f"{k}={v}" for k, v in given.items())
     native = result.views["counterfactual"].image
     out.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image

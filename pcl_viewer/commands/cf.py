@@ -10,6 +10,10 @@ from pathlib import Path
 
 import click
 
+from pcl_viewer.atomic import atomic_write_text
+from pcl_viewer.device import DEVICES
+from pcl_viewer.presets import PRESETS
+
 
 def _threads(n: int | None) -> None:
     """``--threads``: torch's intra-op threads when given (else torch's default)."""
@@ -22,8 +26,7 @@ def _threads(n: int | None) -> None:
 @click.command("train-cf")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               required=True, help="Training dataset (phantom layout).")
-@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
-              show_default=True)
+@click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.option("--steps", type=int, default=None, help="HVAE steps (default: the preset's).")
 @click.option("--classifier-steps", type=int, default=None)
@@ -39,7 +42,7 @@ def _threads(n: int | None) -> None:
               help="Then fine-tune the decoder so the classifiers recognise the interventions "
                    "(ELBO kept within 2 % by a Lagrange multiplier).")
 @click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cuda", "mps", "cpu"]),
+              type=click.Choice(DEVICES),
               help="Where to train (auto: CUDA, else MPS, else CPU).")
 @click.option("--finetune-steps", type=int, default=200, show_default=True)
 @click.option("--finetune-minimality", type=float, default=10.0, show_default=True,
@@ -94,24 +97,12 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         train_cf,
     )
 
-    defaults = {"smoke": dict(steps=200, cls_steps=100, batch_size=16, checkpoint_every=50),
-                "cpu": dict(steps=1000, cls_steps=300, batch_size=32, checkpoint_every=100),
-                "paper": dict(steps=200_000, cls_steps=5000, batch_size=16, checkpoint_every=1000)}
-    d = defaults[preset]
-    if classifiers_only:
-        steps = 0
-    cfg = CFTrainConfig(preset=preset, seed=seed, steps=steps if steps is not None else d["steps"],
-                        batch_size=batch_size or d["batch_size"],
-                        cls_steps=classifier_steps if classifier_steps is not None else d["cls_steps"],
-                        checkpoint_every=checkpoint_every or d["checkpoint_every"],
-                        cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
-                        hvae_overrides=({"fluid_dim": fluid_dim, "fluid_mode": fluid_mode}
-                                        if fluid_dim else {}),
-                        init_bundle=init_bundle or "", fluid_lr_scale=fluid_lr_scale)
-    if lr is not None:
-        cfg.lr = lr
-    if kl_warmup is not None or init_bundle:
-        cfg.kl_warmup = kl_warmup if kl_warmup is not None else 0
+    cfg = CFTrainConfig.for_preset(
+        preset, seed=seed, steps=0 if classifiers_only else steps, batch_size=batch_size or None,
+        cls_steps=classifier_steps, checkpoint_every=checkpoint_every or None,
+        cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
+        hvae_overrides={"fluid_dim": fluid_dim, "fluid_mode": fluid_mode} if fluid_dim else None,
+        init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup)
     run_dir = run_dir or out.with_name(out.name + ".run")
     data = load_training_data(data_dir, HVAEConfig.for_preset(preset).image_size)
     if cf_pair_weight > 0 and data.cf_train is None:
@@ -260,9 +251,7 @@ def _write_card_metrics(path: Path, report: dict) -> None:
     card = json.loads(card_path.read_text())
     card.setdefault("metrics", {})["eval_cf"] = {
         k: v for k, v in report.items() if k not in ("bundle",)}
-    tmp = card_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    tmp.replace(card_path)
+    atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
 
 
 @click.command("cf")
@@ -319,27 +308,16 @@ def cf(scan: Path, do_items: tuple[str, ...], bundle_path: str, parents: str | N
 
 
 def _read_image(path: Path):
-    """``(H, W)`` float32 [0, 1] via the project's reader, or PIL for 8/16-bit files."""
+    """``(H, W)`` float32 [0, 1] via the project's reader (a bad file: a usage error)."""
     import numpy as np
 
+    from pcl_viewer.data.readers import read_scan
+    from pcl_viewer.data.scan import ScanReadError
+
     try:
-        from pcl_viewer.data.readers import read_scan
-    except ImportError:
-        read_scan = None
-    if read_scan is not None:
-        from pcl_viewer.data.scan import ScanReadError
-
-        try:
-            return read_scan(path).image.astype(np.float32)
-        except ScanReadError as exc:
-            raise click.ClickException(str(exc)) from exc
-    from PIL import Image
-
-    img = np.asarray(Image.open(path))
-    if img.ndim == 3:
-        img = img[..., :3].mean(axis=2)
-    peak = 65535.0 if img.dtype == np.uint16 or img.max() > 255 else 255.0
-    return (img.astype(np.float32) / peak).clip(0, 1)
+        return read_scan(path).image.astype(np.float32)
+    except ScanReadError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("precompute-cf")

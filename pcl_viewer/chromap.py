@@ -207,6 +207,17 @@ class PCAReducer:
         return z @ self.components
 
 
+def _import_umap(module: str = "umap"):
+    """umap-learn's ``module`` (imported on first use: an optional dependency), or an
+    ImportError that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError("the UMAP reducer needs umap-learn: pip install 'pcl-viewer[umap]'") from exc
+
+
 class UMAPReducer:
     """umap-learn fitted on a seeded subsample of pixels, extended to every pixel.
 
@@ -239,8 +250,7 @@ class UMAPReducer:
         dist, idx = neighbours.kneighbors(fitted)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # seed disables parallelism; no search index
-            import umap
-
+            umap = _import_umap()
             model = umap.UMAP(n_components=2, n_neighbors=k, min_dist=0.1, n_epochs=UMAP_EPOCHS,
                               random_state=seed,
                               precomputed_knn=(idx, dist.astype(np.float32), None))
@@ -248,8 +258,7 @@ class UMAPReducer:
         return cls(model, neighbours)
 
     def transform(self, z: np.ndarray) -> np.ndarray:
-        from umap.umap_ import smooth_knn_dist
-
+        smooth_knn_dist = _import_umap("umap.umap_").smooth_knn_dist
         k = int(self.neighbours.n_neighbors)
         dist, idx = self.neighbours.kneighbors(np.asarray(z, dtype=np.float32))
         dist = dist.astype(np.float32)
@@ -272,8 +281,7 @@ def reference_umap(z: np.ndarray, seed: int = 0) -> np.ndarray:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import umap
-
+        umap = _import_umap()
         model = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed)
         return np.asarray(model.fit_transform(z), dtype=np.float32)
 

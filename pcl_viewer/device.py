@@ -181,10 +181,8 @@ def _single_threaded_blas() -> None:
     """NumPy's OpenBLAS on one thread: the pipeline's matrices are small (65k x 32), and a
     second BLAS pool beside torch's made one such product take ~2.8 s instead of ~5 ms
     on a loaded 2-core machine (threads spinning against each other)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
+    from threadpoolctl import threadpool_limits
+
     threadpool_limits(limits=1, user_api="blas")
 
 

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from pcl_viewer.device import DEVICES
+
 DEFAULT_SAMPLE = "imagingdynamics-effusion"
 
 
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scans", nargs="*", help="scan files (DICOM, PNG/JPEG/TIFF, NIfTI)")
     p.add_argument("--bundle", help="counterfactual bundle (folder or name; default cf-cpu)")
     p.add_argument("--seg-bundle", help="segmentation bundle (folder or name; default seg-cpu)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="torch device")
+    p.add_argument("--device", choices=DEVICES, help="torch device")
     p.add_argument("--sample", default=DEFAULT_SAMPLE, help="sample shown when no scan is given")
     p.add_argument("--screenshot", metavar="PNG", help="run everything, save the window, exit")
     p.add_argument("--benchmark", action="store_true", help="print speed/responsiveness, exit")

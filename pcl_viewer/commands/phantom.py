@@ -76,10 +76,10 @@ def generate(n: int, size: int, seed: int, out: Path, counterfactuals: bool,
 
 @phantom.command()
 @click.option("--data", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--n-train", type=int, default=20, show_default=True,
-              help="Gold normal images of one scanner used for training (<= 20).")
+@click.option("--n-train", type=int, default=200, show_default=True,
+              help="Gold normal images of one scanner the silver segmenter trains on.")
 @click.option("--scanner", default="philips", show_default=True)
-@click.option("--steps", type=int, default=200, show_default=True, help="Training steps.")
+@click.option("--steps", type=int, default=800, show_default=True, help="Training steps.")
 @click.option("--threshold", type=float, default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def silver(data: Path, n_train: int, scanner: str, steps: int, threshold: float,
@@ -167,3 +167,17 @@ def independent(out: Path, n: int, seed: int, size: int) -> None:
     info = write_independent_set(out, n, seed, size)
     click.echo(f"wrote {info['n']} images (effusion {info['effusion_share']:.0%}) to {out}")
 
+
+
+@phantom.command()
+@click.option("--n", type=int, default=300, show_default=True)
+@click.option("--seed", type=int, default=9001, show_default=True)
+@click.option("--size", type=int, default=128, show_default=True)
+def ceiling(n: int, seed: int, size: int) -> None:
+    """Best Dice any model can reach on the realistic gold labels (annotator noise)."""
+    from pcl_viewer.evaluate.phantom_eval import annotator_ceiling
+
+    r = annotator_ceiling(n, seed, size)
+    click.echo(f"consensus annotator vs gold, seed {seed}: Dice % overall {r['dice']:.2f} "
+               f"(n={r['n']})  nf {r['dice_nf']:.2f} (n={r['n_nf']})  "
+               f"pe {r['dice_pe']:.2f} (n={r['n_pe']})")

@@ -157,3 +157,39 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
                         arr["effusion"])
             out.append({"styles": "+".join(group), "seed": seed + 1000 * k, **r})
     return out
+
+
+def annotator_ceiling(n: int, seed: int, size: int = 128, effusion_oversample: float = 8.0,
+                      styles: tuple[str, ...] = ("imagingdynamics", "philips")) -> dict:
+    """Dice % of a consensus annotator against the gold masks of fresh realistic studies.
+
+    The gold mask of every phantom study is drawn by a random annotator (where the border
+    of fluid-hidden lung is put, and how tightly the outline is drawn, are exogenous
+    noise). The consensus mask of the same study (threshold in the middle of its range,
+    no margin) is what a model that recovered the true anatomy perfectly would draw; its
+    Dice against the gold mask is therefore about the best any deterministic model can
+    score on these labels. The studies are drawn from the same SCM with the same effusion
+    oversampling as :func:`evaluate_on_phantom`'s sets (one study per patient).
+
+    Returns ``{"n", "n_nf", "n_pe", "dice", "dice_nf", "dice_pe"}`` (Dice in %).
+    """
+    import copy
+
+    from pcl_viewer.data.phantom.scm import Renderer, sample_studies
+    from pcl_viewer.evaluate.metrics import dice_scores
+
+    studies = sample_studies(n, seed, studies_per_patient=1, oversample=effusion_oversample,
+                             styles=tuple(styles), regime="realistic")
+    dice, pe = [], []
+    for st in studies:
+        _, gold = Renderer(st.noise).render(st.parents, size)
+        consensus = copy.deepcopy(st.noise)
+        consensus.extra.annotator, consensus.extra.margin = 0.5, 0.0
+        _, cons = Renderer(consensus).render(st.parents, size)
+        dice.append(100 * float(dice_scores(cons[None], gold[None], both_empty=1.0,
+                                            dtype="float64").mean()))
+        pe.append(bool(st.parents.effusion))
+    d, e = np.array(dice), np.array(pe)
+    return {"n": len(d), "n_nf": int((~e).sum()), "n_pe": int(e.sum()),
+            "dice": float(d.mean()), "dice_nf": float(d[~e].mean()),
+            "dice_pe": float(d[e].mean()) if e.any() else float("nan")}

@@ -9,17 +9,17 @@ import pytest
 
 from pcl_viewer.data.dataset import load_dataset
 from pcl_viewer.data.phantom.generate import generate
-from pcl_viewer.data.phantom.silver import make_silver
+from pcl_viewer.data.phantom.silver import SILVER_RECIPE, make_silver
 
 
 @pytest.fixture(scope="module")
 def silver(tmp_path_factory, one_torch_thread):
-    """Silver labels of a 160-image easy-regime pool (the mechanism on the regime where its
-    quality band is known; on the realistic regime the same 20-image, 150-step segmenter
-    reaches about 0.78 at 64 px (see docs/phantom.md), a quality the benchmark's silver rows
-    have to be re-checked with): ``(pool folder, report)``."""
+    """Silver labels of a 160-image realistic pool at 64 px from a small budget (20 gold
+    normal Philips images, 150 steps; measured: overall 0.81, normal 0.81, effusion 0.79,
+    Philips 0.90, ImagingDynamics 0.74; the benchmark's silver segmenter trains on 200
+    images for 800 steps, docs/phantom.md): ``(pool folder, report)``."""
     out = tmp_path_factory.mktemp("silver") / "pool"
-    generate(out, 160, size=64, seed=21, oversample=10.0, workers=1, regime="easy")
+    generate(out, 160, size=64, seed=21, oversample=10.0, workers=1)
     return out, make_silver(out, n_train=20, steps=150, seed=0, echo=lambda *_: None)
 
 
@@ -27,9 +27,14 @@ def test_the_silver_segmenter_trains_on_at_most_its_budget(silver):
     assert silver[1]["trained_on"]["n"] <= 20
 
 
+def test_the_silver_report_names_its_recipe(silver):
+    assert silver[1]["recipe"] == SILVER_RECIPE
+
+
 def test_silver_labels_are_realistic_not_perfect(silver):
     dice = silver[1]["dice"]
-    assert 0.80 <= dice["overall"]["mean"] <= 0.97, dice
+    # a small budget: useful labels, clearly short of gold
+    assert 0.75 <= dice["overall"]["mean"] <= 0.97, dice
 
 
 def test_silver_labels_are_worse_on_effusion(silver):

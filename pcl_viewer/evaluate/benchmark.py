@@ -121,7 +121,7 @@ class BenchPreset:
     ood_n: int = 100
     pool_n: int = 2000
     pretrain_options: dict = field(default_factory=dict)
-    silver_steps: int = 150  # training steps of the pool's silver segmenter
+    silver_steps: int = 800  # training steps of the pool's silver segmenter (200 gold normal images)
     # CheXmask-style filter: silver masks kept where the quality estimate > this.
     # smoke sets 0 (its 3-step silver segmenter is deliberately poor; the path is what it tests).
     silver_min_quality: float = 0.7

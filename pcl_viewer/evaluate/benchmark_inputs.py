@@ -84,7 +84,7 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
                      styles: list[str] | tuple[str, ...] = TRAINING_STYLES,
                      effusion_oversample: float = 1.0, severe: bool = False,
                      studies_per_patient: int = 1, true_cf: bool = False,
-                     silver: bool = False, silver_steps: int = 150,
+                     silver: bool = False, silver_steps: int = 800,
                      regime: str | None = None) -> Path:
     """Generate a phantom data set at ``root`` once (a ``.complete`` marker makes it reusable).
 
@@ -100,7 +100,12 @@ def generate_phantom(root: Path, n: int, seed: int, size: int,
     regime = regime or DEFAULT_REGIME
     # the renderer's source hash too: an edited renderer never reuses stale images
     marker = (f"phantom_version={PHANTOM_VERSION} regime={regime} "
-              f"renderer={renderer_source_sha256()}\n")
+              f"renderer={renderer_source_sha256()}")
+    if silver:  # and the silver recipe: a pool labelled by an older silver segmenter is redone
+        from pcl_viewer.data.phantom.silver import SILVER_RECIPE
+
+        marker += f" silver={SILVER_RECIPE} silver_steps={silver_steps}"
+    marker += "\n"
     if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
         return root
     if root.exists():

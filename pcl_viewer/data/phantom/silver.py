@@ -1,7 +1,10 @@
 """AI-generated silver masks for a phantom dataset, with a quality score (as CheXmask).
 
-A small MONAI U-Net is trained on at most 20 gold *normal* images of one
-scanner, then labels the whole pool. The quality score needs no gold: it is
+A U-Net is trained on gold *normal* images of one scanner (200 by default), with the
+shipped segmenter's recipe (:func:`pcl_viewer.train.finetune.finetune`: MONAI's strong
+intensity and geometric augmentation, Dice + cross-entropy), then labels the whole
+pool. Like CheXmask's segmenters, it never saw an effusion or the other scanner, so its
+masks are good on what it knows and worse elsewhere. The quality score needs no gold: it is
 the mean Dice between the prediction and predictions on test-time augmented
 copies (affine + intensity) mapped back, a proxy for the reverse
 classification accuracy CheXmask reports in ``Dice RCA (Mean)``. All rows are
@@ -31,13 +34,6 @@ def _lung_dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return dice_scores(a, b, both_empty=1.0, dtype="float64").mean(1)
 
 
-def _build_net():
-    from monai.networks.nets import UNet
-
-    return UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(8, 16, 32, 64),
-                strides=(2, 2, 2), num_res_units=1)
-
-
 def _affines(n: int, rng: np.random.Generator, size: int, strength: float = 1.0) -> np.ndarray:
     """``(n, 2, 3)`` random similarity transforms (pixels)."""
     out = np.zeros((n, 2, 3), np.float32)
@@ -59,54 +55,28 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 1).astype(np.float32)
 
 
-def _augment(imgs: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
-    size = imgs.shape[-1]
-    mats = _affines(len(imgs), rng, size)
-    xi = np.empty_like(imgs)
-    xm = np.empty_like(masks)
-    for i, m in enumerate(mats):
-        xi[i] = _jitter(cv2.warpAffine(imgs[i], m, (size, size), flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_REPLICATE), rng)
-        xm[i] = cv2.warpAffine(masks[i], m, (size, size), flags=cv2.INTER_NEAREST)
-    return xi, xm
+SILVER_RECIPE = "finetune-monai-v1"  # names the recipe in silver_report.json and data-set markers
 
 
-def train_segmenter(imgs: np.ndarray, masks: np.ndarray, steps: int, seed: int,
-                    echo=print, budget_s: float | None = None, batch: int = 8):
-    """Train the U-Net on ``imgs (N,S,S) float32`` / ``masks (N,S,S) uint8`` for ``steps``
-    AdamW steps of ``batch`` augmented images (stops early at ``budget_s`` seconds)."""
-    import torch
-    import torch.nn.functional as F
+def train_segmenter(imgs: np.ndarray, masks: np.ndarray, steps: int, seed: int, echo=print):
+    """The silver U-Net: ``imgs (N,S,S) float32`` / ``masks (N,S,S) uint8`` -> a network in
+    eval mode on the CPU mapping ``(B,1,S,S)`` to logits ``(B,3,S,S)``.
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = _build_net()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.15)
-    t0 = time.perf_counter()
-    net.train()
-    for step in range(steps):
-        idx = rng.choice(len(imgs), size=min(batch, len(imgs)), replace=False)
-        xi, xm = _augment(imgs[idx], masks[idx], rng)
-        x = torch.from_numpy(xi)[:, None]
-        y = torch.from_numpy(xm.astype(np.int64))
-        logits = net(x)
-        prob = logits.softmax(1)
-        onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
-        inter = (prob * onehot).sum((0, 2, 3))
-        dice = 1 - (2 * inter + 1) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
-        loss = F.cross_entropy(logits, y) + dice[1:].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            echo(f"  step {step + 1}/{steps} loss {loss.item():.3f}")
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            echo(f"  time budget reached after {step + 1} steps")
-            break
-    net.eval()
-    return net
+    Exactly ``steps`` optimiser steps of the shipped segmenter's fine-tuning (cpu U-Net,
+    MONAI augmentation, Dice + cross-entropy, random init)."""
+    from pcl_viewer.models.unet import UNetConfig
+    from pcl_viewer.train.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(epochs=1, min_steps=steps, max_steps=steps, augmentation="monai",
+                         loss="dicece", seed=seed)
+
+    def progress(step: int, total: int) -> None:
+        if step % 100 == 0 or step == total:
+            echo(f"  step {step}/{total}")
+
+    net, _ = finetune(imgs[:, None].astype(np.float32), masks.astype(np.uint8),
+                      UNetConfig.for_preset("cpu"), cfg, progress=progress, device="cpu")
+    return net.eval()
 
 
 def predict(net, imgs: np.ndarray, n_tta: int = 2, seed: int = 0,
@@ -138,51 +108,6 @@ def predict(net, imgs: np.ndarray, n_tta: int = 2, seed: int = 0,
     return labels, quality
 
 
-class ShapePrior:
-    """Landmark shape model of the training masks; predictions are projected onto it,
-    as landmark-based segmenters (CheXmask's HybridGNet) constrain their outputs."""
-
-    def __init__(self, masks: np.ndarray, var_kept: float = 0.9, limit: float = 2.0) -> None:
-        shapes = [s for s in (self.landmarks(m) for m in masks) if s is not None]
-        flat = np.stack(shapes).reshape(len(shapes), -1)
-        self.mean = flat.mean(0)
-        _, sv, vt = np.linalg.svd(flat - self.mean, full_matrices=False)
-        var = sv**2 / max(len(flat) - 1, 1)
-        k = int(np.searchsorted(np.cumsum(var) / var.sum(), var_kept) + 1)
-        self.modes, self.std, self.limit = vt[:k], np.sqrt(var[:k]), limit
-
-    @staticmethod
-    def landmarks(mask: np.ndarray) -> np.ndarray | None:
-        """``(2 * N_PER_LUNG, 2)`` landmarks in units of the mask size, or None."""
-        from pcl_viewer.data.phantom.shape import lung_landmarks
-
-        out = []
-        for label, sign in ((1, -1.0), (2, 1.0)):
-            cs, _ = cv2.findContours((mask == label).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                     cv2.CHAIN_APPROX_NONE)
-            if not cs:
-                return None
-            lm = lung_landmarks(max(cs, key=cv2.contourArea)[:, 0, :], sign)
-            if lm is None:
-                return None
-            out.append(lm / mask.shape[0])
-        return np.concatenate(out)
-
-    def project(self, mask: np.ndarray) -> np.ndarray:
-        """The closest plausible shape (coefficients clipped at ``limit`` sd), rasterised."""
-        lm = self.landmarks(mask)
-        if lm is None:
-            return mask
-        b = self.modes @ (lm.reshape(-1) - self.mean)
-        b = np.clip(b, -self.limit * self.std, self.limit * self.std)
-        fit = (self.mean + b @ self.modes).reshape(-1, 2) * mask.shape[0]
-        out = np.zeros_like(mask)
-        n = len(fit) // 2
-        for label, poly in ((1, fit[:n]), (2, fit[n:])):
-            cv2.fillPoly(out, [np.round(poly * 16).astype(np.int32)], label, cv2.LINE_8, 4)
-        return out
-
-
 def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     if a.shape[0] == size:
         return a
@@ -190,7 +115,7 @@ def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     return cv2.resize(a, (size, size), interpolation=flag)
 
 
-def make_silver(data: Path, n_train: int = 20, scanner: str = "philips", steps: int = 200,
+def make_silver(data: Path, n_train: int = 200, scanner: str = "philips", steps: int = 800,
                 threshold: float = 0.7, seed: int = 0, echo=print) -> dict:
     """Train, label the pool, write ``silver_masks.csv`` and ``silver_report.json``.
 
@@ -208,7 +133,7 @@ def _make_silver(data: Path, n_train: int, scanner: str, steps: int, threshold: 
     from pcl_viewer.data import rle
     from pcl_viewer.data.dataset import load_dataset
 
-    n_train = min(int(n_train), 20)
+    n_train = int(n_train)
     ds = load_dataset(data)
     rng = np.random.default_rng(seed)
     cand = [i for i, r in enumerate(ds.records)
@@ -225,8 +150,6 @@ def _make_silver(data: Path, n_train: int, scanner: str, steps: int, threshold: 
     net = train_segmenter(imgs[train_idx], tr_m, steps, seed, echo)
     t_train = time.perf_counter() - t0
     labels, quality = predict(net, imgs, seed=seed)
-    prior = ShapePrior(tr_m)
-    labels = np.stack([prior.project(m) for m in labels])
     rows, groups = [], {}
     train_set = set(train_idx)
     for i, rec in enumerate(ds.records):
@@ -250,7 +173,7 @@ def _make_silver(data: Path, n_train: int, scanner: str, steps: int, threshold: 
     report = {
         "trained_on": {"scanner": scanner, "n": len(train_idx),
                        "image_ids": [ds.records[i].image_id for i in train_idx]},
-        "steps": steps, "train_seconds": round(t_train, 1), "threshold": threshold,
+        "recipe": SILVER_RECIPE, "steps": steps, "train_seconds": round(t_train, 1), "threshold": threshold,
         "n_pool": len(ds), "n_kept": int((quality > threshold).sum()),
         "quality_mean": float(quality.mean()),
         "dice": {k: {"mean": round(float(np.mean(v)), 4), "n": len(v)}

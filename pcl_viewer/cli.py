@@ -9,7 +9,7 @@ import click
 
 # name -> ("module:attribute", one-line help). Each module owns its commands.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("pcl_viewer.commands.phantom:phantom", "Phantom CXR data: priors, generate, silver, montage, samples."),
+    "phantom": ("pcl_viewer.commands.phantom:phantom", "Phantom CXR data: priors, generate, silver, montage, samples, calibrate, independent, ceiling."),
     "train-cf": ("pcl_viewer.commands.cf:train_cf", "Train the counterfactual HVAE and attribute classifiers."),
     "eval-cf": ("pcl_viewer.commands.cf:eval_cf", "Measure counterfactual quality against the phantom's truth."),
     "cf": ("pcl_viewer.commands.cf:cf", "Counterfactual of one scan of any size."),

@@ -47,18 +47,20 @@ def data_key(real: Path | None = None) -> str:
     """Name of one grid's data under ``CACHE/runs/<preset>/``: cells and pre-trainings
     of another phantom version, regime, renderer or real folder never mix with these.
 
-    ``phantom-v<version>-<regime>-<renderer source hash, 8 hex>`` (the data sets are
-    regenerated when the renderer changes, so the cells made on the old ones must not
-    be reused), or ``real-<folder name>-<hash of its path>``.
+    ``phantom-v<version>-<regime>-<renderer source hash, 8 hex>-<silver recipe>`` (the
+    data sets are regenerated when the renderer or the silver segmenter changes, so the
+    cells made on the old ones must not be reused), or ``real-<folder name>-<hash of its
+    path>``.
     """
     if real is not None:
         path = str(Path(real).resolve())
         return f"real-{Path(real).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
     from pcl_viewer.data.phantom import DEFAULT_REGIME, PHANTOM_VERSION
     from pcl_viewer.data.phantom.generate import renderer_source_sha256
+    from pcl_viewer.data.phantom.silver import SILVER_RECIPE
 
     renderer = renderer_source_sha256()[:8]
-    return f"phantom-v{PHANTOM_VERSION}-{DEFAULT_REGIME}-{renderer}"
+    return f"phantom-v{PHANTOM_VERSION}-{DEFAULT_REGIME}-{renderer}-{SILVER_RECIPE}"
 
 
 def git_commit() -> str:

@@ -173,7 +173,7 @@ def annotator_ceiling(n: int, seed: int, size: int = 128, effusion_oversample: f
 
     Returns ``{"n", "n_nf", "n_pe", "dice", "dice_nf", "dice_pe"}`` (Dice in %).
     """
-    import copy
+    from dataclasses import replace
 
     from pcl_viewer.data.phantom.scm import Renderer, sample_studies
     from pcl_viewer.evaluate.metrics import dice_scores
@@ -183,8 +183,7 @@ def annotator_ceiling(n: int, seed: int, size: int = 128, effusion_oversample: f
     dice, pe = [], []
     for st in studies:
         _, gold = Renderer(st.noise).render(st.parents, size)
-        consensus = copy.deepcopy(st.noise)
-        consensus.extra.annotator, consensus.extra.margin = 0.5, 0.0
+        consensus = replace(st.noise, extra=replace(st.noise.extra, annotator=0.5, margin=0.0))
         _, cons = Renderer(consensus).render(st.parents, size)
         dice.append(100 * float(dice_scores(cons[None], gold[None], both_empty=1.0,
                                             dtype="float64").mean()))

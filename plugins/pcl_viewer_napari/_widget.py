@@ -430,9 +430,13 @@ class PCLViewerWidget(QWidget):
         k = ALL_STAGES.index(step.stage) if step.stage in ALL_STAGES else 0
         frac = (k + (step.i / step.n if step.n else 1.0)) / len(ALL_STAGES)
         self.run_bar.progress.setValue(int(1000 * frac))
-        if self._nprogress is not None and int(1000 * frac) > self._nprogress.n:
-            self._nprogress.set_description(f"pcl-viewer: {step.stage}")
-            self._nprogress.update(int(1000 * frac) - self._nprogress.n)
+        bar = self._nprogress
+        if bar is not None and int(1000 * frac) > bar.n:
+            # set_description repaints the activity dock, which can let the run's end
+            # close the bar (and clear self._nprogress) before the update below
+            bar.set_description(f"pcl-viewer: {step.stage}")
+            if self._nprogress is bar:
+                bar.update(int(1000 * frac) - bar.n)
         text = f"{step.stage} {step.i}/{step.n}"
         if self.run_bar.status.text() != text:
             self.run_bar.status.setText(text)

@@ -162,11 +162,11 @@ def test_dice_gap_uses_the_segmenter_on_model_and_true_counterfactuals():
     assert m["dice_model_cf"] < 100.0 and m["dice_gap_points"] > 0
 
 
-def _fluid_hvae(mode: str = "embed") -> HVAE:
+def _fluid_hvae(mode: str = "embed", **extra) -> HVAE:
     torch.manual_seed(0)
     cfg = HVAEConfig(image_size=S, work_size=16, widths=(8, 16, 16), blocks=(1, 1, 1),
                      latents={4: 4, 8: 4}, embed_dim=8, bottleneck=2, fluid_dim=2,
-                     fluid_mode=mode)
+                     fluid_mode=mode, **extra)
     model = HVAE(cfg)
     for p in model.parameters():  # no zero-initialised layers: every path carries signal
         torch.nn.init.normal_(p, std=0.2)
@@ -258,3 +258,68 @@ def test_old_bundles_without_effusion_noise_still_build():
     x = torch.rand(2, 1, cfg.image_size, cfg.image_size)
     lat = model.abduct(x, torch.zeros(2, 3))
     assert "fluid" not in lat and model.enc_fluid is None
+
+
+def test_the_spatial_noise_encoder_tells_mirrored_fluid_apart():
+    # a global pool cannot tell which side the fluid is on; the whole map can
+    x = torch.from_numpy(np.stack([blob("right"), blob("left")]))
+    codes = {}
+    for enc in ("pooled", "spatial"):
+        model = _fluid_hvae("head", fluid_enc=enc)
+        # make the encoder mirror-equivariant, so only the encoder input can break the tie
+        with torch.no_grad():
+            for block in [model.stem, *[m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]]:
+                block.weight.copy_((block.weight + block.weight.flip(-1)) / 2)
+        q = model.fluid_posterior(model.encode(x))
+        codes[enc] = (q[0][0] - q[0][1]).abs().amax().item()
+    assert codes["pooled"] < 1e-5
+    assert codes["spatial"] > 1e-3
+
+
+def test_added_effusion_draws_from_the_stored_codes_once_filled():
+    model = _fluid_hvae("head", fluid_bank=3)
+    x = torch.rand(6, 1, S, S, generator=torch.Generator().manual_seed(2))
+    pa = torch.tensor([[0, 0, 1]] * 4 + [[0, 0, 0]] * 2, dtype=torch.float32)
+    normal = pa[:, 2] < 0.5
+    before = model.abduct(x, pa)["fluid"][normal]  # bank empty: N(0, I) draws
+    assert model.fill_fluid_codes(x, pa, seed=0) == 3
+    bank = model.fluid_codes
+    assert bank is not None and bank.abs().sum() > 0
+    effusion_codes = model.fluid_posterior(model.encode(x[~normal]))[0]
+    # every stored code is the posterior mean of one of the effusion images
+    assert all(torch.isclose(row, effusion_codes, atol=1e-6).all(1).any() for row in bank)
+    after = model.abduct(x, pa)["fluid"][normal]
+    assert not torch.equal(after, before)
+    assert all(torch.equal(row, bank[torch.isclose(bank, row).all(1)][0]) for row in after)
+    assert torch.equal(model.abduct(x, pa)["fluid"][normal], after)  # deterministic
+    assert "fluid_codes" in model.state_dict()  # saved with the weights
+
+
+def test_filling_codes_without_effusion_images_keeps_the_prior():
+    model = _fluid_hvae("head", fluid_bank=3)
+    x = torch.rand(2, 1, S, S)
+    assert model.fill_fluid_codes(x, torch.zeros(2, 3)) == 0
+    assert model.fluid_codes is not None and model.fluid_codes.abs().sum() == 0
+
+
+def test_free_bits_stop_charging_the_noise_kl_below_the_floor():
+    x = torch.rand(2, 1, S, S, generator=torch.Generator().manual_seed(3))
+    pa = torch.tensor([[0, 0, 1], [0, 0, 1]], dtype=torch.float32)
+    pa_true = torch.zeros(2, 3)
+    grads = {}
+    for bits in (0.0, 50.0):
+        model = _fluid_hvae("head", fluid_free_bits=bits).train()
+        # the same pair error reaches the encoder of u_f in both; the KL's pull only without
+        # the floor (batch-mean KL per dimension here is far below 50 nats)
+        model.cf_pair_loss(x, pa, x.clone(), pa_true).backward()
+        grads[bits] = model.enc_fluid[2].weight.grad.abs().sum().item()
+    assert grads[0.0] > 0
+    assert grads[50.0] < grads[0.0]
+
+
+def test_the_elbo_does_not_charge_the_noise_of_the_fluid_head():
+    # u_f acts only through the head, which the ELBO takes as a constant
+    model = _fluid_hvae("head").train()
+    x = torch.rand(2, 1, S, S)
+    model(x, torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.float32))["loss"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.enc_fluid.parameters())

@@ -56,6 +56,16 @@ def _threads(n: int | None) -> None:
               show_default=True,
               help="embed: u_f joins the parent embedding; head: effusion acts only through a "
                    "parent-gated fluid head on the decoder's last features.")
+@click.option("--fluid-free-bits", type=float, default=0.0, show_default=True,
+              help="Free bits (nats per dimension) of the effusion noise's KL in the pair loss; "
+                   "keeps the codes from collapsing onto the prior.")
+@click.option("--fluid-bank", type=int, default=0, show_default=True,
+              help="Store this many posterior codes of training effusions in the bundle; "
+                   "adding effusion draws one of them instead of a N(0, I) sample. 0: N(0, I).")
+@click.option("--fluid-enc", type=click.Choice(["pooled", "spatial"]), default="pooled",
+              show_default=True,
+              help="Input of the effusion-noise encoder: the coarsest encoder activation pooled "
+                   "over space, or the whole map (keeps the side of the fluid).")
 @click.option("--cf-pair-weight", type=float, default=0.0, show_default=True,
               help="Weight of counterfactual supervision: error of the model counterfactual "
                    "against the dataset's true one, relative to the identity's (needs --counterfactuals data).")
@@ -79,7 +89,9 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              run_dir: Path | None, checkpoint_every: int | None, threads: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
              finetune_minimality: float, finetune_minutes: float | None, device: str,
-             fluid_dim: int, fluid_mode: str, cf_pair_weight: float, cf_pair_batch: int,
+             fluid_dim: int, fluid_mode: str, fluid_free_bits: float, fluid_bank: int,
+             fluid_enc: str,
+             cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
              fluid_lr_scale: float, until_step: int | None, classifiers_only: bool) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
@@ -101,7 +113,10 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         preset, seed=seed, steps=0 if classifiers_only else steps, batch_size=batch_size or None,
         cls_steps=classifier_steps, checkpoint_every=checkpoint_every or None,
         cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
-        hvae_overrides={"fluid_dim": fluid_dim, "fluid_mode": fluid_mode} if fluid_dim else None,
+        hvae_overrides={"fluid_dim": fluid_dim, "fluid_mode": fluid_mode,
+                        "fluid_free_bits": fluid_free_bits, "fluid_bank": fluid_bank,
+                        "fluid_enc": fluid_enc}
+        if fluid_dim else None,
         init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup)
     run_dir = run_dir or out.with_name(out.name + ".run")
     data = load_training_data(data_dir, HVAEConfig.for_preset(preset).image_size)

@@ -239,6 +239,9 @@ HVAE_SCHEMA = _object({
     "fluid_dim": _int(0, 256),
     "fluid_beta": _float(0.0, 1000.0),
     "fluid_mode": _str(16, choices=("embed", "head")),
+    "fluid_free_bits": _float(0.0, 100.0),
+    "fluid_bank": _int(0, 4096),
+    "fluid_enc": _str(16, choices=("pooled", "spatial")),
 })
 CLASSIFIER_SCHEMA = _object({
     "image_size": _SIZE,

@@ -80,6 +80,17 @@ class HVAEConfig:
     # of order 1): keeps the codes the pairs teach distributed like the prior that adding
     # effusion draws from.
     fluid_pair_kl: float = 0.02
+    # Free bits of that KL, nats per dimension of u_f (batch-mean KL below it is not
+    # charged): without them the codes collapsed onto the prior (every posterior N(0, I)),
+    # the head could not read a side from u_f and added one mean pattern.
+    fluid_free_bits: float = 0.0
+    # Codes stored with the model: posterior means of u_f on training images with effusion
+    # (filled at export). Adding effusion draws one of them instead of a N(0, I) sample,
+    # i.e. samples the aggregate posterior the head was trained on. 0: draw from N(0, I).
+    fluid_bank: int = 0
+    # Input of the u_f encoder: "pooled" (mean and max of the coarsest activation) or
+    # "spatial" (the coarsest activation map, flattened).
+    fluid_enc: str = "pooled"
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -225,6 +236,8 @@ class HVAE(nn.Module):
     of ``x`` above that scale, since only the smooth residual ``mu_cf - mu`` is added.
     """
 
+    fluid_codes: torch.Tensor | None
+
     def __init__(self, cfg: HVAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -246,8 +259,14 @@ class HVAE(nn.Module):
         )
         self.enc_down = nn.ModuleList(nn.Conv2d(w[i], w[i + 1], 1) for i in range(len(w) - 1))
         # Posterior q(u_f | x) of the exogenous effusion noise from the coarsest encoder
-        # activation (mean and max pooled): loc and raw scale, (B, 2 * fluid_dim).
-        self.enc_fluid = (nn.Sequential(nn.Linear(2 * w[-1], w[-1]), nn.GELU(),
+        # activation: loc and raw scale, (B, 2 * fluid_dim). "pooled": its mean and max over
+        # space; "spatial": the whole activation map, which keeps where the fluid is (the
+        # side of an effusion is lost in a global pool).
+        coarse = cfg.work_size // 2 ** (len(w) - 1)
+        n_in = {"pooled": 2 * w[-1], "spatial": w[-1] * coarse * coarse}.get(cfg.fluid_enc)
+        if n_in is None:
+            raise ValueError(f"unknown fluid_enc {cfg.fluid_enc!r}")
+        self.enc_fluid = (nn.Sequential(nn.Linear(n_in, w[-1]), nn.GELU(),
                                         nn.Linear(w[-1], 2 * cfg.fluid_dim))
                           if cfg.fluid_dim else None)
         # Top-down decoder from the smallest resolution.
@@ -269,6 +288,9 @@ class HVAE(nn.Module):
             raise ValueError(f"unknown fluid_mode {cfg.fluid_mode!r}")
         self.fluid_head = (FluidHead(w[0], cfg.fluid_dim)
                            if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
+        # (fluid_bank, fluid_dim) codes adding effusion samples from; all zero = not filled.
+        self.register_buffer("fluid_codes", torch.zeros(cfg.fluid_bank, cfg.fluid_dim)
+                             if cfg.fluid_dim and cfg.fluid_bank else None)
 
     # -- building blocks ---------------------------------------------------
     def embed(self, pa: torch.Tensor, fluid: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,7 +330,9 @@ class HVAE(nn.Module):
         if self.enc_fluid is None:
             return None
         h = acts[-1]
-        loc, raw = self.enc_fluid(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)).chunk(2, 1)
+        feats = (h.flatten(1) if self.cfg.fluid_enc == "spatial"
+                 else torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1))
+        loc, raw = self.enc_fluid(feats).chunk(2, 1)
         return loc, F.softplus(raw + _SOFTPLUS_ONE) + 1e-4
 
     def to_work(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,7 +382,9 @@ class HVAE(nn.Module):
         kl_total = x.new_zeros(())
         kl_weighted = x.new_zeros(())
         fluid = None
-        q_fluid = self.fluid_posterior(acts)
+        # With the fluid head, u_f acts only through the head, which the ELBO takes as a
+        # constant: here u_f would pay its KL for nothing (the pair loss is its likelihood).
+        q_fluid = self.fluid_posterior(acts) if self.fluid_head is None else None
         if q_fluid is not None:
             f_loc, f_scale = q_fluid
             fluid = f_loc + f_scale * torch.randn_like(f_loc)
@@ -430,10 +456,15 @@ class HVAE(nn.Module):
             fluid_true = q_true[0] + q_true[1] * torch.randn_like(q_true[0])
             fluid_cf = torch.where(add[:, None], fluid_true, fluid)
             zero, one = torch.zeros_like(q[0]), torch.ones_like(q[1])
-            kl_x = gaussian_kl(q[0], q[1], zero, one).sum(1)
-            kl_t = gaussian_kl(q_true[0], q_true[1], zero, one).sum(1)
-            used = torch.where(add, kl_t, torch.where(pa[:, 2] > 0.5, kl_x, torch.zeros_like(kl_x)))
-            kl = used.mean()
+            kl_x = gaussian_kl(q[0], q[1], zero, one)  # (B, fluid_dim)
+            kl_t = gaussian_kl(q_true[0], q_true[1], zero, one)
+            on = add | (pa[:, 2] > 0.5)
+            used = torch.where(add[:, None], kl_t, torch.where(on[:, None], kl_x, torch.zeros_like(kl_x)))
+            if self.cfg.fluid_free_bits > 0:  # batch-mean KL per dimension, floored
+                per_dim = used.sum(0) / on.sum().clamp_min(1)
+                kl = per_dim.clamp_min(self.cfg.fluid_free_bits).sum() * on.float().mean()
+            else:
+                kl = used.sum(1).mean()
         latents, mu = self._abduct_walk(acts, pa, fluid)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
         xw, tw = self.to_work(x), self.to_work(x_true)
@@ -505,7 +536,7 @@ class HVAE(nn.Module):
         fluid = None
         q = self.fluid_posterior(acts)
         if q is not None:  # visible fluid: the posterior mean; none: a draw from the prior
-            eps = fluid_eps(x, self.cfg.fluid_dim, fluid_seed).to(q[0].device)
+            eps = self.fluid_draw(x, fluid_seed).to(q[0].device)
             fluid = torch.where(pa[:, 2:3] > 0.5, q[0], eps)
         latents, mu = self._abduct_walk(acts, pa, fluid)
         if fluid is not None:
@@ -513,6 +544,43 @@ class HVAE(nn.Module):
         # The same pass gives the factual mean, saving one decode per abduction.
         latents["mu"] = self.to_image(mu)
         return latents
+
+    def fluid_draw(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Effusion noise ``(B, fluid_dim)`` for images without effusion, seeded by ``seed``
+        and each image's content: one of the stored codes (:attr:`fluid_codes`, the aggregate
+        posterior of training effusions) when they are filled, else a N(0, I) draw."""
+        bank = self.fluid_codes
+        if bank is None or not bool(bank.abs().sum() > 0):
+            return fluid_eps(x, self.cfg.fluid_dim, seed)
+        rows = [bank[int(torch.randint(len(bank), (1,), generator=g))].cpu()
+                for g in _image_generators(x, seed)]
+        return torch.stack(rows) if rows else torch.zeros(0, self.cfg.fluid_dim)
+
+    @torch.no_grad()
+    def fill_fluid_codes(self, x: torch.Tensor, pa: torch.Tensor, seed: int = 0,
+                         batch_size: int = 64) -> int:
+        """Store posterior means of u_f of images ``x`` (N, 1, S, S) with effusion (``pa``
+        (N, 3)) as :attr:`fluid_codes`: a seeded subset without replacement when there are more
+        images than slots, all of them (repeated in turn) when fewer. Returns how many images
+        the codes came from (0: no effusion images, codes left as they were)."""
+        if self.fluid_codes is None or self.enc_fluid is None:
+            return 0
+        idx = torch.nonzero(pa[:, 2] > 0.5).flatten()
+        if len(idx) == 0:
+            return 0
+        g = torch.Generator().manual_seed(int(seed))
+        n = len(self.fluid_codes)
+        idx = idx[torch.randperm(len(idx), generator=g)[:n]]
+        device = self.fluid_codes.device
+        locs = []
+        for i in range(0, len(idx), batch_size):
+            xb = x[idx[i:i + batch_size]].to(device)
+            q = self.fluid_posterior(self.encode(xb))
+            assert q is not None
+            locs.append(q[0])
+        codes = torch.cat(locs)
+        self.fluid_codes.copy_(codes[torch.arange(n) % len(codes)])
+        return len(codes)
 
     @torch.no_grad()
     def decode(self, latents: dict[str, Any], pa: torch.Tensor,
@@ -559,14 +627,18 @@ class FluidHead(nn.Module):
         return out
 
 
+def _image_generators(x: torch.Tensor, seed: int = 0) -> list[torch.Generator]:
+    """One generator per image of ``x`` (B, 1, S, S), seeded by ``seed`` and the image's
+    content (16-bit quantised), so the same scan always gets the same draws."""
+    q = (x.detach().float().clamp(0, 1) * 65535).round().to(torch.int32).cpu().numpy()
+    return [torch.Generator().manual_seed(zlib.crc32(q[b].tobytes()) * 1000003 + int(seed))
+            for b in range(x.shape[0])]
+
+
 def fluid_eps(x: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     """Standard-normal draws ``(B, dim)``, one per image, seeded by ``seed`` and the image's
-    content (16-bit quantised), so the same scan always gets the same draw."""
-    q = (x.detach().float().clamp(0, 1) * 65535).round().to(torch.int32).cpu().numpy()
-    rows = []
-    for b in range(x.shape[0]):
-        g = torch.Generator().manual_seed(zlib.crc32(q[b].tobytes()) * 1000003 + int(seed))
-        rows.append(torch.randn(dim, generator=g))
+    content, so the same scan always gets the same draw."""
+    rows = [torch.randn(dim, generator=g) for g in _image_generators(x, seed)]
     return torch.stack(rows) if rows else torch.zeros(0, dim)
 
 

@@ -200,8 +200,8 @@ def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:
 
     Tensors of the same shape are copied; the parent embedding's first layer may have more
     inputs here (the effusion-noise columns), which start at zero, so the warm-started model
-    computes exactly what the bundle's did. Parameters the bundle lacks keep their fresh
-    initialisation. Returns counts of copied, widened and fresh tensors.
+    computes exactly what the bundle's did. Parameters the bundle lacks, and the effusion-noise
+    encoder when its input differs (``fluid_enc``), keep their fresh initialisation. Returns counts of copied, widened and fresh tensors.
     """
     from pcl_viewer.models.bundle import BundleError, find_bundle
 
@@ -223,6 +223,8 @@ def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:
             wide[:, :v.shape[1]] = v
             own[key] = wide
             counts["widened"] += 1
+        elif key.startswith("enc_fluid."):  # another u_f encoder input: trained afresh
+            counts["fresh"] += 1
         else:
             raise BundleError(f"{path}: hvae tensor {key} {tuple(v.shape)} does not fit "
                               f"{tuple(value.shape)}")
@@ -438,7 +440,10 @@ def _card_common(run: _Run, size: int) -> dict:
 
 def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str = "",
                   name: str | None = None, finetune: dict | None = None) -> ModelBundle:
-    """Calibrate the classifiers, validate the EMA HVAE and write the bundle."""
+    """Fill the stored effusion codes, calibrate the classifiers, validate the EMA HVAE and
+    write the bundle."""
+    fluid_codes_from = run.ema.fill_fluid_codes(torch.from_numpy(data.x_train),
+                                                torch.from_numpy(data.pa_train), seed=run.cfg.seed)
     cls_metrics = calibrate_classifiers(run.cls, data.x_val, data.pa_val)
     hvae_metrics = validate_hvae(run.ema, data.x_val, data.pa_val, n=256)
     out = Path(out)
@@ -456,7 +461,7 @@ def export_bundle(run: _Run, data: TrainingData, out: str | Path, command: str =
                      "hvae_steps_done": run.step if run.stage == "hvae" else (
                          run.cfg.steps if run.stage == "done" else 0),
                      "history_tail": run.history[-3:], "cf_finetune": finetune,
-                     "init": run.init_info},
+                     "init": run.init_info, "fluid_codes_from_images": fluid_codes_from},
         "metrics": {"classifier": cls_metrics, "hvae": hvae_metrics},
     }
     return save_bundle(out, card, {

@@ -323,3 +323,34 @@ def test_the_elbo_does_not_charge_the_noise_of_the_fluid_head():
     x = torch.rand(2, 1, S, S)
     model(x, torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.float32))["loss"].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.enc_fluid.parameters())
+
+
+def test_the_noise_readout_learns_from_the_scm_labels_of_the_used_code():
+    model = _fluid_hvae("head", fluid_aux=1.0).train()
+    x = torch.rand(3, 1, S, S, generator=torch.Generator().manual_seed(4))
+    pa = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float32)  # add, remove, scanner
+    pa_true = torch.tensor([[0, 0, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.float32)
+    labels = torch.tensor([[1, 0.6], [0, 0.3], [2, 0.9]])
+    base = _fluid_hvae("head").train().cf_pair_loss(x, pa, x.flip(0), pa_true)
+    torch.manual_seed(5)
+    with_aux = model.cf_pair_loss(x, pa, x.flip(0), pa_true, labels)
+    with_aux.backward()
+    assert model.fluid_readout is not None and model.fluid_readout.weight.grad.abs().sum() > 0
+    assert with_aux.item() != pytest.approx(base.item())
+    # the third pair changes only the scanner of a normal image: its code says nothing
+    no_fluid = torch.tensor([[0, 0, 0]], dtype=torch.float32)
+    model.zero_grad()
+    model.cf_pair_loss(x[2:], no_fluid, x[2:], torch.tensor([[1, 0, 0]], dtype=torch.float32),
+                       labels[2:]).backward()
+    assert model.fluid_readout.weight.grad is None or model.fluid_readout.weight.grad.abs().sum() == 0
+
+
+def test_effusion_noise_is_read_from_every_record_or_not_at_all():
+    from types import SimpleNamespace
+
+    from pcl_viewer.train.cf import effusion_noise
+
+    rec = [SimpleNamespace(extra={"effusion_side": s, "effusion_severity": v})
+           for s, v in (("right", 0.2), ("left", 0.5), ("bilateral", 0.9))]
+    np.testing.assert_allclose(effusion_noise(rec), [[0, 0.2], [1, 0.5], [2, 0.9]], rtol=1e-6)
+    assert effusion_noise(rec + [SimpleNamespace(extra={})]) is None  # real data

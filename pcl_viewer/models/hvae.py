@@ -91,6 +91,11 @@ class HVAEConfig:
     # Input of the u_f encoder: "pooled" (mean and max of the coarsest activation) or
     # "spatial" (the coarsest activation map, flattened).
     fluid_enc: str = "pooled"
+    # Weight of an auxiliary readout of the SCM's effusion noise (side: right / left /
+    # bilateral, severity) from the posterior mean of u_f, in the pair loss, where a dataset
+    # carries that noise (the phantom does, real data do not). It makes u_f name the side
+    # from the start: without it the head learnt to ignore u_f and u_f to say nothing. 0: off.
+    fluid_aux: float = 0.0
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -288,6 +293,9 @@ class HVAE(nn.Module):
             raise ValueError(f"unknown fluid_mode {cfg.fluid_mode!r}")
         self.fluid_head = (FluidHead(w[0], cfg.fluid_dim)
                            if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
+        # Readout of the SCM's effusion noise from u_f: 3 side logits and the severity.
+        self.fluid_readout = (nn.Linear(cfg.fluid_dim, 4)
+                              if cfg.fluid_dim and cfg.fluid_aux > 0 else None)
         # (fluid_bank, fluid_dim) codes adding effusion samples from; all zero = not filled.
         self.register_buffer("fluid_codes", torch.zeros(cfg.fluid_bank, cfg.fluid_dim)
                              if cfg.fluid_dim and cfg.fluid_bank else None)
@@ -426,7 +434,8 @@ class HVAE(nn.Module):
                 "kl": kl_total / n_pix, "mu": self.to_image(mu)}
 
     def cf_pair_loss(self, x: torch.Tensor, pa: torch.Tensor, x_true: torch.Tensor,
-                     pa_true: torch.Tensor) -> torch.Tensor:
+                     pa_true: torch.Tensor, fluid_labels: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Counterfactual supervision from a structural causal model that renders pairs.
 
         ``x`` (B,1,S,S) under ``pa`` (B,3) and its true counterfactual ``x_true`` under
@@ -443,11 +452,16 @@ class HVAE(nn.Module):
         ``u_f`` is drawn from its posterior and ``fluid_pair_kl`` * KL to N(0, I) is added
         (averaged over the pairs whose code is used), as in a VAE whose reconstruction term
         is the pair error.
+
+        ``fluid_labels`` (B, 2): the pair's SCM effusion noise (side index 0 right, 1 left,
+        2 bilateral; severity), shared by both images of a pair; with ``fluid_aux > 0`` the
+        readout of the used code's posterior mean is scored against it (cross-entropy of the
+        side + squared error of the severity, times ``fluid_aux``).
         """
         acts = self.encode(x)
         q = self.fluid_posterior(acts)
         fluid = fluid_cf = None
-        kl = x.new_zeros(())
+        kl = aux_term = x.new_zeros(())
         if q is not None:  # reparameterised draws: the pair error is u_f's reconstruction term
             q_true = self.fluid_posterior(self.encode(x_true))
             assert q_true is not None  # both None or neither: the model has effusion noise
@@ -465,12 +479,19 @@ class HVAE(nn.Module):
                 kl = per_dim.clamp_min(self.cfg.fluid_free_bits).sum() * on.float().mean()
             else:
                 kl = used.sum(1).mean()
+            if self.fluid_readout is not None and fluid_labels is not None and bool(on.any()):
+                code = torch.where(add[:, None], q_true[0], q[0])[on]
+                read = self.fluid_readout(code)
+                labels = fluid_labels[on].to(read.dtype)
+                aux = (F.cross_entropy(read[:, :3], labels[:, 0].long())
+                       + (read[:, 3] - labels[:, 1]).square().mean())
+                aux_term = self.cfg.fluid_aux * aux * on.float().mean()
         latents, mu = self._abduct_walk(acts, pa, fluid)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
         xw, tw = self.to_work(x), self.to_work(x_true)
         err = (xw + mu_cf - mu - tw).square().mean(dim=(1, 2, 3))
         identity = (xw - tw).square().mean(dim=(1, 2, 3)).detach()
-        return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl
+        return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl + aux_term
 
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
                      fluid: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor]:

@@ -109,6 +109,26 @@ class TrainingData:
     source: str = ""
     summary: dict = field(default_factory=dict)
     cf_train: np.ndarray | None = None  # (N, 3, 1, S, S) true counterfactuals of x_train
+    # (N, 2) the SCM's effusion noise of x_train (side index 0 right / 1 left / 2 bilateral,
+    # severity), drawn for every study (also those without effusion); None when the
+    # dataset does not carry it (real data).
+    fluid_train: np.ndarray | None = None
+
+
+FLUID_SIDES = ("right", "left", "bilateral")
+
+
+def effusion_noise(records: list) -> np.ndarray | None:
+    """``(N, 2)`` float32 side index and severity of each record's effusion noise, or None
+    unless every record carries both (``extra["effusion_side"]`` / ``["effusion_severity"]``)."""
+    out = np.zeros((len(records), 2), np.float32)
+    for i, r in enumerate(records):
+        extra = getattr(r, "extra", None) or {}
+        side, severity = extra.get("effusion_side"), extra.get("effusion_severity")
+        if side not in FLUID_SIDES or severity is None or not np.isfinite(float(severity)):
+            return None
+        out[i] = FLUID_SIDES.index(side), float(severity)
+    return out
 
 
 def load_training_data(data_dir: str | Path, size: int) -> TrainingData:
@@ -131,8 +151,9 @@ def load_training_data(data_dir: str | Path, size: int) -> TrainingData:
     summary_path = Path(data_dir) / "dataset.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     cf = arr["true_cf"][train] if "true_cf" in arr else None
+    noise = effusion_noise([r for r, keep in zip(ds.records, train) if keep])
     return TrainingData(arr["image"][train], pa[train], arr["image"][val], pa[val],
-                        str(data_dir), summary, cf)
+                        str(data_dir), summary, cf, noise)
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -306,7 +327,9 @@ def _pair_loss(run: _Run, data: TrainingData) -> torch.Tensor:
     pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
     x_true = torch.from_numpy(data.cf_train[idx, kind]).to(run.device)
     pa_true = (pa + torch.from_numpy(CF_FLIPS[kind]).to(run.device)) % 2
-    return run.hvae.cf_pair_loss(x, pa, x_true, pa_true)
+    labels = (torch.from_numpy(data.fluid_train[idx]).to(run.device)
+              if data.fluid_train is not None else None)
+    return run.hvae.cf_pair_loss(x, pa, x_true, pa_true, labels)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -354,3 +354,21 @@ def test_effusion_noise_is_read_from_every_record_or_not_at_all():
            for s, v in (("right", 0.2), ("left", 0.5), ("bilateral", 0.9))]
     np.testing.assert_allclose(effusion_noise(rec), [[0, 0.2], [1, 0.5], [2, 0.9]], rtol=1e-6)
     assert effusion_noise(rec + [SimpleNamespace(extra={})]) is None  # real data
+
+
+def test_the_fluid_head_with_coordinates_can_tell_left_from_right():
+    from pcl_viewer.models.hvae import FluidHead
+
+    h = torch.ones(1, 8, 16, 16)  # a featureless map: only coordinates can break the symmetry
+    spreads = {}
+    for coords in (False, True):
+        torch.manual_seed(0)
+        head = FluidHead(8, 2, hidden=4, coords=coords)
+        for p in head.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        if head.coord is not None:
+            torch.nn.init.normal_(head.coord.weight, std=3.0)
+        out = head(h, torch.zeros(1, 2))[0, 0, 4:12].detach()  # rows away from the border
+        spreads[coords] = (out[:, 4] - out[:, 11]).abs().amax().item()  # image left vs right
+    assert spreads[False] < 1e-5
+    assert spreads[True] > 1e-3

@@ -69,6 +69,9 @@ def _threads(n: int | None) -> None:
 @click.option("--fluid-aux", type=float, default=0.0, show_default=True,
               help="Weight of reading the phantom's effusion side and severity from the "
                    "effusion noise (where the dataset carries them; real data do not).")
+@click.option("--fluid-coords", is_flag=True,
+              help="Give the fluid head the pixel coordinates, so the effusion noise can choose "
+                   "a side.")
 @click.option("--cf-pair-weight", type=float, default=0.0, show_default=True,
               help="Weight of counterfactual supervision: error of the model counterfactual "
                    "against the dataset's true one, relative to the identity's (needs --counterfactuals data).")
@@ -93,7 +96,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
              finetune_minimality: float, finetune_minutes: float | None, device: str,
              fluid_dim: int, fluid_mode: str, fluid_free_bits: float, fluid_bank: int,
-             fluid_enc: str, fluid_aux: float,
+             fluid_enc: str, fluid_aux: float, fluid_coords: bool,
              cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
              fluid_lr_scale: float, until_step: int | None, classifiers_only: bool) -> None:
@@ -118,7 +121,8 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
         hvae_overrides={"fluid_dim": fluid_dim, "fluid_mode": fluid_mode,
                         "fluid_free_bits": fluid_free_bits, "fluid_bank": fluid_bank,
-                        "fluid_enc": fluid_enc, "fluid_aux": fluid_aux}
+                        "fluid_enc": fluid_enc, "fluid_aux": fluid_aux,
+                        "fluid_coords": fluid_coords}
         if fluid_dim else None,
         init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup)
     run_dir = run_dir or out.with_name(out.name + ".run")

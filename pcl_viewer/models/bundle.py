@@ -243,6 +243,7 @@ HVAE_SCHEMA = _object({
     "fluid_bank": _int(0, 4096),
     "fluid_enc": _str(16, choices=("pooled", "spatial")),
     "fluid_aux": _float(0.0, 1000.0),
+    "fluid_coords": _bool,
 })
 CLASSIFIER_SCHEMA = _object({
     "image_size": _SIZE,

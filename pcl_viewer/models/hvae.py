@@ -96,6 +96,9 @@ class HVAEConfig:
     # carries that noise (the phantom does, real data do not). It makes u_f name the side
     # from the start: without it the head learnt to ignore u_f and u_f to say nothing. 0: off.
     fluid_aux: float = 0.0
+    # The fluid head also sees the pixel coordinates (CoordConv): its convolutions alone
+    # cannot tell the left base from the right one, so u_f could not choose a side.
+    fluid_coords: bool = False
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -291,7 +294,7 @@ class HVAE(nn.Module):
         self.out = nn.Conv2d(w[0], 1, 3, padding=1)
         if cfg.fluid_mode not in ("embed", "head"):
             raise ValueError(f"unknown fluid_mode {cfg.fluid_mode!r}")
-        self.fluid_head = (FluidHead(w[0], cfg.fluid_dim)
+        self.fluid_head = (FluidHead(w[0], cfg.fluid_dim, coords=cfg.fluid_coords)
                            if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
         # Readout of the SCM's effusion noise from u_f: 3 side logits and the severity.
         self.fluid_readout = (nn.Linear(cfg.fluid_dim, 4)
@@ -628,17 +631,26 @@ class FluidHead(nn.Module):
     and shifted by the noise (FiLM), so the noise can choose side and extent; the last 1x1
     layer starts at zero (a warm-started model starts with no fluid)."""
 
-    def __init__(self, width: int, fluid_dim: int, hidden: int = 32) -> None:
+    def __init__(self, width: int, fluid_dim: int, hidden: int = 32, coords: bool = False) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(width, hidden, 3, padding=1)
+        # (x, y) in [-1, 1] -> hidden, added to c1 (zero at start: a warm start is unchanged)
+        self.coord = nn.Conv2d(2, hidden, 1) if coords else None
         self.c2 = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.c3 = nn.Conv2d(hidden, 1, 1)
         self.film1 = nn.Linear(fluid_dim, 2 * hidden)
         self.film2 = nn.Linear(fluid_dim, 2 * hidden)
         _zero_(self.c3)
+        if self.coord is not None:
+            _zero_(self.coord)
 
     def forward(self, h: torch.Tensor, fluid: torch.Tensor) -> torch.Tensor:
         y = self.c1(F.gelu(h))
+        if self.coord is not None:
+            ramp = torch.linspace(-1.0, 1.0, h.shape[-1], device=h.device, dtype=h.dtype)
+            grid = torch.stack([ramp[None, :].expand(h.shape[-2], -1),
+                                ramp[:, None].expand(-1, h.shape[-1])])
+            y = y + self.coord(grid[None])
         scale, shift = self.film1(fluid)[:, :, None, None].chunk(2, dim=1)
         y = F.gelu(y * (1 + scale) + shift)
         y = self.c2(y)

@@ -454,7 +454,10 @@ class HVAE(nn.Module):
         normal image cannot show it), so the decoder learns to place the fluid ``u_f`` names.
         ``u_f`` is drawn from its posterior and ``fluid_pair_kl`` * KL to N(0, I) is added
         (averaged over the pairs whose code is used), as in a VAE whose reconstruction term
-        is the pair error.
+        is the pair error. With stored codes (``fluid_bank > 0``) adding effusion draws one
+        of the stored posterior means, not a N(0, I) sample, so the pairs use the posterior
+        means too: the head learns on the codes it will be given (sampling noise as large as
+        the differences between sides kept the head from reading them).
 
         ``fluid_labels`` (B, 2): the pair's SCM effusion noise (side index 0 right, 1 left,
         2 bilateral; severity), shared by both images of a pair; with ``fluid_aux > 0`` the
@@ -469,8 +472,11 @@ class HVAE(nn.Module):
             q_true = self.fluid_posterior(self.encode(x_true))
             assert q_true is not None  # both None or neither: the model has effusion noise
             add = (pa[:, 2] < 0.5) & (pa_true[:, 2] > 0.5)
-            fluid = q[0] + q[1] * torch.randn_like(q[0])
-            fluid_true = q_true[0] + q_true[1] * torch.randn_like(q_true[0])
+            if self.cfg.fluid_bank:  # inference reads posterior means (and a bank of them):
+                fluid, fluid_true = q[0], q_true[0]  # train the head on the same codes
+            else:
+                fluid = q[0] + q[1] * torch.randn_like(q[0])
+                fluid_true = q_true[0] + q_true[1] * torch.randn_like(q_true[0])
             fluid_cf = torch.where(add[:, None], fluid_true, fluid)
             zero, one = torch.zeros_like(q[0]), torch.ones_like(q[1])
             kl_x = gaussian_kl(q[0], q[1], zero, one)  # (B, fluid_dim)

@@ -91,6 +91,15 @@ def test_removal_effectiveness_is_read_from_the_classifiers_probabilities(remove
     assert (removed_right["effectiveness"], removed_right["judge_effectiveness"]) == (1.0, 0.75)
 
 
+def test_the_judge_is_also_scored_on_the_true_counterfactuals():
+    sides = ["right", "left", "right", "bilateral"]
+    x, x_cf, truth = _case(4, sides, sides, "remove")
+    m = effusion_direction_metrics("remove", x, x_cf, x, truth, None, np.zeros(4),
+                                   judge_true_probs=np.array([0.9, 0.2, 0.1, 0.3]))
+    assert m["judge_effectiveness"] == 1.0
+    assert m["judge_effectiveness_true_cf"] == 0.75  # it reads one true removal as effusion
+
+
 def test_a_mirrored_removal_changes_nothing_inside_the_fluid_region(removed_mirrored):
     assert removed_mirrored["change_in_fluid_region"] == pytest.approx(0.0)
     assert removed_mirrored["side_agreement"] == 0.0

@@ -149,6 +149,12 @@ def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents:
         report["interventions"][kind] = m
     if true_cf is not None:
         k = VIEW_KINDS.index("effusion")
+        judge_true = None
+        if judge is not None:  # the judge on the true counterfactuals: the most it can grant
+            with torch.no_grad():
+                judge_true = np.concatenate([
+                    judge.probs(torch.from_numpy(np.ascontiguousarray(true_cf[i:i + batch_size, k]))
+                                ).numpy()[:, 2] for i in range(0, len(x), batch_size)])
         for direction, sel in (("remove", parents[:, 2] > 0.5), ("add", parents[:, 2] <= 0.5)):
             if not sel.any():
                 continue
@@ -157,7 +163,8 @@ def evaluate_counterfactuals(model: CounterfactualModel, x: np.ndarray, parents:
             report[f"effusion_{direction}"] = effusion_direction_metrics(
                 direction, x[sel], r["effusion"][sel], r["effusion_back"][sel],
                 true_cf[sel, k], own, jud, segmenter,
-                None if true_cf_masks is None else true_cf_masks[sel], side_prior)
+                None if true_cf_masks is None else true_cf_masks[sel], side_prior,
+                None if judge_true is None else judge_true[sel])
     report["targets"] = TARGETS
     report["meets_targets"] = _check_targets(report)
     report["acceptance"] = acceptance(report)
@@ -213,7 +220,8 @@ def effusion_direction_metrics(direction: str, x: np.ndarray, x_cf: np.ndarray,
                                x_back: np.ndarray, truth: np.ndarray,
                                own_probs: np.ndarray | None, judge_probs: np.ndarray | None,
                                segmenter=None, truth_masks: np.ndarray | None = None,
-                               side_prior: dict[str, float] | None = None) -> dict:
+                               side_prior: dict[str, float] | None = None,
+                               judge_true_probs: np.ndarray | None = None) -> dict:
     """Region-aware metrics of do(effusion) on images of one direction.
 
     Args:
@@ -224,6 +232,9 @@ def effusion_direction_metrics(direction: str, x: np.ndarray, x_cf: np.ndarray,
             and by the independent judge (None: skipped).
         segmenter: ``(B, 1, S, S) -> (B, S, S)`` labels; ``truth_masks`` ``(N, S, S)`` gold
             masks of the true counterfactuals.
+        judge_true_probs: ``(N,)`` the judge's P(effusion) on the true counterfactuals:
+            ``judge_effectiveness_true_cf``, the judge's verdict on the truth itself (what a
+            perfect model would score with this judge).
     Returns:
         JSON-able dict. ``change_in_fluid_region`` is pooled over images; for ``add`` the
         fluid is drawn from the prior, so ``side_matched`` repeats it on the images where the
@@ -265,6 +276,8 @@ def effusion_direction_metrics(direction: str, x: np.ndarray, x_cf: np.ndarray,
         m["effectiveness"] = float(((own_probs >= 0.5) == (target >= 0.5)).mean())
     if judge_probs is not None:
         m["judge_effectiveness"] = float(((judge_probs >= 0.5) == (target >= 0.5)).mean())
+    if judge_true_probs is not None:
+        m["judge_effectiveness_true_cf"] = float(((judge_true_probs >= 0.5) == (target >= 0.5)).mean())
     m["reversibility_mae"] = float(np.abs(x_back - x).mean())
     if segmenter is not None and truth_masks is not None:
         from pcl_viewer.evaluate.metrics import dice_per_image

@@ -168,3 +168,27 @@ def test_until_step_stops_the_hvae_stage_and_a_rerun_continues_exactly(data, ref
     again = train_cf(data, _cfg(), tmp_path / "cut", progress=False)
     assert again.stage == "done"
     _assert_same_weights(ref.ema, again.ema)
+
+
+def test_a_judge_can_be_larger_than_the_presets_classifiers(tmp_path):
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.cf import train_cf
+    from pcl_viewer.data.phantom.generate import generate
+    from pcl_viewer.models.bundle import ModelBundle
+
+    phantom_smoke = tmp_path / "ds"
+    generate(phantom_smoke, 24, 64, seed=3, workers=1)
+
+    out = tmp_path / "judge"
+    res = CliRunner().invoke(train_cf, [
+        "--data", str(phantom_smoke), "--preset", "smoke", "--out", str(out), "--classifiers-only",
+        "--classifier-steps", "3", "--classifier-input-size", "48", "--classifier-widths", "4,8,8",
+        "--seed", "1", "--threads", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    cfg = ModelBundle.load(out).card["components"]["classifier"]["config"]["classifier"]
+    assert (cfg["input_size"], cfg["widths"]) == (48, [4, 8, 8])
+    bad = CliRunner().invoke(train_cf, [
+        "--data", str(phantom_smoke), "--preset", "smoke", "--out", str(tmp_path / "bad"),
+        "--classifiers-only", "--classifier-widths", "4,x"])
+    assert bad.exit_code != 0 and "--classifier-widths" in bad.output

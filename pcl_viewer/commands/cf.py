@@ -87,6 +87,10 @@ def _threads(n: int | None) -> None:
 @click.option("--until-step", type=int, default=None,
               help="Stop the HVAE stage at this step (schedules still span --steps) and "
                    "write the bundle from there; rerun with a larger value to continue.")
+@click.option("--classifier-input-size", type=int, default=None,
+              help="Resize the classifiers' input to this many pixels (default: the preset's).")
+@click.option("--classifier-widths", default=None,
+              help="Comma-separated channel widths of the classifiers (default: the preset's).")
 @click.option("--classifiers-only", is_flag=True,
               help="Train only the attribute classifiers and write a classifier-only bundle "
                    "(an independent judge for eval-cf).")
@@ -99,7 +103,8 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              fluid_enc: str, fluid_aux: float, fluid_coords: bool,
              cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
-             fluid_lr_scale: float, until_step: int | None, classifiers_only: bool) -> None:
+             fluid_lr_scale: float, until_step: int | None, classifier_input_size: int | None,
+             classifier_widths: str | None, classifiers_only: bool) -> None:
     """Train the attribute classifiers and the conditional HVAE; write a model bundle."""
     _threads(threads)
     from pcl_viewer.device import choose_device
@@ -124,7 +129,8 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
                         "fluid_enc": fluid_enc, "fluid_aux": fluid_aux,
                         "fluid_coords": fluid_coords}
         if fluid_dim else None,
-        init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup)
+        init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup,
+        cls_overrides=_classifier_overrides(classifier_input_size, classifier_widths))
     run_dir = run_dir or out.with_name(out.name + ".run")
     data = load_training_data(data_dir, HVAEConfig.for_preset(preset).image_size)
     if cf_pair_weight > 0 and data.cf_train is None:
@@ -148,6 +154,25 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
     bundle = export_bundle(run, data, out, command=command, finetune=finetune)
     click.echo(json.dumps(bundle.card["metrics"], indent=1))
     click.echo(f"wrote {out} (fingerprint {bundle.fingerprint})")
+
+
+def _classifier_overrides(input_size: int | None, widths: str | None) -> dict | None:
+    """ClassifierConfig fields from the command line (None: the preset's)."""
+    out: dict = {}
+    if input_size is not None:
+        if not 16 <= input_size <= 1024:
+            raise click.BadParameter("must be 16-1024", param_hint="--classifier-input-size")
+        out["input_size"] = input_size
+    if widths:
+        try:
+            w = [int(v) for v in widths.split(",")]
+        except ValueError as exc:
+            raise click.BadParameter("comma-separated integers, e.g. 16,32,64",
+                                     param_hint="--classifier-widths") from exc
+        if not 1 <= len(w) <= 8 or not all(1 <= v <= 512 for v in w):
+            raise click.BadParameter("1-8 widths of 1-512 channels", param_hint="--classifier-widths")
+        out["widths"] = w
+    return out or None
 
 
 @click.command("eval-cf")

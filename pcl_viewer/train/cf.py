@@ -67,6 +67,9 @@ class CFTrainConfig:
     cls_lr: float = 2e-3
     checkpoint_every: int = 100
     hvae_overrides: dict = field(default_factory=dict)
+    # Fields of the preset's ClassifierConfig to replace (e.g. a larger judge: input_size,
+    # widths).
+    cls_overrides: dict = field(default_factory=dict)
     # Counterfactual supervision (0: off): weight of HVAE.cf_pair_loss, the absolute error
     # at the working size between the model counterfactual and the SCM's true one relative
     # to the identity's, on ``cf_pair_batch`` pairs per step (half of the factual images with effusion),
@@ -400,7 +403,10 @@ def train_cf(data: TrainingData, cfg: CFTrainConfig, run_dir: str | Path,
     hvae_cfg = HVAEConfig.for_preset(cfg.preset)
     for key, value in cfg.hvae_overrides.items():
         setattr(hvae_cfg, key, value)
-    run = _Run(cfg, hvae_cfg, ClassifierConfig.for_preset(cfg.preset), device)
+    cls_cfg = ClassifierConfig.for_preset(cfg.preset)
+    if cfg.cls_overrides:
+        cls_cfg = ClassifierConfig.from_dict({**cls_cfg.to_dict(), **cfg.cls_overrides})
+    run = _Run(cfg, hvae_cfg, cls_cfg, device)
     state = load_checkpoint(run_dir / "checkpoint")
     if state is not None:
         run.restore(state)

@@ -340,12 +340,21 @@ def test_the_noise_readout_learns_from_the_scm_labels_of_the_used_code():
     pa = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float32)  # add, remove, scanner
     pa_true = torch.tensor([[0, 0, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.float32)
     labels = torch.tensor([[1, 0.6], [0, 0.3], [2, 0.9]])
-    base = _fluid_hvae("head").train().cf_pair_loss(x, pa, x.flip(0), pa_true)
+    torch.manual_seed(5)
+    base = model.cf_pair_loss(x, pa, x.flip(0), pa_true)  # no labels: no readout term
     torch.manual_seed(5)
     with_aux = model.cf_pair_loss(x, pa, x.flip(0), pa_true, labels)
     with_aux.backward()
     assert model.fluid_readout is not None and model.fluid_readout.weight.grad.abs().sum() > 0
-    assert with_aux.item() != pytest.approx(base.item())
+    # the readout term: side cross-entropy + severity squared error on the two pairs whose
+    # code names an effusion (the addition's from x_true, the removal's from x), x 2/3 of them
+    with torch.no_grad():
+        q_x = model.fluid_posterior(model.encode(x))[0]
+        q_t = model.fluid_posterior(model.encode(x.flip(0)))[0]
+        read = model.fluid_readout(torch.stack([q_t[0], q_x[1]]))
+        aux = (torch.nn.functional.cross_entropy(read[:, :3], torch.tensor([1, 0]))
+               + (read[:, 3] - torch.tensor([0.6, 0.3])).square().mean())
+    assert with_aux.item() - base.item() == pytest.approx(aux.item() * 2 / 3, rel=1e-4)
     # the third pair changes only the scanner of a normal image: its code says nothing
     no_fluid = torch.tensor([[0, 0, 0]], dtype=torch.float32)
     model.zero_grad()

@@ -56,17 +56,18 @@ def _threads(n: int | None) -> None:
               show_default=True,
               help="embed: u_f joins the parent embedding; head: effusion acts only through a "
                    "parent-gated fluid head on the decoder's last features.")
-@click.option("--fluid-free-bits", type=float, default=0.0, show_default=True,
+@click.option("--fluid-free-bits", type=click.FloatRange(0.0, 100.0), default=0.0,
+              show_default=True,
               help="Free bits (nats per dimension) of the effusion noise's KL in the pair loss; "
                    "keeps the codes from collapsing onto the prior.")
-@click.option("--fluid-bank", type=int, default=0, show_default=True,
+@click.option("--fluid-bank", type=click.IntRange(0, 4096), default=0, show_default=True,
               help="Store this many posterior codes of training effusions in the bundle; "
                    "adding effusion draws one of them instead of a N(0, I) sample. 0: N(0, I).")
 @click.option("--fluid-enc", type=click.Choice(["pooled", "spatial"]), default="pooled",
               show_default=True,
               help="Input of the effusion-noise encoder: the coarsest encoder activation pooled "
                    "over space, or the whole map (keeps the side of the fluid).")
-@click.option("--fluid-aux", type=float, default=0.0, show_default=True,
+@click.option("--fluid-aux", type=click.FloatRange(0.0, 1000.0), default=0.0, show_default=True,
               help="Weight of reading the phantom's effusion side and severity from the "
                    "effusion noise (where the dataset carries them; real data do not).")
 @click.option("--fluid-coords", is_flag=True,

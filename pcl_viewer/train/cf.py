@@ -224,8 +224,9 @@ def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:
 
     Tensors of the same shape are copied; the parent embedding's first layer may have more
     inputs here (the effusion-noise columns), which start at zero, so the warm-started model
-    computes exactly what the bundle's did. Parameters the bundle lacks, and the effusion-noise
-    encoder when its input differs (``fluid_enc``), keep their fresh initialisation. Returns counts of copied, widened and fresh tensors.
+    computes exactly what the bundle's did. Parameters the bundle lacks, an effusion-noise
+    encoder layer whose shape differs (the first one, when ``fluid_enc`` changes its input),
+    and stored codes of another count keep their fresh initialisation. Returns counts of copied, widened and fresh tensors.
     """
     from pcl_viewer.models.bundle import BundleError, find_bundle
 
@@ -247,7 +248,9 @@ def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:
             wide[:, :v.shape[1]] = v
             own[key] = wide
             counts["widened"] += 1
-        elif key.startswith("enc_fluid."):  # another u_f encoder input: trained afresh
+        elif key.startswith("enc_fluid.") or key == "fluid_codes":
+            # another u_f encoder input: that layer is trained afresh; another number of
+            # stored codes: they are refilled at export anyway
             counts["fresh"] += 1
         else:
             raise BundleError(f"{path}: hvae tensor {key} {tuple(v.shape)} does not fit "
@@ -548,6 +551,10 @@ def finetune_cf(run: _Run, data: TrainingData, steps: int, lr: float = 1e-3,
     Returns a summary (steps, losses first/last, multiplier, seconds).
     """
     model, cls = run.ema, run.cls.eval()
+    # adding effusion while fine-tuning must draw the codes inference draws (the encoder is
+    # frozen below, so they stay valid; export fills them again)
+    model.fill_fluid_codes(torch.from_numpy(data.x_train), torch.from_numpy(data.pa_train),
+                           seed=run.cfg.seed)
     cls.requires_grad_(False)
     params = []
     for name, p in model.named_parameters():

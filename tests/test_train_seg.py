@@ -51,7 +51,8 @@ def test_train_seg_writes_a_bundle_with_its_card(tmp_path, one_torch_thread):
     out = tmp_path / "seg"
     res = CliRunner().invoke(train_seg, ["--out", str(out), "--cache", str(tmp_path / "c"),
                                          "--n", "8", "--easy-share", "0.25", "--epochs", "1",
-                                         "--eval-n", "4", "--device", "cpu"])
+                                         "--eval-n", "4", "--device", "cpu",
+                                         "--effusion-oversample", "20"])
     assert res.exit_code == 0, res.output
     card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else \
         ModelBundle.load(out, kind="segmentation").card
@@ -59,5 +60,8 @@ def test_train_seg_writes_a_bundle_with_its_card(tmp_path, one_torch_thread):
     assert {r["regime"] for r in fresh} == {"realistic", "easy"}
     assert all(np.isfinite(r["dice"]) for r in fresh)
     assert card["training"]["finetune"]["augmentation"] == "monai"
+    assert "effusion oversample 20" in card["training"]["data"]
+    pool = json.loads((tmp_path / "c" / "ship-real-s201-n8-eo20" / "dataset.json").read_text())
+    assert pool["effusion_oversample"] == 20.0  # its own pool, not the default one
     model = ModelBundle.load(out, kind="segmentation").build("unet")
     assert model(torch.rand(1, 1, 128, 128)).shape == (1, 3, 128, 128)

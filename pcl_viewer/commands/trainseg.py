@@ -20,12 +20,17 @@ from pcl_viewer.device import DEVICES
 @click.option("--seed", default=201, show_default=True, help="Seed of that pool.")
 @click.option("--easy-share", default=0.2, show_default=True,
               help="Extra easy-regime images as a share of --n.")
+@click.option("--effusion-oversample", type=click.FloatRange(1.0, 1000.0), default=6.0,
+              show_default=True,
+              help="How much more likely a study of the realistic pool is to have effusion "
+                   "(6: about 16 % of the pool).")
 @click.option("--epochs", default=None, type=int, help="Epochs (default: the recipe's, 10).")
 @click.option("--eval-n", default=200, show_default=True, help="Fresh images per eval group.")
 @click.option("--threads", default=None, type=int, help="Torch threads (default: all cores).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float, epochs: int | None,
-              eval_n: int, threads: int | None, device: str) -> None:
+def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
+              effusion_oversample: float, epochs: int | None, eval_n: int, threads: int | None,
+              device: str) -> None:
     """Random-init U-Net, strong MONAI augmentation, realistic + easy phantom gold labels;
     scored on fresh images of both regimes and the unseen portable style."""
     from tqdm import tqdm
@@ -44,6 +49,7 @@ def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float, epoc
         bar.update(step - bar.n)
 
     train_shipped_segmenter(out, cache, n=n, seed=seed, easy_share=easy_share, epochs=epochs,
+                            effusion_oversample=effusion_oversample,
                             eval_n=eval_n, command="pcl " + " ".join(sys.argv[1:]),
                             echo=click.echo, device=device, commit=commit, progress=progress)
     bar.close()

@@ -110,7 +110,7 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                             seed: int = 201, easy_share: float = 0.2, epochs: int | None = None,
                             eval_n: int = 200, command: str = "", echo=print,
                             device: str = "auto", commit: str | None = None,
-                            progress=None) -> Path:
+                            progress=None, effusion_oversample: float = 6.0) -> Path:
     """Train and write the shipped "segmentation" bundle on the realistic phantom.
 
     Args:
@@ -123,6 +123,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
         epochs: passes over the pool (default: :data:`SHIP_V2_FINETUNE`'s).
         eval_n: fresh images per evaluation group, seed :data:`EVAL_SEED`.
         progress: optional ``progress(step, total)``.
+        effusion_oversample: effusion oversampling of the realistic pool (6: about 16 %
+            effusion; another value gets its own pool folder).
     """
     import numpy as np
 
@@ -130,9 +132,10 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
     from pcl_viewer.models.unet import UNetConfig
 
     cfg = SHIP_V2_FINETUNE if epochs is None else replace(SHIP_V2_FINETUNE, epochs=epochs)
-    real = load_arrays(generate_phantom(Path(data_root) / f"ship-real-s{seed}-n{n}", n, seed,
-                                        size, effusion_oversample=6.0, studies_per_patient=2,
-                                        regime="realistic"), size)
+    eo_tag = "" if effusion_oversample == 6.0 else f"-eo{effusion_oversample:g}"
+    real = load_arrays(generate_phantom(Path(data_root) / f"ship-real-s{seed}-n{n}{eo_tag}", n,
+                                        seed, size, effusion_oversample=effusion_oversample,
+                                        studies_per_patient=2, regime="realistic"), size)
     n_easy = int(round(easy_share * n))
     images, masks = real["image"], real["gold"]
     if n_easy:
@@ -161,7 +164,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
         "labels": LABELS,
         "training": {"command": command, "seed": cfg.seed, "commit": commit or git_commit(),
                      "data": f"realistic phantom pool n={n} seed={seed} + easy n={n_easy} "
-                             f"seed={seed + 1}, {size}px, effusion oversample 6, styles "
+                             f"seed={seed + 1}, {size}px, effusion oversample "
+                             f"{effusion_oversample:g} (easy pool 6), styles "
                              "imagingdynamics+philips, <=2 studies/patient, gold masks",
                      "finetune": cfg.to_dict(), "log": log},
         "metrics": {"evaluated_with": f"pcl evaluate --bundle {out} --phantom-n {eval_n} "

@@ -88,7 +88,7 @@ def _threads(n: int | None) -> None:
 @click.option("--until-step", type=int, default=None,
               help="Stop the HVAE stage at this step (schedules still span --steps) and "
                    "write the bundle from there; rerun with a larger value to continue.")
-@click.option("--classifier-input-size", type=int, default=None,
+@click.option("--classifier-input-size", type=click.IntRange(16, 1024), default=None,
               help="Resize the classifiers' input to this many pixels (default: the preset's).")
 @click.option("--classifier-widths", default=None,
               help="Comma-separated channel widths of the classifiers (default: the preset's).")
@@ -160,9 +160,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
 def _classifier_overrides(input_size: int | None, widths: str | None) -> dict | None:
     """ClassifierConfig fields from the command line (None: the preset's)."""
     out: dict = {}
-    if input_size is not None:
-        if not 16 <= input_size <= 1024:
-            raise click.BadParameter("must be 16-1024", param_hint="--classifier-input-size")
+    if input_size is not None:  # range-checked by its option
         out["input_size"] = input_size
     if widths:
         try:

@@ -140,3 +140,37 @@ def test_evaluate_refuses_an_unavailable_device():
 
     r = CliRunner().invoke(evaluate, ["--device", "cuda"])
     assert (r.exit_code, "not available" in r.output) == (2, True)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """Kill after step 3 of 6 (checkpoint every 2 steps: the last one is at step 2), start
+    again with the same folder: the weights equal an uninterrupted run's, bit for bit,
+    including the MONAI augmentation's random draws."""
+    imgs, masks = _toy(12)
+    unet = UNetConfig.for_preset("smoke")
+    cfg = FinetuneConfig(epochs=1, min_steps=6, batch_size=4, noise=0.03, loss="dicece",
+                         augmentation="monai")
+    ref, ref_log = finetune(imgs, masks, unet, cfg, device="cpu")
+
+    def kill_after_3(step: int, total: int) -> None:
+        if step == 3:
+            raise _Killed
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Killed):
+        finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt, checkpoint_every=2,
+                 progress=kill_after_3)
+    seen: list[int] = []
+    resumed, log = finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt,
+                            checkpoint_every=2, progress=lambda s, t: seen.append(s))
+    assert seen == [3, 4, 5, 6] and log["resumed_at_step"] == 2
+    assert _states_equal(ref, resumed)
+    assert log["final_loss"] == ref_log["final_loss"]
+    # another configuration must not continue from this checkpoint
+    with pytest.raises(ValueError, match="another configuration"):
+        finetune(imgs, masks, unet, FinetuneConfig(epochs=1, min_steps=8, batch_size=4),
+                 device="cpu", checkpoint=ckpt)

@@ -26,13 +26,17 @@ from pcl_viewer.device import DEVICES
                    "(6: about 16 % of the pool).")
 @click.option("--epochs", default=None, type=int, help="Epochs (default: the recipe's, 10).")
 @click.option("--eval-n", default=200, show_default=True, help="Fresh images per eval group.")
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of the resumable training state (default: one under --cache named "
+                   "after the pool and recipe); run the same command again to resume.")
 @click.option("--threads", default=None, type=int, help="Torch threads (default: all cores).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
-              effusion_oversample: float, epochs: int | None, eval_n: int, threads: int | None,
-              device: str) -> None:
+              effusion_oversample: float, epochs: int | None, eval_n: int,
+              checkpoint: Path | None, threads: int | None, device: str) -> None:
     """Random-init U-Net, strong MONAI augmentation, realistic + easy phantom gold labels;
-    scored on fresh images of both regimes and the unseen portable style."""
+    scored on fresh images of both regimes and the unseen portable style. A killed run
+    resumes from its checkpoint (every 500 steps) when started again."""
     from tqdm import tqdm
 
     from pcl_viewer.device import configure_threads
@@ -50,7 +54,7 @@ def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
 
     train_shipped_segmenter(out, cache, n=n, seed=seed, easy_share=easy_share, epochs=epochs,
                             effusion_oversample=effusion_oversample,
-                            eval_n=eval_n, command="pcl " + " ".join(sys.argv[1:]),
+                            eval_n=eval_n, checkpoint=checkpoint, command="pcl " + " ".join(sys.argv[1:]),
                             echo=click.echo, device=device, commit=commit, progress=progress)
     bar.close()
     click.echo(f"wrote {out}")

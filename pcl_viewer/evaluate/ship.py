@@ -110,7 +110,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                             seed: int = 201, easy_share: float = 0.2, epochs: int | None = None,
                             eval_n: int = 200, command: str = "", echo=print,
                             device: str = "auto", commit: str | None = None,
-                            progress=None, effusion_oversample: float = 6.0) -> Path:
+                            progress=None, effusion_oversample: float = 6.0,
+                            checkpoint: Path | None = None) -> Path:
     """Train and write the shipped "segmentation" bundle on the realistic phantom.
 
     Args:
@@ -125,6 +126,9 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
         progress: optional ``progress(step, total)``.
         effusion_oversample: effusion oversampling of the realistic pool (6: about 16 %
             effusion; another value gets its own pool folder).
+        checkpoint: folder of the resumable training state (default: one under
+            ``data_root`` named after the pool, the easy share and the epochs); a killed
+            run started again with the same arguments continues where it stopped.
     """
     import numpy as np
 
@@ -144,9 +148,12 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                                             regime="easy"), size)
         images = np.concatenate([images, easy["image"]])
         masks = np.concatenate([masks, easy["gold"]])
+    if checkpoint is None:
+        checkpoint = Path(data_root) / (f"train-seg-s{seed}-n{n}{eo_tag}-easy{n_easy}"
+                                        f"-e{cfg.epochs}-seed{cfg.seed}")
     t0 = time.perf_counter()
     model, log = finetune(images, masks, UNetConfig.for_preset("cpu"), cfg, progress=progress,
-                          device=device)
+                          device=device, checkpoint=checkpoint)
     echo(f"trained {log['steps']} steps on {log['device']} in {time.perf_counter() - t0:.0f} s")
     results = []
     for regime in ("realistic", "easy"):

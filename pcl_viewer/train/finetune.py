@@ -28,6 +28,7 @@ the CPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -303,6 +304,8 @@ def finetune(
     pretrained: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
     device: str | torch.device | None = "auto",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
 ) -> tuple[DenseUNet, dict]:
     """Train the whole U-Net with a new segmentation head.
 
@@ -318,6 +321,13 @@ def finetune(
             network is under bfloat16 autocast and the loss is float32. The weights
             are initialised and the random numbers drawn on the CPU, so every device
             starts from the same weights and sees the same batches.
+        checkpoint: optional folder for a resumable run: every ``checkpoint_every``
+            steps the model, optimiser, scheduler, data order and random states are
+            written there atomically (:mod:`pcl_viewer.train.checkpoint`); a later call
+            with the same folder and arguments continues from it, and the result equals
+            an uninterrupted run's on the CPU. A checkpoint of another configuration or
+            data size raises ``ValueError``.
+        checkpoint_every: optimiser steps between checkpoints.
 
     Returns:
         the model in eval mode **on the CPU** and a log
@@ -345,8 +355,25 @@ def finetune(
     y_all = torch.from_numpy(np.ascontiguousarray(masks).astype(np.int64)).to(dev)
     bs = min(cfg.batch_size, n)
     order = torch.randperm(n, generator=g)
-    pos, loss_ema, t0 = 0, float("nan"), time.perf_counter()
-    for step in range(total):
+    pos, loss_ema, t0, start = 0, float("nan"), time.perf_counter(), 0
+    signature = {"config": asdict(cfg), "n": n, "shape": list(images.shape),
+                 "unet": model.cfg.to_dict()}
+    if checkpoint is not None:
+        from pcl_viewer.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint)
+        if state is not None:
+            if json.loads(json.dumps(state["signature"])) != json.loads(json.dumps(signature)):
+                raise ValueError(f"{checkpoint}: a checkpoint of another configuration or data; "
+                                 "delete it or use another folder")
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            g.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            order, pos, start = state["order"], int(state["pos"]), int(state["step"])
+            loss_ema = float(state["loss_ema"])
+    for step in range(start, total):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos : pos + bs]
@@ -371,13 +398,21 @@ def finetune(
         sched.step()
         val = float(loss.detach())
         loss_ema = val if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * val
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == total):
+            from pcl_viewer.train.checkpoint import save_checkpoint
+
+            save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generator": g.get_state(),
+                "torch_rng": torch.get_rng_state(), "order": order, "pos": pos,
+                "step": step + 1, "loss_ema": loss_ema, "signature": signature})
         if progress is not None:
             progress(step + 1, total)
     model.eval()
     if not plain:
         model.to("cpu")
     return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": loss_ema,
-                   "device": str(dev)}
+                   "device": str(dev), **({"resumed_at_step": start} if start else {})}
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ mirrored place, or nowhere.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -390,3 +392,53 @@ def test_the_fluid_head_with_coordinates_can_tell_left_from_right():
         spreads[coords] = (out[:, 4] - out[:, 11]).abs().amax().item()  # image left vs right
     assert spreads[False] < 1e-5
     assert spreads[True] > 1e-3
+
+
+def _multiscale() -> HVAE:
+    return _fluid_hvae("head", fluid_coords=True, fluid_head="multiscale")
+
+
+def test_a_multiscale_head_decodes_the_abducted_latents_to_the_factual_mean():
+    model = _multiscale()
+    x = torch.rand(4, 1, S, S, generator=torch.Generator().manual_seed(1))
+    lat = model.abduct(x, PARENTS)
+    mu = lat.pop("mu")
+    assert lat["xw"].shape == (4, 1, 16, 16)  # the image it reads is part of the abduction
+    assert torch.allclose(model.decode(lat, PARENTS), mu, atol=1e-6)
+    flip = PARENTS.clone()
+    flip[:, 2] = 1 - flip[:, 2]
+    assert (model.decode(lat, flip) - mu).abs().amax() > 1e-3
+
+
+def test_a_multiscale_head_reads_the_image_over_a_whole_hemithorax():
+    """A one-pixel change of the image moves the fluid 6 px away with the multiscale head;
+    the local head (two 3x3 convolutions) cannot see that far."""
+    from pcl_viewer.models.hvae import FluidHead
+
+    torch.manual_seed(0)
+    head = FluidHead(8, 2, hidden=4, coords=True, multiscale=True)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    h, u = torch.zeros(1, 8, 16, 16), torch.zeros(1, 2)
+    x = torch.zeros(1, 1, 16, 16)
+    poked = x.clone()
+    poked[0, 0, 8, 2] = 1.0
+    far = (head(h, u, poked) - head(h, u, x))[0, 0, 8, 8].abs().item()
+    assert far > 1e-4
+    with pytest.raises(ValueError, match="working-size image"):
+        head(h, u)
+
+
+def test_a_multiscale_head_warm_started_from_a_local_one_computes_the_same():
+    """The layers a local head lacks start at zero, so a warm start changes nothing until
+    training moves them."""
+    local = _fluid_hvae("head", fluid_coords=True)
+    torch.manual_seed(5)
+    wide = HVAE(replace(local.cfg, fluid_head="multiscale")).eval()
+    missing, unexpected = wide.load_state_dict(local.state_dict(), strict=False)
+    assert missing and not unexpected and all(k.startswith("fluid_head.") for k in missing)
+    x = torch.rand(4, 1, S, S, generator=torch.Generator().manual_seed(2))
+    flip = PARENTS.clone()
+    flip[:, 2] = 1 - flip[:, 2]
+    a, b = local.abduct(x, PARENTS), wide.abduct(x, PARENTS)
+    assert torch.allclose(local.decode(a, flip), wide.decode(b, flip), atol=1e-6)

@@ -73,6 +73,10 @@ def _threads(n: int | None) -> None:
 @click.option("--fluid-coords", is_flag=True,
               help="Give the fluid head the pixel coordinates, so the effusion noise can choose "
                    "a side.")
+@click.option("--fluid-head", type=click.Choice(["local", "multiscale"]), default="local",
+              show_default=True,
+              help="Fluid head: two local convolutions on the decoder features, or one that "
+                   "also reads the image and works at 1/2 and 1/4 of the working size.")
 @click.option("--cf-pair-weight", type=float, default=0.0, show_default=True,
               help="Weight of counterfactual supervision: error of the model counterfactual "
                    "against the dataset's true one, relative to the identity's (needs --counterfactuals data).")
@@ -101,7 +105,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              export_only: bool, cf_finetune: bool, finetune_steps: int,
              finetune_minimality: float, finetune_minutes: float | None, device: str,
              fluid_dim: int, fluid_mode: str, fluid_free_bits: float, fluid_bank: int,
-             fluid_enc: str, fluid_aux: float, fluid_coords: bool,
+             fluid_enc: str, fluid_aux: float, fluid_coords: bool, fluid_head: str,
              cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
              fluid_lr_scale: float, until_step: int | None, classifier_input_size: int | None,
@@ -128,7 +132,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         hvae_overrides={"fluid_dim": fluid_dim, "fluid_mode": fluid_mode,
                         "fluid_free_bits": fluid_free_bits, "fluid_bank": fluid_bank,
                         "fluid_enc": fluid_enc, "fluid_aux": fluid_aux,
-                        "fluid_coords": fluid_coords}
+                        "fluid_coords": fluid_coords, "fluid_head": fluid_head}
         if fluid_dim else None,
         init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup,
         cls_overrides=_classifier_overrides(classifier_input_size, classifier_widths))

@@ -244,6 +244,7 @@ HVAE_SCHEMA = _object({
     "fluid_enc": _str(16, choices=("pooled", "spatial")),
     "fluid_aux": _float(0.0, 1000.0),
     "fluid_coords": _bool,
+    "fluid_head": _str(16, choices=("local", "multiscale")),
 })
 CLASSIFIER_SCHEMA = _object({
     "image_size": _SIZE,

@@ -155,7 +155,7 @@ class CounterfactualModel:
         ab = self.abduct(x, parents)
         b = ab.x.shape[0]
         targets = torch.cat([intervene(ab.parents, do) for do in STANDARD_DOS.values()])
-        latents = {k: (vs.repeat(3, 1) if isinstance(vs, torch.Tensor)
+        latents = {k: (vs.repeat(3, *[1] * (vs.ndim - 1)) if isinstance(vs, torch.Tensor)
                        else [v.repeat(3, 1, 1, 1) for v in vs])
                    for k, vs in ab.latents.items()}
         mu_cf = self.hvae.decode(latents, targets).view(3, b, *ab.mu.shape[1:])

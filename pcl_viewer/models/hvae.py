@@ -99,6 +99,12 @@ class HVAEConfig:
     # The fluid head also sees the pixel coordinates (CoordConv): its convolutions alone
     # cannot tell the left base from the right one, so u_f could not choose a side.
     fluid_coords: bool = False
+    # Shape of the fluid head: "local" (two 3x3 convolutions on the last decoder features,
+    # a 5 px field of view at the working size) or "multiscale": it also sees the working-size
+    # input image (the abducted factual itself: where fluid is, where the lung and the
+    # diaphragm are) and adds a 32/16 px branch modulated by u_f, so a change can follow a
+    # hemithorax. The new inputs start at zero: a warm start computes what its bundle did.
+    fluid_head: str = "local"
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -294,7 +300,10 @@ class HVAE(nn.Module):
         self.out = nn.Conv2d(w[0], 1, 3, padding=1)
         if cfg.fluid_mode not in ("embed", "head"):
             raise ValueError(f"unknown fluid_mode {cfg.fluid_mode!r}")
-        self.fluid_head = (FluidHead(w[0], cfg.fluid_dim, coords=cfg.fluid_coords)
+        if cfg.fluid_head not in ("local", "multiscale"):
+            raise ValueError(f"unknown fluid_head {cfg.fluid_head!r}")
+        self.fluid_head = (FluidHead(w[0], cfg.fluid_dim, coords=cfg.fluid_coords,
+                                     multiscale=cfg.fluid_head == "multiscale")
                            if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
         # Readout of the SCM's effusion noise from u_f: 3 side logits and the severity.
         self.fluid_readout = (nn.Linear(cfg.fluid_dim, 4)
@@ -370,16 +379,17 @@ class HVAE(nn.Module):
         return F.interpolate(self.dec_up[i](h), scale_factor=2, mode="nearest")
 
     def _to_image(self, h: torch.Tensor, pa: torch.Tensor | None = None,
-                  fluid: torch.Tensor | None = None, detach_fluid: bool = False
-                  ) -> torch.Tensor:
+                  fluid: torch.Tensor | None = None, detach_fluid: bool = False,
+                  xw: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder features -> mean image ``(B, 1, W, W)`` in [0, 1]; with the fluid head,
-        ``effusion * F(h, u_f)`` is added before the tanh (``u_f`` None: its prior mean 0).
+        ``effusion * F(h, u_f[, xw])`` is added before the tanh (``u_f`` None: its prior mean
+        0; ``xw``: the abducted image at the working size, read by a multiscale head).
         ``detach_fluid``: F enters as a constant (no gradient to the head, h or u_f)."""
         logits = self.out(F.gelu(h))
         if self.fluid_head is not None and pa is not None:
             if fluid is None:
                 fluid = h.new_zeros(h.shape[0], self.cfg.fluid_dim)
-            fl = self.fluid_head(h, fluid)
+            fl = self.fluid_head(h, fluid, xw)
             logits = logits + pa[:, 2, None, None, None].float() * (fl.detach() if detach_fluid else fl)
         return (torch.tanh(logits) + 1) / 2
 
@@ -428,8 +438,8 @@ class HVAE(nn.Module):
         # counterfactual pairs and the rest of the decoder learns to leave the fluid to it.
         # (Trained jointly, the reconstruction term held the head at zero: the latents
         # already drew the fluid, and any fluid from the head was counted twice.)
-        mu = self._to_image(h, pa, fluid, detach_fluid=True)
         xw = self.to_work(x)
+        mu = self._to_image(h, pa, fluid, detach_fluid=True, xw=xw)
         nll = discretised_gaussian_nll(2 * xw - 1, 2 * mu - 1, cfg.sigma, cfg.bins)
         n_pix = xw[0].numel()
         nll = nll.sum(dim=(1, 2, 3)).mean() / n_pix
@@ -495,16 +505,18 @@ class HVAE(nn.Module):
                 aux = (F.cross_entropy(read[:, :3], labels[:, 0].long())
                        + (read[:, 3] - labels[:, 1]).square().mean())
                 aux_term = self.cfg.fluid_aux * aux * on.float().mean()
-        latents, mu = self._abduct_walk(acts, pa, fluid)
-        mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
         xw, tw = self.to_work(x), self.to_work(x_true)
+        latents, mu = self._abduct_walk(acts, pa, fluid, xw)
+        mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
         err = (xw + mu_cf - mu - tw).square().mean(dim=(1, 2, 3))
         identity = (xw - tw).square().mean(dim=(1, 2, 3)).detach()
         return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl + aux_term
 
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
-                     fluid: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor]:
-        """Posterior-mean latents ``{"z", "u"}`` and the working-size mean (B,1,W,W)."""
+                     fluid: torch.Tensor | None, xw: torch.Tensor | None = None
+                     ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Posterior-mean latents ``{"z", "u"}`` (and, for a multiscale fluid head, the
+        working-size image ``"xw"`` (B,1,W,W) it reads) and the working-size mean (B,1,W,W)."""
         e = self.embed(pa, fluid)
         h = self._top(e)
         zs: list[torch.Tensor] = []
@@ -520,7 +532,10 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        return {"z": zs, "u": us}, self._to_image(h, pa, fluid)
+        latents: dict[str, Any] = {"z": zs, "u": us}
+        if xw is not None and self._reads_image:
+            latents["xw"] = xw
+        return latents, self._to_image(h, pa, fluid, xw=latents.get("xw"))
 
     def _decode_walk(self, latents: dict[str, Any], pa: torch.Tensor, fluid: torch.Tensor | None,
                      mode: str) -> torch.Tensor:
@@ -543,7 +558,11 @@ class HVAE(nn.Module):
                 else:
                     h = block(h, e)
             h = self._up(i, h)
-        return self._to_image(h, pa, fluid)
+        return self._to_image(h, pa, fluid, xw=latents.get("xw"))
+
+    @property
+    def _reads_image(self) -> bool:
+        return self.fluid_head is not None and self.fluid_head.multiscale
 
     # -- counterfactual inference ----------------------------------------------
     @torch.no_grad()
@@ -568,7 +587,7 @@ class HVAE(nn.Module):
         if q is not None:  # visible fluid: the posterior mean; none: a draw from the prior
             eps = self.fluid_draw(x, fluid_seed).to(q[0].device)
             fluid = torch.where(pa[:, 2:3] > 0.5, q[0], eps)
-        latents, mu = self._abduct_walk(acts, pa, fluid)
+        latents, mu = self._abduct_walk(acts, pa, fluid, self.to_work(x))
         if fluid is not None:
             latents["fluid"] = fluid
         # The same pass gives the factual mean, saving one decode per abduction.
@@ -633,12 +652,22 @@ class HVAE(nn.Module):
 
 class FluidHead(nn.Module):
     """Fluid of an effusion in pre-tanh units: ``(B, C, W, W)`` decoder features and ``(B, F)``
-    effusion noise -> ``(B, 1, W, W)``. Two 3x3 convolutions whose hidden features are scaled
-    and shifted by the noise (FiLM), so the noise can choose side and extent; the last 1x1
-    layer starts at zero (a warm-started model starts with no fluid)."""
+    effusion noise (and, when ``multiscale``, the ``(B, 1, W, W)`` working-size image) ->
+    ``(B, 1, W, W)``.
 
-    def __init__(self, width: int, fluid_dim: int, hidden: int = 32, coords: bool = False) -> None:
+    "local": two 3x3 convolutions whose hidden features are scaled and shifted by the noise
+    (FiLM), so the noise can choose side and extent; ``coords`` adds the pixel coordinates
+    (CoordConv). "multiscale" adds the image as an input and a branch at 1/2 and 1/4 of the
+    working size (its own FiLM at the coarsest scale), so the fluid can follow the lung
+    and diaphragm it sees over a whole hemithorax. Every layer a warm start lacks, and the
+    last 1x1 layer, start at zero: a model warm-started from a bundle without them computes
+    exactly what that bundle did, and a fresh head starts with no fluid.
+    """
+
+    def __init__(self, width: int, fluid_dim: int, hidden: int = 32, coords: bool = False,
+                 multiscale: bool = False) -> None:
         super().__init__()
+        self.multiscale = multiscale
         self.c1 = nn.Conv2d(width, hidden, 3, padding=1)
         # (x, y) in [-1, 1] -> hidden, added to c1 (zero at start: a warm start is unchanged)
         self.coord = nn.Conv2d(2, hidden, 1) if coords else None
@@ -649,19 +678,42 @@ class FluidHead(nn.Module):
         _zero_(self.c3)
         if self.coord is not None:
             _zero_(self.coord)
+        if multiscale:
+            self.img = nn.Conv2d(1, hidden, 3, padding=1)  # the image, added to c1
+            self.down1 = nn.Conv2d(hidden, hidden, 3, padding=1)  # 1/2
+            self.down2 = nn.Conv2d(hidden, hidden, 3, padding=1)  # 1/4
+            self.film3 = nn.Linear(fluid_dim, 2 * hidden)
+            self.up1 = nn.Conv2d(hidden, hidden, 3, padding=1)  # 1/2, after the skip
+            self.back = nn.Conv2d(hidden, hidden, 1)  # into the full-size path
+            _zero_(self.img)
+            _zero_(self.back)
 
-    def forward(self, h: torch.Tensor, fluid: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _film(y: torch.Tensor, film: nn.Linear, fluid: torch.Tensor) -> torch.Tensor:
+        scale, shift = film(fluid)[:, :, None, None].chunk(2, dim=1)
+        return F.gelu(y * (1 + scale) + shift)
+
+    def forward(self, h: torch.Tensor, fluid: torch.Tensor,
+                xw: torch.Tensor | None = None) -> torch.Tensor:
         y = self.c1(F.gelu(h))
         if self.coord is not None:
             ramp = torch.linspace(-1.0, 1.0, h.shape[-1], device=h.device, dtype=h.dtype)
             grid = torch.stack([ramp[None, :].expand(h.shape[-2], -1),
                                 ramp[:, None].expand(-1, h.shape[-1])])
             y = y + self.coord(grid[None])
-        scale, shift = self.film1(fluid)[:, :, None, None].chunk(2, dim=1)
-        y = F.gelu(y * (1 + scale) + shift)
-        y = self.c2(y)
-        scale, shift = self.film2(fluid)[:, :, None, None].chunk(2, dim=1)
-        y = F.gelu(y * (1 + scale) + shift)
+        if self.multiscale:
+            if xw is None:
+                raise ValueError("a multiscale fluid head needs the working-size image")
+            y = y + self.img(2 * xw.to(y.dtype) - 1)
+        y = self._film(y, self.film1, fluid)
+        if self.multiscale:
+            d1 = F.gelu(self.down1(F.avg_pool2d(y, 2)))
+            d2 = self._film(self.down2(F.avg_pool2d(d1, 2)), self.film3, fluid)
+            u1 = F.gelu(self.up1(F.interpolate(d2, scale_factor=2, mode="bilinear",
+                                               align_corners=False) + d1))
+            y = y + self.back(F.interpolate(u1, scale_factor=2, mode="bilinear",
+                                            align_corners=False))
+        y = self._film(self.c2(y), self.film2, fluid)
         out: torch.Tensor = self.c3(y)
         return out
 

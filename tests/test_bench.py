@@ -504,3 +504,31 @@ def test_the_none_row_runs_once_as_seed_0_whatever_seeds_a_run_asks_for():
     cells = plan_cells(preset, _toy_sets(), [none, vader])
     assert {(c.row.slug, c.seed) for c in cells} == {("none", 0), ("vader", 1), ("vader", 2)}
     assert preset.n_cells([none, vader]) == len(cells) == 3 * 2 * 3
+
+
+def test_readme_gets_the_section_between_its_markers_and_nothing_else(grid, tmp_path):
+    """--readme replaces only the marked section (twice in a row gives the same file);
+    a README without the markers is refused before it is touched."""
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+    from pcl_viewer.evaluate.benchmark_report import README_BEGIN, README_END
+
+    tmp, *_ = grid
+    out = tmp_path / "results"
+    write_report(load_cells(tmp / "cells"), out, tmp_path / "figures", "# first")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    args = ["--preset", "smoke", "--cache", str(tmp_path / "empty"), "--out", str(out),
+            "--rows", "none,dvd-cl", "--report-only", "--readme", str(readme)]
+    r = CliRunner().invoke(bench, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    text = readme.read_text()
+    assert "old table" not in text and "| DVD-CL |" in text
+    assert text.startswith("# Title\n\nbefore\n" + README_BEGIN) and text.endswith(README_END + "\nafter\n")
+    assert CliRunner().invoke(bench, args).exit_code == 0 and readme.read_text() == text
+    bare = tmp_path / "BARE.md"
+    bare.write_text("no markers\n")
+    r = CliRunner().invoke(bench, [*args[:-1], str(bare)])
+    assert r.exit_code != 0 and "benchmark:begin" in r.output
+    assert bare.read_text() == "no markers\n"

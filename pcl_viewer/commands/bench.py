@@ -121,6 +121,10 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
                    "is skipped: real data have no true counterfactuals).")
 @click.option("--cf-bundle", default=None, help="Counterfactual bundle for the model views.")
 @click.option("--report-only", is_flag=True, help="Only aggregate the finished cells.")
+@click.option("--readme", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None,
+              help="Also put the README section (main table, claims, label-efficiency "
+                   "figure) into this file, between its benchmark:begin/end markers.")
 @click.option("--prepare", is_flag=True,
               help="Only generate the data sets, the pool's silver labels and the model views "
                    "(cached), then stop: run this once before starting several row processes.")
@@ -151,7 +155,8 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
                    "its own device (CUDA when present).")
 def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows: str | None,
           seeds: str | None, folds: str | None, budgets: str | None, real: Path | None,
-          cf_bundle: str | None, report_only: bool, prepare: bool, max_cells: int | None,
+          cf_bundle: str | None, report_only: bool, readme: Path | None, prepare: bool,
+          max_cells: int | None,
           jobs: int, loss: str | None,
           pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
@@ -282,6 +287,14 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
     click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, cells.csv, claims.csv, "
                f"benchmark.md, benchmark_readme.md ({info['methods']} methods, {info['cells']} "
                f"cells, {info['claims']} claim lines, {info['curves']} pre-training epochs)")
+    if readme is not None:
+        from pcl_viewer.evaluate.benchmark_report import splice_readme
+
+        try:
+            splice_readme(readme, (out / "benchmark_readme.md").read_text())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--readme") from exc
+        click.echo(f"updated the benchmark section of {readme}")
     if real is not None and any(r.views == "true" for r in chosen):
         click.echo("note: the oracle row (true counterfactuals) is skipped on real data")
     if failed:

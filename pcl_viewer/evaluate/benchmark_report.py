@@ -713,3 +713,28 @@ def write_report(cells: list[dict], results_dir: Path, figures_dir: Path, header
         plot_label_efficiency(eff, figures_dir / "label_efficiency.png")
     return {"methods": len(main), "cells": len(cells), "claims": len(claim_rows),
             "curves": len(curves)}
+
+
+#: Markers of the README's benchmark section, replaced by ``pcl bench --readme``.
+README_BEGIN = "<!-- benchmark:begin (written by pcl bench --readme; edits here are overwritten) -->"
+README_END = "<!-- benchmark:end -->"
+
+
+def splice_readme(readme: Path, section: str) -> None:
+    """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme``
+    with ``section`` (the markers stay); written atomically.
+
+    Raises:
+        ValueError: the markers are missing, repeated or in the wrong order.
+    """
+    from pcl_viewer.atomic import atomic_write_text
+
+    text = Path(readme).read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{readme}: needs exactly one line {README_BEGIN!r} and one "
+                         f"{README_END!r} around the benchmark section")
+    head, rest = text.split(README_BEGIN)
+    if README_END not in rest:
+        raise ValueError(f"{readme}: {README_END!r} comes before {README_BEGIN!r}")
+    _, tail = rest.split(README_END)
+    atomic_write_text(readme, f"{head}{README_BEGIN}\n{section.strip()}\n{README_END}{tail}")

@@ -532,3 +532,13 @@ def test_readme_gets_the_section_between_its_markers_and_nothing_else(grid, tmp_
     r = CliRunner().invoke(bench, [*args[:-1], str(bare)])
     assert r.exit_code != 0 and "benchmark:begin" in r.output
     assert bare.read_text() == "no markers\n"
+    # a partial grid (a row with no cells asked for) never reaches the README
+    r = CliRunner().invoke(bench, [*args[:6], "--rows", "none,dvd-cl,mvd-cl", *args[8:]])
+    assert r.exit_code == 0 and "left as it was: the report is partial" in r.output
+    assert readme.read_text() == text
+    # Windows line endings and non-ASCII text survive
+    crlf = tmp_path / "CRLF.md"
+    crlf.write_bytes(f"Dagger \u2020\r\n{README_BEGIN}\r\nx\r\n{README_END}\r\nend\r\n".encode())
+    assert CliRunner().invoke(bench, [*args[:-1], str(crlf)]).exit_code == 0
+    raw = crlf.read_bytes().decode("utf-8")
+    assert raw.startswith("Dagger \u2020\r\n") and "\n" not in raw.replace("\r\n", "")

@@ -427,6 +427,15 @@ def test_a_multiscale_head_reads_the_image_over_a_whole_hemithorax():
     assert far > 1e-4
     with pytest.raises(ValueError, match="working-size image"):
         head(h, u)
+    # the same poke in the decoder features: seen 6 px away by the multiscale head only
+    torch.manual_seed(0)
+    local = FluidHead(8, 2, hidden=4, coords=True)
+    for p in local.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    h2 = h.clone()
+    h2[0, :, 8, 2] = 1.0
+    assert (local(h2, u) - local(h, u))[0, 0, 8, 8].abs().item() == 0.0
+    assert (head(h2, u, x) - head(h, u, x))[0, 0, 8, 8].abs().item() > 1e-4
 
 
 def test_a_multiscale_head_warm_started_from_a_local_one_computes_the_same():

@@ -192,3 +192,61 @@ def test_a_judge_can_be_larger_than_the_presets_classifiers(tmp_path):
         "--data", str(phantom_smoke), "--preset", "smoke", "--out", str(tmp_path / "bad"),
         "--classifiers-only", "--classifier-widths", "4,x"])
     assert bad.exit_code != 0 and "--classifier-widths" in bad.output
+
+
+def _fluid_bundle(tmp_path, name: str, **fluid) -> tuple:
+    """A toy HVAE with effusion noise and a fluid head, every weight random, as a bundle."""
+    from pcl_viewer.models.bundle import save_bundle
+    from pcl_viewer.models.classifiers import build_classifiers
+    from pcl_viewer.models.hvae import HVAE, HVAEConfig
+
+    torch.manual_seed(0)
+    cfg = HVAEConfig.for_preset("smoke")
+    for key, value in {**TOY_HVAE, "fluid_dim": 2, "fluid_mode": "head", **fluid}.items():
+        setattr(cfg, key, value)
+    src, clf = HVAE(cfg), build_classifiers("smoke")
+    for p in src.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    save_bundle(tmp_path / name, {"name": name, "version": "0", "kind": "counterfactual"},
+                {"hvae": ("hvae", {"hvae": cfg.to_dict()}, src),
+                 "classifier": ("attribute-classifier", {"classifier": clf.cfg.to_dict()}, clf)})
+    return src.eval(), tmp_path / name
+
+
+def _warm(data, tmp_path, bundle, **fluid):
+    c = _cfg()
+    c.hvae_overrides = {**TOY_HVAE, "fluid_dim": 2, "fluid_mode": "head", **fluid}
+    c.init_bundle = str(bundle)
+    c.steps, c.cls_steps = 0, 0
+    return train_cf(data, c, tmp_path / f"run-{len(list(tmp_path.iterdir()))}", progress=False)
+
+
+def test_a_multiscale_head_warm_started_from_a_local_bundle_decodes_what_it_did(data, tmp_path):
+    src, bundle = _fluid_bundle(tmp_path, "local")
+    run = _warm(data, tmp_path, bundle, fluid_head="multiscale")
+    assert run.init_info["fresh"] > 0  # the image input and the coarse branch
+    x = torch.rand(4, 1, 32, 32)
+    pa = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    flip = pa.clone()
+    flip[:, 2] = 1 - flip[:, 2]
+    a, b = src.abduct(x, pa), run.ema.eval().abduct(x, pa)
+    assert torch.allclose(src.decode(a, flip), run.ema.decode(b, flip), atol=1e-5)
+
+
+def test_a_warm_start_that_would_drop_layers_is_refused(data, tmp_path):
+    from pcl_viewer.models.bundle import BundleError
+
+    _, bundle = _fluid_bundle(tmp_path, "wide", fluid_head="multiscale")
+    with pytest.raises(BundleError, match="no place for the bundle's tensors.*fluid_head"):
+        _warm(data, tmp_path, bundle)  # the default local head has no image branch
+
+
+def test_a_multiscale_head_without_a_fluid_head_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.cf import train_cf as train_cf_cmd
+
+    r = CliRunner().invoke(train_cf_cmd, ["--data", str(tmp_path), "--preset", "smoke",
+                                          "--out", str(tmp_path / "o"),
+                                          "--fluid-head", "multiscale"])
+    assert r.exit_code != 0 and "needs --fluid-dim" in r.output

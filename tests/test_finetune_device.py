@@ -170,7 +170,26 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(t
     assert seen == [3, 4, 5, 6] and log["resumed_at_step"] == 2
     assert _states_equal(ref, resumed)
     assert log["final_loss"] == ref_log["final_loss"]
-    # another configuration must not continue from this checkpoint
+    assert log["seconds"] > 0  # the time before the kill counts too
+    # another configuration, or other images of the same shape, must not continue from it
     with pytest.raises(ValueError, match="another configuration"):
         finetune(imgs, masks, unet, FinetuneConfig(epochs=1, min_steps=8, batch_size=4),
                  device="cpu", checkpoint=ckpt)
+    with pytest.raises(ValueError, match="another configuration"):
+        finetune(imgs[::-1].copy(), masks, unet, cfg, device="cpu", checkpoint=ckpt)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt, checkpoint_every=0)
+
+
+def test_a_checkpoint_folder_keeps_what_else_it_holds(tmp_path):
+    """The state goes to a subfolder: pointing --checkpoint at a folder with other files
+    in it never replaces or deletes them."""
+    imgs, masks = _toy(8)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    finetune(imgs, masks, UNetConfig.for_preset("smoke"),
+             FinetuneConfig(epochs=1, min_steps=2, batch_size=4), device="cpu",
+             checkpoint=folder, checkpoint_every=1)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert (folder / "last" / "state.json").is_file()

@@ -65,3 +65,5 @@ def test_train_seg_writes_a_bundle_with_its_card(tmp_path, one_torch_thread):
     assert pool["effusion_oversample"] == 20.0  # its own pool, not the default one
     model = ModelBundle.load(out, kind="segmentation").build("unet")
     assert model(torch.rand(1, 1, 128, 128)).shape == (1, 3, 128, 128)
+    # the resumable state is gone once the bundle is written: a rerun trains afresh
+    assert not list((tmp_path / "c").glob("train-seg-*"))

@@ -124,7 +124,8 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None,
               help="Also put the README section (main table, claims, label-efficiency "
-                   "figure) into this file, between its benchmark:begin/end markers.")
+                   "figure) into this file, between its benchmark:begin/end markers; only "
+                   "when every cell of the grid is done.")
 @click.option("--prepare", is_flag=True,
               help="Only generate the data sets, the pool's silver labels and the model views "
                    "(cached), then stop: run this once before starting several row processes.")
@@ -287,11 +288,14 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
     click.echo(f"wrote {out}/benchmark.csv, label_efficiency.csv, cells.csv, claims.csv, "
                f"benchmark.md, benchmark_readme.md ({info['methods']} methods, {info['cells']} "
                f"cells, {info['claims']} claim lines, {info['curves']} pre-training epochs)")
-    if readme is not None:
+    if readme is not None and (len(cells) < expected or failed):
+        click.echo(f"{readme} left as it was: the report is partial ({len(cells)} of "
+                   f"{expected} cells{'; rows failed' if failed else ''})")
+    elif readme is not None:
         from pcl_viewer.evaluate.benchmark_report import splice_readme
 
         try:
-            splice_readme(readme, (out / "benchmark_readme.md").read_text())
+            splice_readme(readme, (out / "benchmark_readme.md").read_text(encoding="utf-8"))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--readme") from exc
         click.echo(f"updated the benchmark section of {readme}")

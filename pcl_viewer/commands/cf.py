@@ -125,6 +125,9 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         train_cf,
     )
 
+    if fluid_head != "local" and (not fluid_dim or fluid_mode != "head"):
+        raise click.BadParameter("a multiscale fluid head needs --fluid-dim > 0 and "
+                                 "--fluid-mode head", param_hint="--fluid-head")
     cfg = CFTrainConfig.for_preset(
         preset, seed=seed, steps=0 if classifiers_only else steps, batch_size=batch_size or None,
         cls_steps=classifier_steps, checkpoint_every=checkpoint_every or None,

@@ -27,8 +27,9 @@ from pcl_viewer.device import DEVICES
 @click.option("--epochs", default=None, type=int, help="Epochs (default: the recipe's, 10).")
 @click.option("--eval-n", default=200, show_default=True, help="Fresh images per eval group.")
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of the resumable training state (default: one under --cache named "
-                   "after the pool and recipe); run the same command again to resume.")
+              help="Folder of the resumable training state, kept in its subfolder last/ "
+                   "(default: one under --cache named after the pool and recipe); run the same "
+                   "command again to resume. Removed once the bundle is written.")
 @click.option("--threads", default=None, type=int, help="Torch threads (default: all cores).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
@@ -52,9 +53,13 @@ def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
         bar.total = total
         bar.update(step - bar.n)
 
-    train_shipped_segmenter(out, cache, n=n, seed=seed, easy_share=easy_share, epochs=epochs,
-                            effusion_oversample=effusion_oversample,
-                            eval_n=eval_n, checkpoint=checkpoint, command="pcl " + " ".join(sys.argv[1:]),
-                            echo=click.echo, device=device, commit=commit, progress=progress)
+    try:
+        train_shipped_segmenter(out, cache, n=n, seed=seed, easy_share=easy_share,
+                                epochs=epochs, effusion_oversample=effusion_oversample,
+                                eval_n=eval_n, checkpoint=checkpoint,
+                                command="pcl " + " ".join(sys.argv[1:]), echo=click.echo,
+                                device=device, commit=commit, progress=progress)
+    except ValueError as exc:  # a checkpoint of another run, a bad device: say so, no trace
+        raise click.ClickException(str(exc)) from exc
     bar.close()
     click.echo(f"wrote {out}")

@@ -727,9 +727,10 @@ def splice_readme(readme: Path, section: str) -> None:
     Raises:
         ValueError: the markers are missing, repeated or in the wrong order.
     """
-    from pcl_viewer.atomic import atomic_write_text
+    from pcl_viewer.atomic import atomic_writer
 
-    text = Path(readme).read_text()
+    with open(readme, encoding="utf-8", newline="") as fh:  # keep its line endings
+        text = fh.read()
     if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
         raise ValueError(f"{readme}: needs exactly one line {README_BEGIN!r} and one "
                          f"{README_END!r} around the benchmark section")
@@ -737,4 +738,7 @@ def splice_readme(readme: Path, section: str) -> None:
     if README_END not in rest:
         raise ValueError(f"{readme}: {README_END!r} comes before {README_BEGIN!r}")
     _, tail = rest.split(README_END)
-    atomic_write_text(readme, f"{head}{README_BEGIN}\n{section.strip()}\n{README_END}{tail}")
+    eol = "\r\n" if "\r\n" in text else "\n"
+    body = eol.join(section.strip().splitlines())
+    with atomic_writer(readme, "w", encoding="utf-8", newline="") as fh:
+        fh.write(f"{head}{README_BEGIN}{eol}{body}{eol}{README_END}{tail}")

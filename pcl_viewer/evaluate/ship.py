@@ -7,6 +7,8 @@ carries that row's line of the benchmark table (``benchmark.csv``) when one is g
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -66,7 +68,10 @@ def ship_segmentation(preset: BenchPreset, out: Path, data_root: Path, init, row
                           pretrained=pretrained, progress=lambda s, t: bar.update(1),
                           device=device)
     bar.close()
-    echo(f"trained {log['steps']} steps on {log['device']} in {time.perf_counter() - t0:.0f} s")
+    resumed = (f" (resumed at step {log['resumed_at_step']}; {log['seconds']:.0f} s in all)"
+               if "resumed_at_step" in log else "")
+    echo(f"trained {log['steps']} steps on {log['device']} in {time.perf_counter() - t0:.0f} s"
+         + resumed)
     groups = [["imagingdynamics", "philips"], ["portable"]]
     results = evaluate_on_phantom(model, size, eval_n, EVAL_SEED, groups, device=device)
     results += evaluate_on_phantom(model, size, eval_n // 2, EVAL_SEED + 500,
@@ -128,7 +133,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
             effusion; another value gets its own pool folder).
         checkpoint: folder of the resumable training state (default: one under
             ``data_root`` named after the pool, the easy share and the epochs); a killed
-            run started again with the same arguments continues where it stopped.
+            run started again with the same arguments continues where it stopped. It is
+            deleted once the bundle is written, so a rerun trains afresh.
     """
     import numpy as np
 
@@ -182,4 +188,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                                 "dice_easy": 97.0}},
     }
     save_segmentation_bundle(out, model, card)
+    for name in ("last", ".last.old"):  # only what finetune wrote, then the folder if empty
+        shutil.rmtree(Path(checkpoint) / name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        Path(checkpoint).rmdir()
     return Path(out)

@@ -39,7 +39,9 @@ class Abduction:
 
     x: torch.Tensor
     parents: torch.Tensor
-    latents: dict[str, Any]  # "z", "u": per latent block (B, c, h, w); "fluid": (B, fluid_dim)
+    # "z", "u": per latent block (B, c, h, w); "fluid": (B, fluid_dim); "xw": (B, 1, W, W), the
+    # working-size image a multiscale fluid head reads
+    latents: dict[str, Any]
     mu: torch.Tensor
 
 

@@ -255,6 +255,11 @@ def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:
         else:
             raise BundleError(f"{path}: hvae tensor {key} {tuple(v.shape)} does not fit "
                               f"{tuple(value.shape)}")
+    unused = sorted(set(src) - set(own))
+    if unused:  # a warm start that silently dropped layers would not compute the bundle
+        raise BundleError(f"{path}: this model has no place for the bundle's tensors "
+                          f"{', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
+                          "train with the bundle's options (e.g. its --fluid-head)")
     run.hvae.load_state_dict(own)
     run.ema.load_state_dict(own)
     if "classifier" in bundle.components:

@@ -323,11 +323,13 @@ def finetune(
             starts from the same weights and sees the same batches.
         checkpoint: optional folder for a resumable run: every ``checkpoint_every``
             steps the model, optimiser, scheduler, data order and random states are
-            written there atomically (:mod:`pcl_viewer.train.checkpoint`); a later call
-            with the same folder and arguments continues from it, and the result equals
-            an uninterrupted run's on the CPU. A checkpoint of another configuration or
-            data size raises ``ValueError``.
-        checkpoint_every: optimiser steps between checkpoints.
+            written atomically to its subfolder ``last`` (:mod:`pcl_viewer.train.checkpoint`;
+            nothing else in the folder is touched); a later call with the same folder and
+            arguments continues from it, and the result equals an uninterrupted run's on
+            the CPU. A checkpoint of another configuration, initialisation or data (a hash
+            of the images and masks) raises ``ValueError``. The caller deletes the folder
+            once the model is saved, or a later call returns the finished run's weights.
+        checkpoint_every: optimiser steps between checkpoints (>= 1).
 
     Returns:
         the model in eval mode **on the CPU** and a log
@@ -356,11 +358,21 @@ def finetune(
     bs = min(cfg.batch_size, n)
     order = torch.randperm(n, generator=g)
     pos, loss_ema, t0, start = 0, float("nan"), time.perf_counter(), 0
-    signature = {"config": asdict(cfg), "n": n, "shape": list(images.shape),
-                 "unet": model.cfg.to_dict()}
+    seconds_before = 0.0
     if checkpoint is not None:
+        import hashlib
+
         from pcl_viewer.train.checkpoint import load_checkpoint
 
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        digest = hashlib.blake2b(digest_size=16)
+        for a in (images, masks):
+            digest.update(np.ascontiguousarray(a).tobytes())
+        signature = {"config": asdict(cfg), "n": n, "shape": list(images.shape),
+                     "unet": model.cfg.to_dict(), "data": digest.hexdigest(),
+                     "pretrained": None if pretrained is None else str(pretrained)}
+        checkpoint = Path(checkpoint) / "last"
         state = load_checkpoint(checkpoint)
         if state is not None:
             if json.loads(json.dumps(state["signature"])) != json.loads(json.dumps(signature)):
@@ -372,7 +384,7 @@ def finetune(
             g.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             order, pos, start = state["order"], int(state["pos"]), int(state["step"])
-            loss_ema = float(state["loss_ema"])
+            loss_ema, seconds_before = float(state["loss_ema"]), float(state["seconds"])
     for step in range(start, total):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
@@ -405,14 +417,16 @@ def finetune(
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "generator": g.get_state(),
                 "torch_rng": torch.get_rng_state(), "order": order, "pos": pos,
-                "step": step + 1, "loss_ema": loss_ema, "signature": signature})
+                "step": step + 1, "loss_ema": loss_ema, "signature": signature,
+                "seconds": seconds_before + time.perf_counter() - t0})
         if progress is not None:
             progress(step + 1, total)
     model.eval()
     if not plain:
         model.to("cpu")
-    return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": loss_ema,
-                   "device": str(dev), **({"resumed_at_step": start} if start else {})}
+    return model, {"steps": total, "seconds": seconds_before + time.perf_counter() - t0,
+                   "final_loss": loss_ema, "device": str(dev),
+                   **({"resumed_at_step": start} if start else {})}
 
 
 @torch.no_grad()

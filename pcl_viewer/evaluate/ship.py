@@ -8,13 +8,13 @@ carries that row's line of the benchmark table (``benchmark.csv``) when one is g
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from pcl_viewer.evaluate.benchmark import ROW_BY_SLUG, BenchPreset
 from pcl_viewer.evaluate.benchmark_inputs import generate_phantom, git_commit, load_arrays
+from pcl_viewer.train.checkpoint import remove_checkpoint
 from pcl_viewer.train.finetune import FinetuneConfig, finetune, save_segmentation_bundle
 
 # Shipped-model recipe: the fine-tuning of docs/method.md §4 with a milder crop (whole-image use) and
@@ -188,8 +188,7 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                                 "dice_easy": 97.0}},
     }
     save_segmentation_bundle(out, model, card)
-    for name in ("last", ".last.old"):  # only what finetune wrote, then the folder if empty
-        shutil.rmtree(Path(checkpoint) / name, ignore_errors=True)
+    remove_checkpoint(Path(checkpoint) / "last")  # what finetune wrote, then the folder if empty
     with contextlib.suppress(OSError):
         Path(checkpoint).rmdir()
     return Path(out)

@@ -81,6 +81,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     return _unflatten(json.loads((path / _J).read_text()), tensors)
 
 
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint written by :func:`save_checkpoint`, and the ``.old`` copy a
+    kill between the two renames can leave; nothing else beside it is touched."""
+    import shutil
+
+    path = Path(path)
+    for p in (path, path.with_name(f".{path.name}.old")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def rng_state() -> dict[str, Any]:
     """torch CPU RNG state (numpy generators are passed explicitly and saved by callers)."""
     return {"torch": torch.get_rng_state()}

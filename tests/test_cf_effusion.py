@@ -451,3 +451,66 @@ def test_a_multiscale_head_warm_started_from_a_local_one_computes_the_same():
     flip[:, 2] = 1 - flip[:, 2]
     a, b = local.abduct(x, PARENTS), wide.abduct(x, PARENTS)
     assert torch.allclose(local.decode(a, flip), wide.decode(b, flip), atol=1e-6)
+
+
+# -- coarse effusion stages --------------------------------------------------------------
+def _coarse_hvae() -> HVAE:
+    model = _fluid_hvae("head", fluid_coords=True, fluid_coarse=8)
+    with torch.no_grad():  # the head off: only the coarse stages carry the effusion parent
+        model.fluid_head.c3.weight.zero_()
+        model.fluid_head.c3.bias.zero_()
+    return model
+
+
+def test_coarse_effusion_stages_sit_at_the_resolutions_asked_for():
+    model = _coarse_hvae()
+    assert sorted(model.fluid_coarse.keys()) == ["4", "8"]  # work 16: stages 16, 8, 4
+    with pytest.raises(ValueError, match="needs the fluid head"):
+        HVAE(HVAEConfig(image_size=S, work_size=16, widths=(8, 16, 16), blocks=(1, 1, 1),
+                        latents={4: 4, 8: 4}, embed_dim=8, bottleneck=2, fluid_coarse=8))
+
+
+def test_coarse_stages_change_the_whole_image_and_only_under_effusion():
+    model = _coarse_hvae()
+    x = torch.rand(4, 1, S, S, generator=torch.Generator().manual_seed(3))
+    lat = model.abduct(x, PARENTS)
+    mu = lat.pop("mu")
+    flip = PARENTS.clone()
+    flip[:, 2] = 1 - flip[:, 2]
+    change = (model.decode(lat, flip) - mu).abs()
+    # an 8 px stage upsampled twice reaches every pixel, unlike the 5 px fluid head
+    assert (change > 1e-4).float().mean() > 0.9
+    # a scanner intervention with effusion absent on both sides: the stages add nothing, so
+    # the model decodes exactly what it does with the stages removed
+    plain = HVAE(replace(model.cfg, fluid_coarse=0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("fluid_coarse.")})
+    none = torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    scan = none.clone()
+    scan[:, 0] = 1 - scan[:, 0]
+    a, b = model.abduct(x[:2], none), plain.abduct(x[:2], none)
+    assert torch.allclose(model.decode(a, scan), plain.decode(b, scan), atol=1e-6)
+
+
+def test_coarse_stages_learn_from_the_pairs_not_from_the_elbo():
+    model = _coarse_hvae().train()
+    x = torch.rand(2, 1, S, S)
+    pa = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.float32)
+    model(x, pa)["loss"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.fluid_coarse.parameters())
+    model.zero_grad()
+    model.cf_pair_loss(x, pa, x.flip(0), pa * torch.tensor([1.0, 1.0, 0.0])).backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.fluid_coarse.parameters()) > 0
+
+
+def test_coarse_stages_warm_started_from_a_bundle_without_them_compute_the_same():
+    local = _fluid_hvae("head", fluid_coords=True)
+    torch.manual_seed(5)
+    wide = HVAE(replace(local.cfg, fluid_coarse=8)).eval()
+    missing, unexpected = wide.load_state_dict(local.state_dict(), strict=False)
+    assert missing and not unexpected and all(k.startswith("fluid_coarse.") for k in missing)
+    x = torch.rand(4, 1, S, S, generator=torch.Generator().manual_seed(2))
+    flip = PARENTS.clone()
+    flip[:, 2] = 1 - flip[:, 2]
+    a, b = local.abduct(x, PARENTS), wide.abduct(x, PARENTS)
+    assert torch.allclose(local.decode(a, flip), wide.decode(b, flip), atol=1e-6)

@@ -245,6 +245,7 @@ HVAE_SCHEMA = _object({
     "fluid_aux": _float(0.0, 1000.0),
     "fluid_coords": _bool,
     "fluid_head": _str(16, choices=("local", "multiscale")),
+    "fluid_coarse": _int(0, 1024),
 })
 CLASSIFIER_SCHEMA = _object({
     "image_size": _SIZE,

@@ -105,6 +105,13 @@ class HVAEConfig:
     # diaphragm are) and adds a 32/16 px branch modulated by u_f, so a change can follow a
     # hemithorax. The new inputs start at zero: a warm start computes what its bundle did.
     fluid_head: str = "local"
+    # Effusion also acts on the decoder's features at every resolution <= this many working
+    # pixels (0: off; needs the fluid head): after each such stage, ``effusion * G(h, u_f)``
+    # is added, G a small convolution FiLM-modulated by u_f (CoarseFluid). The fluid head
+    # alone paints fluid where fluid is; a scanner's local contrast equalisation also
+    # re-maps the brightness of the whole region around the fluid, a smooth, non-local
+    # change that the coarse stages can draw. Zero at start: a warm start is unchanged.
+    fluid_coarse: int = 0
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -305,6 +312,13 @@ class HVAE(nn.Module):
         self.fluid_head = (FluidHead(w[0], cfg.fluid_dim, coords=cfg.fluid_coords,
                                      multiscale=cfg.fluid_head == "multiscale")
                            if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
+        if cfg.fluid_coarse and self.fluid_head is None:
+            raise ValueError("fluid_coarse needs the fluid head (fluid_dim > 0, fluid_mode head)")
+        # Effusion on the coarse decoder stages, keyed by resolution (see HVAEConfig).
+        self.fluid_coarse = (nn.ModuleDict({str(res[i]): CoarseFluid(w[i], cfg.fluid_dim)
+                                            for i in range(len(w))
+                                            if res[i] <= cfg.fluid_coarse})
+                             if cfg.fluid_coarse else None)
         # Readout of the SCM's effusion noise from u_f: 3 side logits and the severity.
         self.fluid_readout = (nn.Linear(cfg.fluid_dim, 4)
                               if cfg.fluid_dim and cfg.fluid_aux > 0 else None)
@@ -378,6 +392,18 @@ class HVAE(nn.Module):
         # 1x1 before upsampling: the same map at a quarter of the cost.
         return F.interpolate(self.dec_up[i](h), scale_factor=2, mode="nearest")
 
+    def _coarse(self, h: torch.Tensor, pa: torch.Tensor, fluid: torch.Tensor | None,
+                detach: bool = False) -> torch.Tensor:
+        """``h`` (B, C, r, r) after a decoder stage, plus ``effusion * G_r(h, u_f)`` where the
+        stage is coarse enough (``cfg.fluid_coarse``); ``u_f`` None: its prior mean 0.
+        ``detach``: G enters as a constant (the ELBO's view, as for the fluid head)."""
+        if self.fluid_coarse is None or str(h.shape[-1]) not in self.fluid_coarse:
+            return h
+        if fluid is None:
+            fluid = h.new_zeros(h.shape[0], self.cfg.fluid_dim)
+        g: torch.Tensor = self.fluid_coarse[str(h.shape[-1])](h, fluid)
+        return h + pa[:, 2, None, None, None].to(h.dtype) * (g.detach() if detach else g)
+
     def _to_image(self, h: torch.Tensor, pa: torch.Tensor | None = None,
                   fluid: torch.Tensor | None = None, detach_fluid: bool = False,
                   xw: torch.Tensor | None = None) -> torch.Tensor:
@@ -433,7 +459,7 @@ class HVAE(nn.Module):
                     h = block.step(h, z, feat, e)
                 else:
                     h = block(h, e)
-            h = self._up(i, h)
+            h = self._up(i, self._coarse(h, pa, fluid, detach=True))
         # The ELBO takes the fluid head's output as given: the head learns only from
         # counterfactual pairs and the rest of the decoder learns to leave the fluid to it.
         # (Trained jointly, the reconstruction term held the head at zero: the latents
@@ -531,7 +557,7 @@ class HVAE(nn.Module):
                     h = block.step(h, z, feat, e)
                 else:
                     h = block(h, e)
-            h = self._up(i, h)
+            h = self._up(i, self._coarse(h, pa, fluid))
         latents: dict[str, Any] = {"z": zs, "u": us}
         if xw is not None and self._reads_image:
             latents["xw"] = xw
@@ -557,7 +583,7 @@ class HVAE(nn.Module):
                     h = block.step(h, z, feat, e)
                 else:
                     h = block(h, e)
-            h = self._up(i, h)
+            h = self._up(i, self._coarse(h, pa, fluid))
         return self._to_image(h, pa, fluid, xw=latents.get("xw"))
 
     @property
@@ -650,6 +676,14 @@ class HVAE(nn.Module):
         return self.to_image(self._decode_walk(latents, pa, latents.get("fluid"), mode))
 
 
+def _coord_grid(h: torch.Tensor) -> torch.Tensor:
+    """``(1, 2, H, W)`` pixel coordinates (x, y) in [-1, 1] for features ``h`` (B, C, H, W)."""
+    ramp_x = torch.linspace(-1.0, 1.0, h.shape[-1], device=h.device, dtype=h.dtype)
+    ramp_y = torch.linspace(-1.0, 1.0, h.shape[-2], device=h.device, dtype=h.dtype)
+    return torch.stack([ramp_x[None, :].expand(h.shape[-2], -1),
+                        ramp_y[:, None].expand(-1, h.shape[-1])])[None]
+
+
 class FluidHead(nn.Module):
     """Fluid of an effusion in pre-tanh units: ``(B, C, W, W)`` decoder features and ``(B, F)``
     effusion noise (and, when ``multiscale``, the ``(B, 1, W, W)`` working-size image) ->
@@ -697,10 +731,7 @@ class FluidHead(nn.Module):
                 xw: torch.Tensor | None = None) -> torch.Tensor:
         y = self.c1(F.gelu(h))
         if self.coord is not None:
-            ramp = torch.linspace(-1.0, 1.0, h.shape[-1], device=h.device, dtype=h.dtype)
-            grid = torch.stack([ramp[None, :].expand(h.shape[-2], -1),
-                                ramp[:, None].expand(-1, h.shape[-1])])
-            y = y + self.coord(grid[None])
+            y = y + self.coord(_coord_grid(h))
         if self.multiscale:
             if xw is None:
                 raise ValueError("a multiscale fluid head needs the working-size image")
@@ -715,6 +746,31 @@ class FluidHead(nn.Module):
                                             align_corners=False))
         y = self._film(self.c2(y), self.film2, fluid)
         out: torch.Tensor = self.c3(y)
+        return out
+
+
+class CoarseFluid(nn.Module):
+    """Effusion's change of coarse decoder features: ``(B, C, r, r)`` features and ``(B, F)``
+    effusion noise -> ``(B, C, r, r)``, added to the features times the effusion parent.
+
+    A 3x3 convolution (plus the pixel coordinates through a 1x1 one, so the noise can pick a
+    side) FiLM-modulated by the noise, then a 1x1 convolution back to the stage's width that
+    starts at zero: a model warm-started from a bundle without it computes what the bundle
+    did.
+    """
+
+    def __init__(self, width: int, fluid_dim: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(width, hidden, 3, padding=1)
+        self.coord = nn.Conv2d(2, hidden, 1)
+        self.film = nn.Linear(fluid_dim, 2 * hidden)
+        self.c2 = nn.Conv2d(hidden, width, 1)
+        _zero_(self.c2)
+
+    def forward(self, h: torch.Tensor, fluid: torch.Tensor) -> torch.Tensor:
+        y = self.c1(F.gelu(h)) + self.coord(_coord_grid(h))
+        scale, shift = self.film(fluid)[:, :, None, None].chunk(2, dim=1)
+        out: torch.Tensor = self.c2(F.gelu(y * (1 + scale) + shift))
         return out
 
 

@@ -35,6 +35,9 @@ from pcl_viewer.train.checkpoint import load_checkpoint, save_checkpoint
 from pcl_viewer.train.schedule import lr_factor
 
 STAGES = ("classifier", "hvae", "done")
+# Parameters of the effusion path (noise encoder, fluid head, coarse effusion stages): their
+# own learning-rate multiplier (--fluid-lr-scale).
+_FLUID_PARAMS = ("fluid_head", "enc_fluid", "fluid_coarse")
 
 #: Run length and batch of each preset (:meth:`CFTrainConfig.for_preset`); the rest of
 #: :class:`CFTrainConfig` is the same for every preset.
@@ -181,9 +184,9 @@ class _Run:
         self.ema.load_state_dict(self.hvae.state_dict())
         self.ema.requires_grad_(False)
         self.cls_opt = torch.optim.AdamW(self.cls.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
-        fluid = [p for n, p in self.hvae.named_parameters() if n.startswith(("fluid_head", "enc_fluid"))]
+        fluid = [p for n, p in self.hvae.named_parameters() if n.startswith(_FLUID_PARAMS)]
         rest = [p for n, p in self.hvae.named_parameters()
-                if not n.startswith(("fluid_head", "enc_fluid"))]
+                if not n.startswith(_FLUID_PARAMS)]
         groups = [{"params": rest, "lr_scale": 1.0}]
         if fluid:
             groups.append({"params": fluid, "lr_scale": cfg.fluid_lr_scale})

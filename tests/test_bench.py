@@ -542,3 +542,38 @@ def test_readme_gets_the_section_between_its_markers_and_nothing_else(grid, tmp_
     assert CliRunner().invoke(bench, [*args[:-1], str(crlf)]).exit_code == 0
     raw = crlf.read_bytes().decode("utf-8")
     assert raw.startswith("Dagger \u2020\r\n") and "\n" not in raw.replace("\r\n", "")
+
+
+def test_a_bundle_is_scored_on_every_fold_s_test_images_once():
+    from pcl_viewer.evaluate.benchmark import score_bundle_on_folds
+    from pcl_viewer.evaluate.folds import patient_folds
+
+    preset = bench_preset("smoke")
+    sets = _toy_sets()
+    rows = score_bundle_on_folds(preset, sets, build_unet("smoke").eval())
+    assert [r["fold"] for r in rows] == list(preset.fold_ids())
+    folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
+    for r in rows:
+        test = folds[r["fold"]][1]
+        assert r["overall"]["n"] == len(test) and r["pe"]["n"] == int(sets.effusion[test].sum())
+        assert 0 <= r["overall"]["dice"] <= 100 and set(sets.ood) <= set(r)
+
+
+def test_score_bundle_prints_the_folds_and_refuses_another_image_size(tmp_path):
+    from click.testing import CliRunner
+
+    from pcl_viewer.commands.bench import bench
+
+    bundle = tmp_path / "seg"
+    save_segmentation_bundle(bundle, build_unet("smoke"), {"name": "toy", "kind": "segmentation"})
+    args = ["--preset", "smoke", "--cache", str(tmp_path / "cache"), "--score-bundle", str(bundle)]
+    r = CliRunner().invoke(bench, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    lines = r.output.splitlines()
+    assert "overall" in lines[1] and "w74" in lines[1]
+    n_folds = len(bench_preset("smoke").fold_ids())
+    assert [ln.split()[0] for ln in lines[2:2 + n_folds]] == [str(k) for k in range(n_folds)]
+    assert lines[2 + n_folds].startswith("mean")
+    assert not list((tmp_path / "cache" / "runs").rglob("fold*.json"))  # no cell was run
+    r = CliRunner().invoke(bench, [*args[:-1], "seg-cpu"])  # the shipped 128 px bundle
+    assert r.exit_code != 0 and "takes 128 px images" in r.output

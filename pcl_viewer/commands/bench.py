@@ -69,6 +69,40 @@ def load_sets(cfg, data_root: Path, runs: Path, cf_bundle: str | None, real: Pat
     return sets, RowInitialiser(cfg, data_root, runs, cf_bundle=cf_bundle, real_pool=pool)
 
 
+def _score_bundle(cfg, data_root: Path, runs: Path, real: Path | None, bundle: str) -> None:
+    """Print a segmentation bundle's Dice (%) on each fold's test images and the mean, in
+    the table's columns (w74: nf and pe re-weighted to 74 % effusion)."""
+    import numpy as np
+
+    from pcl_viewer.evaluate.benchmark import score_bundle_on_folds
+    from pcl_viewer.evaluate.phantom_eval import load_segmenter
+    from pcl_viewer.models.bundle import BundleError
+
+    try:
+        model, size, info = load_segmenter(bundle)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if size != cfg.image_size:
+        raise click.ClickException(f"{info.path} takes {size} px images, the {cfg.name} "
+                                   f"preset's are {cfg.image_size} px")
+    sets, _ = load_sets(cfg, data_root, runs, None, real)
+    rows = score_bundle_on_folds(cfg, sets, model)
+    cols = ("overall", "nf", "pe", *sets.ood)
+    click.echo(f"bundle {info.path} ({info.fingerprint}) on the {cfg.name} preset's test folds "
+               f"({sets.description}); Dice %")
+    click.echo("fold  " + "  ".join(f"{c:>9s}" for c in (*cols, "w74")))
+    table = []
+    for r in rows:
+        vals = [r[c]["dice"] for c in cols]
+        vals.append(0.74 * r["pe"]["dice"] + 0.26 * r["nf"]["dice"])
+        table.append(vals)
+        click.echo(f"{r['fold']:>4d}  " + "  ".join(f"{v:9.2f}" for v in vals))
+    mean, std = np.mean(table, axis=0), np.std(table, axis=0, ddof=1) if len(table) > 1 else None
+    click.echo("mean  " + "  ".join(f"{v:9.2f}" for v in mean))
+    if std is not None:
+        click.echo("std   " + "  ".join(f"{v:9.2f}" for v in std))
+
+
 def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None,
                    real: Path | None = None) -> None:
     """Generate the gold/OOD sets and the pool, and cache the model views, once.
@@ -150,6 +184,11 @@ def prepare_inputs(cfg, data_root: Path, runs: Path, rows, cf_bundle: str | None
 @click.option("--ship-n", default=2000, show_default=True, help="Gold-labelled pool size.")
 @click.option("--ship-seed", default=201, show_default=True, help="Seed of that pool.")
 @click.option("--ship-epochs", default=None, type=int, help="Epochs (default: the recipe's).")
+@click.option("--score-bundle", default=None,
+              help="Instead of the grid: score this segmentation bundle (a folder or a name "
+                   "under resources/models) on the test images of the chosen folds, with the "
+                   "metrics of the full-budget cells, to set it beside the table's rows. It "
+                   "must not have been trained on the benchmark's gold set.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Fine-tuning and prediction device (cells, Segmentation rows, --ship): auto = "
                    "cuda, else mps, else cpu; bfloat16 autocast on cuda. Pre-training picks "
@@ -161,7 +200,7 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
           jobs: int, loss: str | None,
           pretrain_first: bool, threads: int,
           ship: Path | None, ship_row: str, ship_n: int, ship_seed: int,
-          ship_epochs: int | None, device: str) -> None:
+          ship_epochs: int | None, score_bundle: str | None, device: str) -> None:
     """Fine-tuning benchmark: every row x seed x fold x label budget not done yet.
 
     Resumable: finished cells (CACHE/runs/PRESET/DATA/cells/ROW/seedS/foldK-BUDGET.json,
@@ -222,6 +261,10 @@ def bench(preset: str, out: Path | None, figures: Path | None, cache: Path, rows
                               benchmark=benchmark_line(out / "benchmark.csv", ship_row),
                               commit=commit)
         click.echo(f"wrote {ship}")
+        return
+    if score_bundle is not None:
+        with default_device(dev):
+            _score_bundle(cfg, cache / "data" / preset, runs, real, score_bundle)
         return
     if prepare:
         prepare_inputs(cfg, cache / "data" / preset, runs, chosen, cf_bundle, real)

@@ -221,6 +221,17 @@ def score_subsets(model, sets: BenchSets, test_idx: np.ndarray, ood: bool = True
     return out
 
 
+def score_bundle_on_folds(preset: BenchPreset, sets: BenchSets, model) -> list[dict]:
+    """Scores of a trained segmenter on the test images of every fold the preset runs: the
+    same images, subsets and metrics as the full-budget cells (:func:`score_subsets`), so
+    a model trained elsewhere (e.g. the shipped one) sits beside the table's rows.
+
+    Returns one ``{"fold": k, "overall": {...}, "nf": ..., "pe": ..., <ood>: ...}`` per fold.
+    """
+    folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
+    return [{"fold": k, **score_subsets(model, sets, folds[k][1])} for k in preset.fold_ids()]
+
+
 @dataclass
 class Cell:
     row: Row

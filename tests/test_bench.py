@@ -577,3 +577,14 @@ def test_score_bundle_prints_the_folds_and_refuses_another_image_size(tmp_path):
     assert not list((tmp_path / "cache" / "runs").rglob("fold*.json"))  # no cell was run
     r = CliRunner().invoke(bench, [*args[:-1], "seg-cpu"])  # the shipped 128 px bundle
     assert r.exit_code != 0 and "takes 128 px images" in r.output
+
+
+def test_label_efficiency_axis_keeps_every_budget_s_rows_and_clips_only_outliers():
+    from pcl_viewer.evaluate.benchmark_report import _efficiency_floor
+
+    eff = [{"budget": "8", "dsc": d} for d in (75.4, 77.0, 81.0, 89.8, 20.0)]
+    eff += [{"budget": "all", "dsc": d} for d in (89.3, 90.7, 91.8, float("nan"))]
+    # the 8-label rows at 75-81 stay on the axis although the full budget sits at 89-92;
+    # the collapsed 20 % cell is clipped
+    assert _efficiency_floor(eff) == pytest.approx(73.4)
+    assert _efficiency_floor([]) == 0.0

@@ -636,6 +636,17 @@ def plot_benchmark(main: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def _efficiency_floor(eff: list[dict]) -> float:
+    """Lower y limit of the label-efficiency plot: 2 points under the lowest mean Dice that
+    is not a far outlier (more than 10 points below the median of its budget; a collapsed
+    fold would squash every other line, so outliers are clipped to the axis and labelled)."""
+    kept: list[float] = []
+    for b in {e["budget"] for e in eff}:
+        at = np.array([e["dsc"] for e in eff if e["budget"] == b and np.isfinite(e["dsc"])])
+        kept += [float(v) for v in at[at >= np.median(at) - 10]] if at.size else []
+    return min(kept) - 2 if kept else 0.0
+
+
 def plot_label_efficiency(eff: list[dict], path: Path) -> None:
     """Dice against the number of labelled images, one line per method (log x)."""
     plt = pyplot()
@@ -645,10 +656,7 @@ def plot_label_efficiency(eff: list[dict], path: Path) -> None:
     budgets = sorted({e["budget"] for e in eff}, key=_budget_key)
     pos = {b: i for i, b in enumerate(budgets)}
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
-    vals = np.array([e["dsc"] for e in eff if np.isfinite(e["dsc"])])
-    # Far outliers (a collapsed fold) would squash every other line: clip them to the
-    # axis and print their value instead.
-    lo = max(float(vals.min()) - 1, float(np.median(vals)) - 10) if vals.size else 0.0
+    lo = _efficiency_floor(eff)
     off = []
     for i, m in enumerate(methods):
         es = sorted((e for e in eff if e["method"] == m), key=lambda e: _budget_key(e["budget"]))

@@ -74,7 +74,7 @@ def _score_bundle(cfg, data_root: Path, runs: Path, real: Path | None, bundle: s
     the table's columns (w74: nf and pe re-weighted to 74 % effusion)."""
     import numpy as np
 
-    from pcl_viewer.evaluate.benchmark import score_bundle_on_folds
+    from pcl_viewer.evaluate.benchmark import PAPER_EFFUSION_SHARE, score_bundle_on_folds
     from pcl_viewer.evaluate.phantom_eval import load_segmenter
     from pcl_viewer.models.bundle import BundleError
 
@@ -94,7 +94,8 @@ def _score_bundle(cfg, data_root: Path, runs: Path, real: Path | None, bundle: s
     table = []
     for r in rows:
         vals = [r[c]["dice"] for c in cols]
-        vals.append(0.74 * r["pe"]["dice"] + 0.26 * r["nf"]["dice"])
+        w = PAPER_EFFUSION_SHARE
+        vals.append(w * r["pe"]["dice"] + (1 - w) * r["nf"]["dice"])
         table.append(vals)
         click.echo(f"{r['fold']:>4d}  " + "  ".join(f"{v:9.2f}" for v in vals))
     mean, std = np.mean(table, axis=0), np.std(table, axis=0, ddof=1) if len(table) > 1 else None

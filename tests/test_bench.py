@@ -544,13 +544,22 @@ def test_readme_gets_the_section_between_its_markers_and_nothing_else(grid, tmp_
     assert raw.startswith("Dagger \u2020\r\n") and "\n" not in raw.replace("\r\n", "")
 
 
-def test_a_bundle_is_scored_on_every_fold_s_test_images_once():
+def test_a_bundle_is_scored_on_every_fold_s_test_images_once(monkeypatch):
+    from pcl_viewer.evaluate import benchmark
     from pcl_viewer.evaluate.benchmark import score_bundle_on_folds
     from pcl_viewer.evaluate.folds import patient_folds
 
     preset = bench_preset("smoke")
     sets = _toy_sets()
+    calls = []
+    real_predict = benchmark.predict
+    monkeypatch.setattr(benchmark, "predict",
+                        lambda model, x: calls.append(len(x)) or real_predict(model, x))
     rows = score_bundle_on_folds(preset, sets, build_unet("smoke").eval())
+    # each fold's test images once, each out-of-distribution set once (it has no folds)
+    assert len(calls) == len(preset.fold_ids()) + len(sets.ood) and sets.ood
+    for name in sets.ood:
+        assert all(r[name] == rows[0][name] for r in rows)
     assert [r["fold"] for r in rows] == list(preset.fold_ids())
     folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
     for r in rows:

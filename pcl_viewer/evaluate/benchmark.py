@@ -227,9 +227,15 @@ def score_bundle_on_folds(preset: BenchPreset, sets: BenchSets, model) -> list[d
     a model trained elsewhere (e.g. the shipped one) sits beside the table's rows.
 
     Returns one ``{"fold": k, "overall": {...}, "nf": ..., "pe": ..., <ood>: ...}`` per fold.
+    The out-of-distribution sets do not depend on the fold: they are scored once and
+    their scores repeated in every fold's record.
     """
     folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
-    return [{"fold": k, **score_subsets(model, sets, folds[k][1])} for k in preset.fold_ids()]
+    out = [{"fold": k, **score_subsets(model, sets, folds[k][1], ood=k == preset.fold_ids()[0])}
+           for k in preset.fold_ids()]
+    for rec in out[1:]:
+        rec.update({name: dict(out[0][name]) for name in sets.ood})
+    return out
 
 
 @dataclass

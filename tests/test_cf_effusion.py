@@ -173,6 +173,26 @@ def test_dice_gap_uses_the_segmenter_on_model_and_true_counterfactuals():
     assert m["dice_model_cf"] < 100.0 and m["dice_gap_points"] > 0
 
 
+def test_add_dice_gap_is_also_given_where_the_model_drew_the_true_side():
+    lab = np.zeros((S, S), np.uint8)
+    lab[4:28, 4:12] = 1
+    lab[4:28, 20:28] = 2
+
+    def segment(images: np.ndarray) -> np.ndarray:  # lung where the image is dark
+        return np.where(images[:, 0] < 0.55, lab[None], 0).astype(np.uint8)
+
+    x = np.full((4, 1, S, S), 0.2, np.float32)
+    truth = x + blob("right", 0.6)[None]
+    x_cf = np.stack([x[i] + blob(side, 0.6) for i, side in
+                     enumerate(["right", "left", "left", "right"])])
+    masks = segment(truth)  # the true counterfactual's gold: fluid-covered lung left out
+    m = effusion_direction_metrics("add", x, x_cf, x, truth, None, None, segment, masks)
+    assert m["n_side_matched"] == 2
+    assert m["dice_true_cf"] == pytest.approx(100.0) and m["dice_gap_points"] > 0
+    # where the drawn side is the true one the drawn fluid is the truth's: no gap there
+    assert m["dice_gap_points_side_matched"] == pytest.approx(0.0)
+
+
 def _fluid_hvae(mode: str = "embed", **extra) -> HVAE:
     torch.manual_seed(0)
     cfg = HVAEConfig(image_size=S, work_size=16, widths=(8, 16, 16), blocks=(1, 1, 1),

@@ -287,6 +287,11 @@ def effusion_direction_metrics(direction: str, x: np.ndarray, x_cf: np.ndarray,
         m["dice_model_cf"] = float(100 * d_model.mean())
         m["dice_true_cf"] = float(100 * d_true.mean())
         m["dice_gap_points"] = m["dice_true_cf"] - m["dice_model_cf"]
+        if direction == "add" and match.any():
+            # the drawn fluid is not the truth's draw, so the gold masks of the true
+            # counterfactuals fit the model's image only where it drew the same side
+            m["dice_gap_points_side_matched"] = float(100 * (d_true[match].mean()
+                                                             - d_model[match].mean()))
     return m
 
 

@@ -158,6 +158,11 @@ def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(data, 
     with torch.no_grad():  # and from here on it is a parameter like any other
         run.ema.parent_embed[0].weight[:, 3:] = 1.0
     assert not torch.allclose(run.ema.abduct(x, pa)["mu"][1:3], ref[1:3], atol=1e-4)
+    # a warm-started run that is stopped and resumed still names the bundle it began from
+    c.steps, c.checkpoint_every = 2, 1
+    train_cf(data, c, tmp_path / "run2", progress=False, stop_after=1)
+    resumed = train_cf(data, c, tmp_path / "run2", progress=False)
+    assert resumed.stage == "done" and resumed.init_info == run.init_info
 
 
 def test_until_step_stops_the_hvae_stage_and_a_rerun_continues_exactly(data, reference,

@@ -74,7 +74,8 @@ def _score_bundle(cfg, data_root: Path, runs: Path, real: Path | None, bundle: s
     the table's columns (w74: nf and pe re-weighted to 74 % effusion)."""
     import numpy as np
 
-    from pcl_viewer.evaluate.benchmark import PAPER_EFFUSION_SHARE, score_bundle_on_folds
+    from pcl_viewer.evaluate.benchmark import score_bundle_on_folds
+    from pcl_viewer.evaluate.benchmark_report import dice_w74
     from pcl_viewer.evaluate.phantom_eval import load_segmenter
     from pcl_viewer.models.bundle import BundleError
 
@@ -93,9 +94,8 @@ def _score_bundle(cfg, data_root: Path, runs: Path, real: Path | None, bundle: s
     click.echo("fold  " + "  ".join(f"{c:>9s}" for c in (*cols, "w74")))
     table = []
     for r in rows:
-        vals = [r[c]["dice"] for c in cols]
-        w = PAPER_EFFUSION_SHARE
-        vals.append(w * r["pe"]["dice"] + (1 - w) * r["nf"]["dice"])
+        w74 = dice_w74(r)
+        vals = [r[c]["dice"] for c in cols] + [float("nan") if w74 is None else w74]
         table.append(vals)
         click.echo(f"{r['fold']:>4d}  " + "  ".join(f"{v:9.2f}" for v in vals))
     mean, std = np.mean(table, axis=0), np.std(table, axis=0, ddof=1) if len(table) > 1 else None

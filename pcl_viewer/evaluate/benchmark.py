@@ -215,7 +215,15 @@ def score_subsets(model, sets: BenchSets, test_idx: np.ndarray, ood: bool = True
         m = s.mean(mask)
         n = int(len(test_idx) if mask is None else mask.sum())
         out[name] = {"dice": 100 * m["dice"], "hd95": m["hd95"], "asd": m["asd"], "n": n}
-    for name, (imgs, masks) in (sets.ood.items() if ood else ()):
+    if ood:
+        out.update(score_ood(model, sets))
+    return out
+
+
+def score_ood(model, sets: BenchSets) -> dict[str, dict]:
+    """Mean Dice (%), HD95 and ASD of ``model`` on each out-of-distribution set."""
+    out: dict[str, dict] = {}
+    for name, (imgs, masks) in sets.ood.items():
         m = segmentation_scores(predict(model, imgs), masks).mean()
         out[name] = {"dice": 100 * m["dice"], "hd95": m["hd95"], "asd": m["asd"], "n": len(imgs)}
     return out
@@ -231,11 +239,9 @@ def score_bundle_on_folds(preset: BenchPreset, sets: BenchSets, model) -> list[d
     their scores repeated in every fold's record.
     """
     folds = patient_folds(sets.effusion, sets.patients, preset.n_folds, preset.fold_seed)
-    out = [{"fold": k, **score_subsets(model, sets, folds[k][1], ood=k == preset.fold_ids()[0])}
-           for k in preset.fold_ids()]
-    for rec in out[1:]:
-        rec.update({name: dict(out[0][name]) for name in sets.ood})
-    return out
+    ood = score_ood(model, sets)
+    return [{"fold": k, **score_subsets(model, sets, folds[k][1], ood=False),
+             **{name: dict(v) for name, v in ood.items()}} for k in preset.fold_ids()]
 
 
 @dataclass

@@ -86,13 +86,19 @@ def _finite(v) -> bool:
     return v is not None and bool(np.isfinite(v))
 
 
+def dice_w74(scores: dict) -> float | None:
+    """The nf and pe mean Dice of one cell's ``scores`` re-weighted to the paper's effusion
+    share (None when either subset is empty or not finite)."""
+    nf, pe = scores.get("nf", {}).get("dice"), scores.get("pe", {}).get("dice")
+    if not (_finite(nf) and _finite(pe)) or not scores["nf"].get("n", 1) \
+            or not scores["pe"].get("n", 1):
+        return None
+    return PAPER_EFFUSION_SHARE * pe + (1 - PAPER_EFFUSION_SHARE) * nf
+
+
 def _value(scores: dict, key: str) -> float | None:
-    if key == "dsc_w74":  # nf and pe means re-weighted to the paper's effusion share
-        nf, pe = scores.get("nf", {}).get("dice"), scores.get("pe", {}).get("dice")
-        if not (_finite(nf) and _finite(pe)) or not scores["nf"].get("n", 1) \
-                or not scores["pe"].get("n", 1):
-            return None
-        return PAPER_EFFUSION_SHARE * pe + (1 - PAPER_EFFUSION_SHARE) * nf
+    if key == "dsc_w74":
+        return dice_w74(scores)
     subset, metric = _METRIC_OF[key]
     return scores.get(subset, {}).get(metric)
 

@@ -205,7 +205,7 @@ class _Run:
                 "torch_rng": torch.get_rng_state(), "np_rng": self.rng.bit_generator.state,
                 "history": self.history, "skipped": self.skipped, "seconds": self.seconds,
                 # the warm start's bundle and fingerprint, so a resumed run's card names it
-                "init_json": json.dumps(self.init_info),
+                "init_info": self.init_info,
                 **({"cuda_rng": torch.cuda.get_rng_state(self.device)}
                    if self.device.type == "cuda" else {})}
 
@@ -222,7 +222,7 @@ class _Run:
         self.rng.bit_generator.state = s["np_rng"]
         self.history, self.skipped = list(s["history"]), int(s["skipped"])
         self.seconds = float(s["seconds"])
-        self.init_info = json.loads(s.get("init_json", "null"))  # older checkpoints: unknown
+        self.init_info = s.get("init_info")  # None in older checkpoints: unknown
 
 
 def init_from_bundle(run: _Run, path: str | Path) -> dict[str, int]:

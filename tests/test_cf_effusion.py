@@ -459,7 +459,8 @@ def test_a_multiscale_head_reads_the_image_over_a_whole_hemithorax():
 
 
 @pytest.mark.parametrize("option, prefix", [({"fluid_head": "multiscale"}, "fluid_head."),
-                                            ({"fluid_coarse": 8}, "fluid_coarse.")])
+                                            ({"fluid_coarse": 8}, "fluid_coarse."),
+                                            ({"fluid_remap": 4}, "fluid_remap.")])
 def test_a_wider_effusion_path_warm_started_from_a_local_head_computes_the_same(option, prefix):
     """The layers a local head lacks (a multiscale head's, the coarse stages) start at zero,
     so a warm start changes nothing until training moves them."""
@@ -523,3 +524,77 @@ def test_coarse_stages_learn_from_the_pairs_not_from_the_elbo():
     model.zero_grad()
     model.cf_pair_loss(x, pa, x.flip(0), pa * torch.tensor([1.0, 1.0, 0.0])).backward()
     assert sum(float(p.grad.abs().sum()) for p in model.fluid_coarse.parameters()) > 0
+
+
+# -- tone re-mapping around the fluid ------------------------------------------------------
+def _remap_hvae() -> HVAE:
+    model = _fluid_hvae("head", fluid_coords=True, fluid_remap=4)
+    torch.manual_seed(7)
+    with torch.no_grad():  # the head off, the re-mapping on: only it carries effusion
+        model.fluid_head.c3.weight.zero_()
+        model.fluid_head.c3.bias.zero_()
+        torch.nn.init.normal_(model.fluid_remap.c3.weight, std=0.5)
+    return model
+
+
+def test_a_tone_remapping_needs_the_fluid_head_and_fits_the_working_size():
+    base = dict(image_size=S, work_size=16, widths=(8, 16, 16), blocks=(1, 1, 1),
+                latents={4: 4, 8: 4}, embed_dim=8, bottleneck=2)
+    with pytest.raises(ValueError, match="needs the fluid head"):
+        HVAE(HVAEConfig(**base, fluid_remap=4))
+    with pytest.raises(ValueError, match="exceeds the working size"):
+        HVAE(HVAEConfig(**base, fluid_dim=2, fluid_mode="head", fluid_remap=32))
+
+
+def test_a_tone_remapping_changes_each_pixel_by_a_curve_of_its_own_brightness():
+    """Two pixels of one cell with the same features get different changes when their
+    brightness differs (a re-mapped tone curve), and the same change when it does not."""
+    from pcl_viewer.models.hvae import LocalRemap
+
+    torch.manual_seed(0)
+    remap = LocalRemap(8, 2, grid=2)
+    for p in remap.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    h, u = torch.zeros(1, 8, 16, 16), torch.zeros(1, 2)
+    x = torch.full((1, 1, 16, 16), 0.5)
+    flat = remap(h, u, x)[0, 0]
+    x2 = x.clone()
+    x2[0, 0, 3, 3] = 0.9  # one brighter pixel: its own change moves most
+    bright = remap(h, u, x2)[0, 0]
+    own = (bright[3, 3] - flat[3, 3]).abs().item()
+    assert own > 1e-3
+    # the cell's histogram changed a little too, so its neighbours move, but far less
+    assert (bright[3, 4] - flat[3, 4]).abs().item() < own / 5
+    assert flat.shape == (16, 16)
+
+
+def test_a_tone_remapping_acts_only_under_effusion_and_decodes_the_factual_mean():
+    model = _remap_hvae()
+    x = torch.rand(4, 1, S, S, generator=torch.Generator().manual_seed(3))
+    lat = model.abduct(x, PARENTS)
+    mu = lat.pop("mu")
+    assert lat["xw"].shape == (4, 1, 16, 16)  # it reads the abducted image
+    assert torch.allclose(model.decode(lat, PARENTS), mu, atol=1e-6)
+    flip = PARENTS.clone()
+    flip[:, 2] = 1 - flip[:, 2]
+    change = (model.decode(lat, flip) - mu).abs()
+    assert (change > 1e-4).float().mean() > 0.9  # a smooth field over the whole image
+    none = torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    scan = none.clone()
+    scan[:, 0] = 1 - scan[:, 0]
+    plain = HVAE(replace(model.cfg, fluid_remap=0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("fluid_remap.")})
+    a, b = model.abduct(x[:2], none), plain.abduct(x[:2], none)
+    assert torch.allclose(model.decode(a, scan), plain.decode(b, scan), atol=1e-6)
+
+
+def test_a_tone_remapping_learns_from_the_pairs_not_from_the_elbo():
+    model = _remap_hvae().train()
+    x = torch.rand(2, 1, S, S)
+    pa = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.float32)
+    model(x, pa)["loss"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.fluid_remap.parameters())
+    model.zero_grad()
+    model.cf_pair_loss(x, pa, x.flip(0), pa * torch.tensor([1.0, 1.0, 0.0])).backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.fluid_remap.parameters()) > 0

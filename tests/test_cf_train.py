@@ -246,22 +246,27 @@ def test_a_warm_start_that_would_drop_layers_is_refused(data, tmp_path):
         _warm(data, tmp_path, bundle)  # the default local head has no image branch
 
 
-def test_coarse_effusion_stages_warm_start_from_a_bundle_and_export_with_them(data, tmp_path):
+@pytest.mark.parametrize("option", [{"fluid_coarse": 8}, {"fluid_remap": 4}])
+def test_wider_effusion_paths_warm_start_from_a_bundle_and_export_with_them(data, tmp_path,
+                                                                           option):
+    """The coarse effusion stages and the tone re-mapping: a warm start from a bundle
+    without them decodes what it did, and the exported bundle keeps them."""
     from pcl_viewer.models.bundle import ModelBundle
     from pcl_viewer.train.cf import export_bundle
 
+    (name, value), = option.items()
     src, bundle = _fluid_bundle(tmp_path, "local")
-    run = _warm(data, tmp_path, bundle, fluid_coarse=8)
-    assert run.ema.fluid_coarse is not None and run.init_info["fresh"] > 0
+    run = _warm(data, tmp_path, bundle, **option)
+    assert getattr(run.ema, name) is not None and run.init_info["fresh"] > 0
     x = torch.rand(3, 1, 32, 32)
     pa = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.float32)
     flip = pa.clone()
     flip[:, 2] = 1 - flip[:, 2]
     a, b = src.abduct(x, pa), run.ema.eval().abduct(x, pa)
     assert torch.allclose(src.decode(a, flip), run.ema.decode(b, flip), atol=1e-5)
-    export_bundle(run, data, tmp_path / "coarse", command="test")
-    loaded = ModelBundle.load(tmp_path / "coarse").build("hvae")
-    assert loaded.cfg.fluid_coarse == 8 and loaded.fluid_coarse is not None
+    export_bundle(run, data, tmp_path / "wider", command="test")
+    loaded = ModelBundle.load(tmp_path / "wider").build("hvae")
+    assert getattr(loaded.cfg, name) == value and getattr(loaded, name) is not None
 
 
 def test_a_multiscale_head_without_a_fluid_head_is_refused(tmp_path):
@@ -276,3 +281,6 @@ def test_a_multiscale_head_without_a_fluid_head_is_refused(tmp_path):
     r = CliRunner().invoke(train_cf_cmd, ["--data", str(tmp_path), "--preset", "smoke",
                                           "--out", str(tmp_path / "o"), "--fluid-coarse", "16"])
     assert r.exit_code != 0 and "need --fluid-dim" in r.output
+    r = CliRunner().invoke(train_cf_cmd, ["--data", str(tmp_path), "--preset", "smoke",
+                                          "--out", str(tmp_path / "o"), "--fluid-remap", "8"])
+    assert r.exit_code != 0 and "needs --fluid-dim" in r.output

@@ -81,6 +81,10 @@ def _threads(n: int | None) -> None:
               help="Let effusion also change the decoder's features at every resolution up to "
                    "this many working pixels (e.g. 16), for changes around the fluid such as a "
                    "scanner's local contrast equalisation; 0: the fluid head only.")
+@click.option("--fluid-remap", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="Let effusion also re-map the tones around the fluid: a curve of each "
+                   "pixel's brightness per cell of this many cells per side (e.g. 8), as a "
+                   "local contrast equalisation re-maps a tile that holds fluid; 0: off.")
 @click.option("--cf-pair-weight", type=float, default=0.0, show_default=True,
               help="Weight of counterfactual supervision: error of the model counterfactual "
                    "against the dataset's true one, relative to the identity's (needs --counterfactuals data).")
@@ -110,7 +114,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              finetune_minimality: float, finetune_minutes: float | None, device: str,
              fluid_dim: int, fluid_mode: str, fluid_free_bits: float, fluid_bank: int,
              fluid_enc: str, fluid_aux: float, fluid_coords: bool, fluid_head: str,
-             fluid_coarse: int, cf_pair_weight: float, cf_pair_batch: int,
+             fluid_coarse: int, fluid_remap: int, cf_pair_weight: float, cf_pair_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
              fluid_lr_scale: float, until_step: int | None, classifier_input_size: int | None,
              classifier_widths: str | None, classifiers_only: bool) -> None:
@@ -135,6 +139,9 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
     if fluid_coarse and (not fluid_dim or fluid_mode != "head"):
         raise click.BadParameter("coarse effusion stages need --fluid-dim > 0 and "
                                  "--fluid-mode head", param_hint="--fluid-coarse")
+    if fluid_remap and (not fluid_dim or fluid_mode != "head"):
+        raise click.BadParameter("a tone re-mapping needs --fluid-dim > 0 and "
+                                 "--fluid-mode head", param_hint="--fluid-remap")
     cfg = CFTrainConfig.for_preset(
         preset, seed=seed, steps=0 if classifiers_only else steps, batch_size=batch_size or None,
         cls_steps=classifier_steps, checkpoint_every=checkpoint_every or None,
@@ -143,7 +150,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
                         "fluid_free_bits": fluid_free_bits, "fluid_bank": fluid_bank,
                         "fluid_enc": fluid_enc, "fluid_aux": fluid_aux,
                         "fluid_coords": fluid_coords, "fluid_head": fluid_head,
-                        "fluid_coarse": fluid_coarse}
+                        "fluid_coarse": fluid_coarse, "fluid_remap": fluid_remap}
         if fluid_dim else None,
         init_bundle=init_bundle, fluid_lr_scale=fluid_lr_scale, lr=lr, kl_warmup=kl_warmup,
         cls_overrides=_classifier_overrides(classifier_input_size, classifier_widths))

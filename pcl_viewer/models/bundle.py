@@ -246,6 +246,7 @@ HVAE_SCHEMA = _object({
     "fluid_coords": _bool,
     "fluid_head": _str(16, choices=("local", "multiscale")),
     "fluid_coarse": _int(0, 1024),
+    "fluid_remap": _int(0, 1024),
 })
 CLASSIFIER_SCHEMA = _object({
     "image_size": _SIZE,

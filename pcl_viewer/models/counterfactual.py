@@ -40,7 +40,7 @@ class Abduction:
     x: torch.Tensor
     parents: torch.Tensor
     # "z", "u": per latent block (B, c, h, w); "fluid": (B, fluid_dim); "xw": (B, 1, W, W), the
-    # working-size image a multiscale fluid head reads
+    # working-size image a multiscale fluid head or a tone re-mapping reads
     latents: dict[str, Any]
     mu: torch.Tensor
 

@@ -112,6 +112,15 @@ class HVAEConfig:
     # re-maps the brightness of the whole region around the fluid, a smooth, non-local
     # change that the coarse stages can draw. Zero at start: a warm start is unchanged.
     fluid_coarse: int = 0
+    # Effusion also re-maps the tones of the region around the fluid (0: off; needs the fluid
+    # head): on a grid of this many cells per side, a small network reads the decoder's last
+    # features, the mean and mean square of the image in each cell and ``u_f``, and gives
+    # each cell a quadratic curve of the pixel's own intensity; the curves are interpolated
+    # bilinearly between cells and added, times the effusion parent, to the logits. A local
+    # contrast equalisation (vendor processing) changes every pixel of a tile that holds
+    # fluid by a function of that pixel's brightness and of the tile's histogram, a change a
+    # decoder that only paints where fluid is cannot draw. Zero at start (LocalRemap).
+    fluid_remap: int = 0
 
     @classmethod
     def for_preset(cls, name: str) -> HVAEConfig:
@@ -319,6 +328,12 @@ class HVAE(nn.Module):
                                             for i in range(len(w))
                                             if res[i] <= cfg.fluid_coarse})
                              if cfg.fluid_coarse else None)
+        if cfg.fluid_remap and self.fluid_head is None:
+            raise ValueError("fluid_remap needs the fluid head (fluid_dim > 0, fluid_mode head)")
+        if cfg.fluid_remap > cfg.work_size:
+            raise ValueError(f"fluid_remap {cfg.fluid_remap} exceeds the working size {cfg.work_size}")
+        self.fluid_remap = (LocalRemap(w[0], cfg.fluid_dim, cfg.fluid_remap)
+                            if cfg.fluid_remap else None)
         # Readout of the SCM's effusion noise from u_f: 3 side logits and the severity.
         self.fluid_readout = (nn.Linear(cfg.fluid_dim, 4)
                               if cfg.fluid_dim and cfg.fluid_aux > 0 else None)
@@ -410,12 +425,17 @@ class HVAE(nn.Module):
         """Decoder features -> mean image ``(B, 1, W, W)`` in [0, 1]; with the fluid head,
         ``effusion * F(h, u_f[, xw])`` is added before the tanh (``u_f`` None: its prior mean
         0; ``xw``: the abducted image at the working size, read by a multiscale head).
-        ``detach_fluid``: F enters as a constant (no gradient to the head, h or u_f)."""
+        ``detach_fluid``: F enters as a constant (no gradient to the head, h or u_f). With
+        a tone re-mapping (``cfg.fluid_remap``) its change ``R(h, u_f, xw)`` joins F."""
         logits = self.out(F.gelu(h))
         if self.fluid_head is not None and pa is not None:
             if fluid is None:
                 fluid = h.new_zeros(h.shape[0], self.cfg.fluid_dim)
             fl = self.fluid_head(h, fluid, xw)
+            if self.fluid_remap is not None:
+                if xw is None:
+                    raise ValueError("a tone re-mapping needs the working-size image")
+                fl = fl + self.fluid_remap(h, fluid, xw)
             logits = logits + pa[:, 2, None, None, None].float() * (fl.detach() if detach_fluid else fl)
         return (torch.tanh(logits) + 1) / 2
 
@@ -588,7 +608,8 @@ class HVAE(nn.Module):
 
     @property
     def _reads_image(self) -> bool:
-        return self.fluid_head is not None and self.fluid_head.multiscale
+        return self.fluid_head is not None and (self.fluid_head.multiscale
+                                                or self.fluid_remap is not None)
 
     # -- counterfactual inference ----------------------------------------------
     @torch.no_grad()
@@ -771,6 +792,44 @@ class CoarseFluid(nn.Module):
         y = self.c1(F.gelu(h)) + self.coord(_coord_grid(h))
         scale, shift = self.film(fluid)[:, :, None, None].chunk(2, dim=1)
         out: torch.Tensor = self.c2(F.gelu(y * (1 + scale) + shift))
+        return out
+
+
+class LocalRemap(nn.Module):
+    """Effusion's re-mapping of local tones, in pre-tanh units: ``(B, C, W, W)`` decoder
+    features, ``(B, F)`` effusion noise and the ``(B, 1, W, W)`` working-size image ``x`` ->
+    ``(B, 1, W, W)``.
+
+    On a ``grid`` x ``grid`` partition of the image (the cells of a local contrast
+    equalisation), each cell gets coefficients ``a, b, c`` from the pooled features, the
+    cell's mean of ``v = 2x - 1`` and of ``v**2`` (a summary of its histogram) and the pixel
+    coordinates, FiLM-modulated by the noise; the coefficients are interpolated bilinearly to
+    every pixel, whose change is ``a + b v + c v**2``: a smooth field that depends on each
+    pixel's own brightness, as a re-mapped tone curve does. The last layer starts at zero, so
+    a model warm-started from a bundle without it computes what that bundle did. (Written by
+    hand: a bilateral-grid style local curve, far smaller than any library module.)
+    """
+
+    def __init__(self, width: int, fluid_dim: int, grid: int, hidden: int = 16,
+                 degree: int = 2) -> None:
+        super().__init__()
+        self.grid, self.degree = int(grid), int(degree)
+        self.c1 = nn.Conv2d(width + 2, hidden, 3, padding=1)
+        self.coord = nn.Conv2d(2, hidden, 1)
+        self.film = nn.Linear(fluid_dim, 2 * hidden)
+        self.c2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.c3 = nn.Conv2d(hidden, degree + 1, 1)
+        _zero_(self.c3)
+
+    def forward(self, h: torch.Tensor, fluid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        v = 2 * x.to(h.dtype) - 1
+        cells = F.adaptive_avg_pool2d(torch.cat([F.gelu(h), v, v * v], 1), self.grid)
+        y = self.c1(cells) + self.coord(_coord_grid(cells))
+        scale, shift = self.film(fluid)[:, :, None, None].chunk(2, dim=1)
+        y = F.gelu(self.c2(F.gelu(y * (1 + scale) + shift)))
+        coef = F.interpolate(self.c3(y), size=v.shape[-2:], mode="bilinear", align_corners=False)
+        powers = torch.cat([v.pow(k) for k in range(self.degree + 1)], 1)
+        out: torch.Tensor = (coef * powers).sum(1, keepdim=True)
         return out
 
 

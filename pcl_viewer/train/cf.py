@@ -35,9 +35,9 @@ from pcl_viewer.train.checkpoint import load_checkpoint, save_checkpoint
 from pcl_viewer.train.schedule import lr_factor
 
 STAGES = ("classifier", "hvae", "done")
-# Parameters of the effusion path (noise encoder, fluid head, coarse effusion stages): their
-# own learning-rate multiplier (--fluid-lr-scale).
-_FLUID_PARAMS = ("fluid_head", "enc_fluid", "fluid_coarse")
+# Parameters of the effusion path (noise encoder, fluid head, coarse effusion stages, tone
+# re-mapping): their own learning-rate multiplier (--fluid-lr-scale).
+_FLUID_PARAMS = ("fluid_head", "enc_fluid", "fluid_coarse", "fluid_remap")
 
 #: Run length and batch of each preset (:meth:`CFTrainConfig.for_preset`); the rest of
 #: :class:`CFTrainConfig` is the same for every preset.

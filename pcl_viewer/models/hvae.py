@@ -119,7 +119,8 @@ class HVAEConfig:
     # bilinearly between cells and added, times the effusion parent, to the logits. A local
     # contrast equalisation (vendor processing) changes every pixel of a tile that holds
     # fluid by a function of that pixel's brightness and of the tile's histogram, a change a
-    # decoder that only paints where fluid is cannot draw. Zero at start (LocalRemap).
+    # decoder that only paints where fluid is cannot draw. Zero at start (LocalRemap). On
+    # top of the coarse stages it measured no gain (docs/cf_model.md, run Z); an option.
     fluid_remap: int = 0
 
     @classmethod

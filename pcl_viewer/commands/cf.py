@@ -133,15 +133,13 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         train_cf,
     )
 
-    if fluid_head != "local" and (not fluid_dim or fluid_mode != "head"):
-        raise click.BadParameter("a multiscale fluid head needs --fluid-dim > 0 and "
-                                 "--fluid-mode head", param_hint="--fluid-head")
-    if fluid_coarse and (not fluid_dim or fluid_mode != "head"):
-        raise click.BadParameter("coarse effusion stages need --fluid-dim > 0 and "
-                                 "--fluid-mode head", param_hint="--fluid-coarse")
-    if fluid_remap and (not fluid_dim or fluid_mode != "head"):
-        raise click.BadParameter("a tone re-mapping needs --fluid-dim > 0 and "
-                                 "--fluid-mode head", param_hint="--fluid-remap")
+    if not fluid_dim or fluid_mode != "head":  # options of the fluid head's effusion path
+        for used, what, hint in ((fluid_head != "local", "a multiscale fluid head needs", "--fluid-head"),
+                                 (fluid_coarse, "coarse effusion stages need", "--fluid-coarse"),
+                                 (fluid_remap, "a tone re-mapping needs", "--fluid-remap")):
+            if used:
+                raise click.BadParameter(f"{what} --fluid-dim > 0 and --fluid-mode head",
+                                         param_hint=hint)
     cfg = CFTrainConfig.for_preset(
         preset, seed=seed, steps=0 if classifiers_only else steps, batch_size=batch_size or None,
         cls_steps=classifier_steps, checkpoint_every=checkpoint_every or None,

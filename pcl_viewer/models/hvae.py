@@ -322,15 +322,14 @@ class HVAE(nn.Module):
         self.fluid_head = (FluidHead(w[0], cfg.fluid_dim, coords=cfg.fluid_coords,
                                      multiscale=cfg.fluid_head == "multiscale")
                            if cfg.fluid_dim and cfg.fluid_mode == "head" else None)
-        if cfg.fluid_coarse and self.fluid_head is None:
-            raise ValueError("fluid_coarse needs the fluid head (fluid_dim > 0, fluid_mode head)")
+        for path in ("fluid_coarse", "fluid_remap"):
+            if getattr(cfg, path) and self.fluid_head is None:
+                raise ValueError(f"{path} needs the fluid head (fluid_dim > 0, fluid_mode head)")
         # Effusion on the coarse decoder stages, keyed by resolution (see HVAEConfig).
         self.fluid_coarse = (nn.ModuleDict({str(res[i]): CoarseFluid(w[i], cfg.fluid_dim)
                                             for i in range(len(w))
                                             if res[i] <= cfg.fluid_coarse})
                              if cfg.fluid_coarse else None)
-        if cfg.fluid_remap and self.fluid_head is None:
-            raise ValueError("fluid_remap needs the fluid head (fluid_dim > 0, fluid_mode head)")
         if cfg.fluid_remap > cfg.work_size:
             raise ValueError(f"fluid_remap {cfg.fluid_remap} exceeds the working size {cfg.work_size}")
         self.fluid_remap = (LocalRemap(w[0], cfg.fluid_dim, cfg.fluid_remap)
@@ -706,6 +705,13 @@ def _coord_grid(h: torch.Tensor) -> torch.Tensor:
                         ramp_y[:, None].expand(-1, h.shape[-1])])[None]
 
 
+def _film(y: torch.Tensor, film: nn.Linear, fluid: torch.Tensor) -> torch.Tensor:
+    """``gelu(y * (1 + scale) + shift)``, ``(scale, shift)`` the ``film`` layer's reading of the
+    ``(B, F)`` effusion noise: how the noise modulates the ``(B, C, H, W)`` features ``y``."""
+    scale, shift = film(fluid)[:, :, None, None].chunk(2, dim=1)
+    return F.gelu(y * (1 + scale) + shift)
+
+
 class FluidHead(nn.Module):
     """Fluid of an effusion in pre-tanh units: ``(B, C, W, W)`` decoder features and ``(B, F)``
     effusion noise (and, when ``multiscale``, the ``(B, 1, W, W)`` working-size image) ->
@@ -744,11 +750,6 @@ class FluidHead(nn.Module):
             _zero_(self.img)
             _zero_(self.back)
 
-    @staticmethod
-    def _film(y: torch.Tensor, film: nn.Linear, fluid: torch.Tensor) -> torch.Tensor:
-        scale, shift = film(fluid)[:, :, None, None].chunk(2, dim=1)
-        return F.gelu(y * (1 + scale) + shift)
-
     def forward(self, h: torch.Tensor, fluid: torch.Tensor,
                 xw: torch.Tensor | None = None) -> torch.Tensor:
         y = self.c1(F.gelu(h))
@@ -758,15 +759,15 @@ class FluidHead(nn.Module):
             if xw is None:
                 raise ValueError("a multiscale fluid head needs the working-size image")
             y = y + self.img(2 * xw.to(y.dtype) - 1)
-        y = self._film(y, self.film1, fluid)
+        y = _film(y, self.film1, fluid)
         if self.multiscale:
             d1 = F.gelu(self.down1(F.avg_pool2d(y, 2)))
-            d2 = self._film(self.down2(F.avg_pool2d(d1, 2)), self.film3, fluid)
+            d2 = _film(self.down2(F.avg_pool2d(d1, 2)), self.film3, fluid)
             u1 = F.gelu(self.up1(F.interpolate(d2, scale_factor=2, mode="bilinear",
                                                align_corners=False) + d1))
             y = y + self.back(F.interpolate(u1, scale_factor=2, mode="bilinear",
                                             align_corners=False))
-        y = self._film(self.c2(y), self.film2, fluid)
+        y = _film(self.c2(y), self.film2, fluid)
         out: torch.Tensor = self.c3(y)
         return out
 
@@ -791,8 +792,7 @@ class CoarseFluid(nn.Module):
 
     def forward(self, h: torch.Tensor, fluid: torch.Tensor) -> torch.Tensor:
         y = self.c1(F.gelu(h)) + self.coord(_coord_grid(h))
-        scale, shift = self.film(fluid)[:, :, None, None].chunk(2, dim=1)
-        out: torch.Tensor = self.c2(F.gelu(y * (1 + scale) + shift))
+        out: torch.Tensor = self.c2(_film(y, self.film, fluid))
         return out
 
 
@@ -826,8 +826,7 @@ class LocalRemap(nn.Module):
         v = 2 * x.to(h.dtype) - 1
         cells = F.adaptive_avg_pool2d(torch.cat([F.gelu(h), v, v * v], 1), self.grid)
         y = self.c1(cells) + self.coord(_coord_grid(cells))
-        scale, shift = self.film(fluid)[:, :, None, None].chunk(2, dim=1)
-        y = F.gelu(self.c2(F.gelu(y * (1 + scale) + shift)))
+        y = F.gelu(self.c2(_film(y, self.film, fluid)))
         coef = F.interpolate(self.c3(y), size=v.shape[-2:], mode="bilinear", align_corners=False)
         powers = torch.cat([v.pow(k) for k in range(self.degree + 1)], 1)
         out: torch.Tensor = (coef * powers).sum(1, keepdim=True)

@@ -127,6 +127,32 @@ def test_hvae_batches_balance_effusion_without_inventing_groups():
     assert _batch_indices(rng, pa, 16, None).shape == (16,)
 
 
+def test_bilateral_pairs_are_drawn_as_often_as_their_weight_says():
+    from pcl_viewer.train.cf import CFTrainConfig, TrainingData, _batch_indices, _pair_weights
+
+    n = 400
+    pa = np.zeros((n, 3), np.float32)
+    pa[:100, 2] = 1  # a quarter with effusion
+    fluid = np.zeros((n, 2), np.float32)
+    fluid[::10, 0] = 2  # every tenth study's effusion noise is bilateral (in both groups)
+    data = TrainingData(np.zeros((n, 1, 4, 4), np.float32), pa, np.zeros((0, 1, 4, 4)),
+                        np.zeros((0, 3)), fluid_train=fluid)
+    assert _pair_weights(CFTrainConfig.for_preset("smoke"), data) is None  # weight 1: uniform
+    assert _pair_weights(CFTrainConfig.for_preset("smoke", cf_pair_bilateral=4.0),
+                         TrainingData(data.x_train, pa, data.x_val, data.pa_val)) is None
+    w = _pair_weights(CFTrainConfig.for_preset("smoke", cf_pair_bilateral=4.0), data)
+    assert w is not None and set(np.unique(w)) == {1.0, 4.0}
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([_batch_indices(rng, pa, 32, 0.5, w) for _ in range(400)])
+    assert abs(pa[idx, 2].mean() - 0.5) < 1e-6  # the effusion balance is kept
+    share = (fluid[idx, 0] == 2).mean()
+    assert abs(share - 4 * 0.1 / (4 * 0.1 + 0.9)) < 0.03  # 0.31 instead of 0.10
+    # uniform draws are unchanged by the new argument: the same stream as before
+    a = _batch_indices(np.random.default_rng(1), pa, 16, 0.5)
+    b = _batch_indices(np.random.default_rng(1), pa, 16, 0.5, None)
+    assert np.array_equal(a, b)
+
+
 def test_warm_start_reproduces_the_bundle_and_adds_effusion_noise_at_zero(data, tmp_path):
     from pcl_viewer.models.bundle import save_bundle
     from pcl_viewer.models.classifiers import build_classifiers

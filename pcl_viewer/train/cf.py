@@ -80,6 +80,9 @@ class CFTrainConfig:
     cf_pair_weight: float = 0.0
     cf_pair_batch: int = 16
     cf_pair_kinds: tuple[float, float, float] = (0.2, 0.6, 0.2)
+    # Sampling weight of pairs whose SCM effusion noise is bilateral (removals of bilateral
+    # effusions and additions that draw one), relative to one-sided ones; 1: as in the data.
+    cf_pair_bilateral: float = 1.0
     # Warm start: a counterfactual bundle whose HVAE and classifier weights initialise the
     # run (new inputs, e.g. the effusion-noise columns, start at zero so the start equals it).
     init_bundle: str = ""
@@ -290,16 +293,33 @@ def _classifier_step(run: _Run, data: TrainingData, pos_weight: torch.Tensor) ->
 
 
 def _batch_indices(rng: np.random.Generator, pa: np.ndarray, batch: int,
-                   effusion_fraction: float | None) -> np.ndarray:
+                   effusion_fraction: float | None,
+                   weights: np.ndarray | None = None) -> np.ndarray:
     """``batch`` training indices; a share ``effusion_fraction`` of them with effusion
-    (column 2 of ``pa``), when both groups exist. Drawn with replacement."""
+    (column 2 of ``pa``), when both groups exist. Drawn with replacement; within each group
+    uniformly, or in proportion to ``weights`` (N,) when given."""
+    def draw(pool: np.ndarray, k: int) -> np.ndarray:
+        if weights is None:
+            return pool[rng.integers(0, len(pool), k)]
+        w = weights[pool]
+        return rng.choice(pool, size=k, p=w / w.sum())
+
     eff = np.flatnonzero(pa[:, 2] > 0.5)
     normal = np.flatnonzero(pa[:, 2] <= 0.5)
     if effusion_fraction is None or len(eff) == 0 or len(normal) == 0:
-        return rng.integers(0, len(pa), batch)
+        return draw(np.arange(len(pa)), batch)
     k = int(round(effusion_fraction * batch))
-    return np.concatenate([eff[rng.integers(0, len(eff), k)],
-                           normal[rng.integers(0, len(normal), batch - k)]])
+    return np.concatenate([draw(eff, k), draw(normal, batch - k)])
+
+
+def _pair_weights(cfg: CFTrainConfig, data: TrainingData) -> np.ndarray | None:
+    """(N,) sampling weights of the pairs: ``cf_pair_bilateral`` where the SCM's effusion
+    noise is bilateral, 1 elsewhere; None (uniform) when the weight is 1 or the data carry
+    no effusion noise."""
+    if cfg.cf_pair_bilateral == 1.0 or data.fluid_train is None:
+        return None
+    bilateral = data.fluid_train[:, 0] == FLUID_SIDES.index("bilateral")
+    return np.where(bilateral, cfg.cf_pair_bilateral, 1.0)
 
 
 def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
@@ -337,7 +357,7 @@ CF_FLIPS = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 1]], np.float32)
 def _pair_loss(run: _Run, data: TrainingData) -> torch.Tensor:
     """:meth:`HVAE.cf_pair_loss` on a balanced batch of (image, true counterfactual) pairs."""
     cfg = run.cfg
-    idx = _batch_indices(run.rng, data.pa_train, cfg.cf_pair_batch, 0.5)
+    idx = _batch_indices(run.rng, data.pa_train, cfg.cf_pair_batch, 0.5, _pair_weights(cfg, data))
     p = np.asarray(cfg.cf_pair_kinds, np.float64)
     kind = run.rng.choice(3, size=len(idx), p=p / p.sum())
     x = torch.from_numpy(data.x_train[idx]).to(run.device)

@@ -591,3 +591,18 @@ def test_wider_effusion_paths_learn_from_the_pairs_not_from_the_elbo(path):
     model.zero_grad()
     model.cf_pair_loss(x, pa, x.flip(0), pa * torch.tensor([1.0, 1.0, 0.0])).backward()
     assert sum(float(p.grad.abs().sum()) for p in params) > 0
+
+
+@FLUID_MODES
+def test_the_cycle_loss_is_zero_for_a_null_intervention_and_trains_both_edits(mode):
+    model = _fluid_hvae(mode).train()
+    x = torch.rand(4, 1, S, S)
+    assert model.cycle_loss(x, PARENTS, PARENTS).item() == pytest.approx(0.0, abs=1e-6)
+    flip = PARENTS.clone()
+    flip[:, 0] = 1 - flip[:, 0]  # do(scanner) and back
+    loss = model.cycle_loss(x, PARENTS, flip)
+    loss.backward()
+    assert loss.item() > 0
+    for part in (model.stem, model.dec_blocks):  # both abductions and all decodes learn
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0

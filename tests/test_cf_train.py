@@ -310,3 +310,17 @@ def test_a_multiscale_head_without_a_fluid_head_is_refused(tmp_path):
     r = CliRunner().invoke(train_cf_cmd, ["--data", str(tmp_path), "--preset", "smoke",
                                           "--out", str(tmp_path / "o"), "--fluid-remap", "8"])
     assert r.exit_code != 0 and "needs --fluid-dim" in r.output
+
+
+def test_reversibility_supervision_is_logged_and_off_by_default(data, reference, tmp_path):
+    _, ref_dir = reference
+    off = [json.loads(line) for line in (ref_dir / "history.jsonl").read_text().splitlines()]
+    assert all("cycle" not in h for h in off)
+    cfg = CFTrainConfig.for_preset("smoke", seed=3, steps=2, batch_size=8, warmup=1,
+                                   kl_warmup=1, cls_steps=0, checkpoint_every=2,
+                                   cf_cycle_weight=1.0, cf_cycle_batch=4,
+                                   hvae_overrides=TOY_HVAE)
+    train_cf(data, cfg, tmp_path / "cyc", progress=False)
+    hist = [json.loads(line) for line in (tmp_path / "cyc" / "history.jsonl").read_text().splitlines()]
+    cyc = [h["cycle"] for h in hist if h["stage"] == "hvae"]
+    assert cyc and all(np.isfinite(c) and c >= 0 for c in cyc)

@@ -558,6 +558,36 @@ class HVAE(nn.Module):
         identity = (xw - tw).square().mean(dim=(1, 2, 3)).detach()
         return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl + aux_term
 
+    def cycle_loss(self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor) -> torch.Tensor:
+        """Reversibility of an intervention, as ``pcl eval-cf`` measures it, as a loss.
+
+        ``x`` (B,1,S,S) under ``pa`` (B,3), intervened on to ``pa_cf`` (B,3) at the working
+        size: ``x_cf = clip(x + mu(z, pa_cf) - mu(z, pa), 0, 1)``; then ``x_cf`` is abducted
+        under ``pa_cf`` and intervened on back to ``pa``, ``x_back = clip(x_cf + mu(z', pa) -
+        mu(z', pa_cf), 0, 1)``. Per image, the mean squared error of ``x_back`` against ``x``
+        divided by that of the change itself, |x_cf - x|^2 (+ 1e-5, no gradient through the
+        divisor), averaged over the batch: 0 = exactly reversible. Gradients flow through
+        both abductions and all four decodes, so the forward and the backward edit learn to
+        undo each other. The effusion noise is the posterior mean of each image (the parent
+        that switches it on or off is not meant to change here; with it off the head is
+        gated out and the code unused).
+        """
+        mode = self.cfg.cf_latents
+
+        def edit(xw: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            acts = self.encode(xw)
+            q = self.fluid_posterior(acts)
+            fluid = q[0] if q is not None else None
+            latents, mu = self._abduct_walk(acts, src, fluid, xw)
+            return (xw + self._decode_walk(latents, dst, fluid, mode) - mu).clamp(0, 1)
+
+        xw = self.to_work(x)
+        x_cf = edit(xw, pa, pa_cf)
+        x_back = edit(x_cf, pa_cf, pa)
+        err = (x_back - xw).square().mean(dim=(1, 2, 3))
+        change = (x_cf - xw).square().mean(dim=(1, 2, 3)).detach()
+        return (err / (change + 1e-5)).mean()
+
     def _abduct_walk(self, acts: dict[int, torch.Tensor], pa: torch.Tensor,
                      fluid: torch.Tensor | None, xw: torch.Tensor | None = None
                      ) -> tuple[dict[str, Any], torch.Tensor]:

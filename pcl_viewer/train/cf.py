@@ -83,6 +83,10 @@ class CFTrainConfig:
     # Sampling weight of pairs whose SCM effusion noise is bilateral (removals of bilateral
     # effusions and additions that draw one), relative to one-sided ones; 1: as in the data.
     cf_pair_bilateral: float = 1.0
+    # Reversibility supervision (0: off): weight of HVAE.cycle_loss on ``cf_cycle_batch``
+    # training images per step (half with effusion) whose scanner is flipped and flipped back.
+    cf_cycle_weight: float = 0.0
+    cf_cycle_batch: int = 8
     # Warm start: a counterfactual bundle whose HVAE and classifier weights initialise the
     # run (new inputs, e.g. the effusion-noise columns, start at zero so the start equals it).
     init_bundle: str = ""
@@ -336,6 +340,9 @@ def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     if cfg.cf_pair_weight > 0 and data.cf_train is not None:
         out["pair"] = _pair_loss(run, data)
         loss = loss + cfg.cf_pair_weight * out["pair"]
+    if cfg.cf_cycle_weight > 0:
+        out["cycle"] = _cycle_loss(run, data)
+        loss = loss + cfg.cf_cycle_weight * out["cycle"]
     run.hvae_opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(run.hvae.parameters(), cfg.grad_clip)
@@ -347,7 +354,7 @@ def _hvae_step(run: _Run, data: TrainingData) -> dict[str, float]:
     with torch.no_grad():
         for pe, p in zip(run.ema.parameters(), run.hvae.parameters()):
             pe.lerp_(p, 1 - decay)
-    return {k: float(out[k].detach()) for k in ("loss", "nll", "kl", "pair") if k in out}
+    return {k: float(out[k].detach()) for k in ("loss", "nll", "kl", "pair", "cycle") if k in out}
 
 
 #: Parent flips of the SCM's three counterfactual kinds (order of ``true_cf``).
@@ -367,6 +374,16 @@ def _pair_loss(run: _Run, data: TrainingData) -> torch.Tensor:
     labels = (torch.from_numpy(data.fluid_train[idx]).to(run.device)
               if data.fluid_train is not None else None)
     return run.hvae.cf_pair_loss(x, pa, x_true, pa_true, labels)
+
+
+def _cycle_loss(run: _Run, data: TrainingData) -> torch.Tensor:
+    """:meth:`HVAE.cycle_loss` of do(scanner) and back on a balanced batch of images."""
+    cfg = run.cfg
+    idx = _batch_indices(run.rng, data.pa_train, cfg.cf_cycle_batch, 0.5)
+    x = torch.from_numpy(data.x_train[idx]).to(run.device)
+    pa = torch.from_numpy(data.pa_train[idx]).to(run.device)
+    pa_cf = (pa + torch.from_numpy(CF_FLIPS[0]).to(run.device)) % 2
+    return run.hvae.cycle_loss(x, pa, pa_cf)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -606,3 +606,18 @@ def test_the_cycle_loss_is_zero_for_a_null_intervention_and_trains_both_edits(mo
     for part in (model.stem, model.dec_blocks):  # both abductions and all decodes learn
         grads = [p.grad for p in part.parameters() if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_the_absolute_pair_error_is_relative_to_the_identitys_too():
+    model = _fluid_hvae("head").train()
+    x = torch.rand(2, 1, S, S)
+    pa = torch.zeros(2, 3)
+    assert model.cf_pair_loss(x, pa, x, pa, error="absolute").item() == pytest.approx(0.0, abs=1e-3)
+    pa_true = torch.tensor([[0, 0, 1], [0, 0, 1]], dtype=torch.float32)
+    x_true = x.clone()
+    x_true[:, :, 24:30, 2:10] += 0.3
+    loss = model.cf_pair_loss(x, pa, x_true, pa_true, error="absolute")
+    loss.backward()
+    assert loss.item() > 0 and model.fluid_head.c3.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pair error"):
+        model.cf_pair_loss(x, pa, x_true, pa_true, error="huber")

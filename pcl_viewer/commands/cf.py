@@ -93,6 +93,9 @@ def _threads(n: int | None) -> None:
               show_default=True,
               help="Sampling weight of pairs whose effusion noise is bilateral, relative to "
                    "one-sided ones (1: as in the data).")
+@click.option("--cf-pair-error", type=click.Choice(["squared", "absolute"]), default="squared",
+              show_default=True,
+              help="Error of the pair loss (relative to the identity's): squared or absolute.")
 @click.option("--cf-cycle-weight", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Weight of reversibility supervision: do(scanner) and back must return the "
                    "image (relative to the size of the change; 0: off).")
@@ -123,7 +126,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
              fluid_dim: int, fluid_mode: str, fluid_free_bits: float, fluid_bank: int,
              fluid_enc: str, fluid_aux: float, fluid_coords: bool, fluid_head: str,
              fluid_coarse: int, fluid_remap: int, cf_pair_weight: float, cf_pair_batch: int,
-             cf_pair_bilateral: float, cf_cycle_weight: float, cf_cycle_batch: int,
+             cf_pair_bilateral: float, cf_pair_error: str, cf_cycle_weight: float, cf_cycle_batch: int,
              init_bundle: str | None, lr: float | None, kl_warmup: int | None,
              fluid_lr_scale: float, until_step: int | None, classifier_input_size: int | None,
              classifier_widths: str | None, classifiers_only: bool) -> None:
@@ -153,7 +156,7 @@ def train_cf(data_dir: Path, preset: str, out: Path, steps: int | None,
         preset, seed=seed, steps=0 if classifiers_only else steps, batch_size=batch_size or None,
         cls_steps=classifier_steps, checkpoint_every=checkpoint_every or None,
         cf_pair_weight=cf_pair_weight, cf_pair_batch=cf_pair_batch,
-        cf_pair_bilateral=cf_pair_bilateral, cf_cycle_weight=cf_cycle_weight,
+        cf_pair_bilateral=cf_pair_bilateral, cf_pair_error=cf_pair_error, cf_cycle_weight=cf_cycle_weight,
         cf_cycle_batch=cf_cycle_batch,
         hvae_overrides={"fluid_dim": fluid_dim, "fluid_mode": fluid_mode,
                         "fluid_free_bits": fluid_free_bits, "fluid_bank": fluid_bank,

@@ -493,8 +493,8 @@ class HVAE(nn.Module):
                 "kl": kl_total / n_pix, "mu": self.to_image(mu)}
 
     def cf_pair_loss(self, x: torch.Tensor, pa: torch.Tensor, x_true: torch.Tensor,
-                     pa_true: torch.Tensor, fluid_labels: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     pa_true: torch.Tensor, fluid_labels: torch.Tensor | None = None,
+                     error: str = "squared") -> torch.Tensor:
         """Counterfactual supervision from a structural causal model that renders pairs.
 
         ``x`` (B,1,S,S) under ``pa`` (B,3) and its true counterfactual ``x_true`` under
@@ -519,7 +519,15 @@ class HVAE(nn.Module):
         2 bilateral; severity), shared by both images of a pair; with ``fluid_aux > 0`` the
         readout of the used code's posterior mean is scored against it (cross-entropy of the
         side + squared error of the severity, times ``fluid_aux``).
+
+        ``error="absolute"``: mean absolute instead of squared errors (both the model's and the
+        identity's), the metric ``pcl eval-cf`` reports; the squared error's optimum is the
+        conditional mean, which blurs and fades an uncertain edit, the absolute error's the
+        median. For fine-tuning a model whose head already moves: from a head at zero its
+        sign-only gradient outside the fluid does not train (see docs/cf_model.md).
         """
+        if error not in ("squared", "absolute"):
+            raise ValueError(f"unknown pair error {error!r}")
         acts = self.encode(x)
         q = self.fluid_posterior(acts)
         fluid = fluid_cf = None
@@ -554,9 +562,11 @@ class HVAE(nn.Module):
         xw, tw = self.to_work(x), self.to_work(x_true)
         latents, mu = self._abduct_walk(acts, pa, fluid, xw)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
-        err = (xw + mu_cf - mu - tw).square().mean(dim=(1, 2, 3))
-        identity = (xw - tw).square().mean(dim=(1, 2, 3)).detach()
-        return (err / (identity + 1e-5)).mean() + self.cfg.fluid_pair_kl * kl + aux_term
+        power = 2 if error == "squared" else 1
+        err = (xw + mu_cf - mu - tw).abs().pow(power).mean(dim=(1, 2, 3))
+        identity = (xw - tw).abs().pow(power).mean(dim=(1, 2, 3)).detach()
+        floor = 1e-5 if power == 2 else 3e-3  # the same faint change, sqrt(1e-5)
+        return (err / (identity + floor)).mean() + self.cfg.fluid_pair_kl * kl + aux_term
 
     def cycle_loss(self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor) -> torch.Tensor:
         """Reversibility of an intervention, as ``pcl eval-cf`` measures it, as a loss.

@@ -83,6 +83,8 @@ class CFTrainConfig:
     # Sampling weight of pairs whose SCM effusion noise is bilateral (removals of bilateral
     # effusions and additions that draw one), relative to one-sided ones; 1: as in the data.
     cf_pair_bilateral: float = 1.0
+    # Error of the pair loss: "squared" (the conditional mean) or "absolute" (the median).
+    cf_pair_error: str = "squared"
     # Reversibility supervision (0: off): weight of HVAE.cycle_loss on ``cf_cycle_batch``
     # training images per step (half with effusion) whose scanner is flipped and flipped back.
     cf_cycle_weight: float = 0.0
@@ -373,7 +375,7 @@ def _pair_loss(run: _Run, data: TrainingData) -> torch.Tensor:
     pa_true = (pa + torch.from_numpy(CF_FLIPS[kind]).to(run.device)) % 2
     labels = (torch.from_numpy(data.fluid_train[idx]).to(run.device)
               if data.fluid_train is not None else None)
-    return run.hvae.cf_pair_loss(x, pa, x_true, pa_true, labels)
+    return run.hvae.cf_pair_loss(x, pa, x_true, pa_true, labels, error=cfg.cf_pair_error)
 
 
 def _cycle_loss(run: _Run, data: TrainingData) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Fine-tuning on a device: the project's resolver, and CPU numerics unchanged by the device
 path (resolution itself: tests/test_device.py)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,47 @@ def test_a_checkpoint_folder_keeps_what_else_it_holds(tmp_path):
              checkpoint=folder, checkpoint_every=1)
     assert (folder / "notes.txt").read_text() == "keep me"
     assert (folder / "last" / "state.json").is_file()
+
+
+def test_tail_averaging_returns_the_mean_of_the_tails_weights_and_resumes_exactly(
+        tmp_path, monkeypatch):
+    """average_from 0.5 of 6 steps, every 2 steps: the returned weights are the mean of the
+    weights after steps 4 and 6, the batch-norm statistics are recomputed for them, and a
+    killed run resumes to the same average."""
+    imgs, masks = _toy(12)
+    unet = UNetConfig.for_preset("smoke")
+    cfg = FinetuneConfig(epochs=1, min_steps=6, batch_size=4, loss="dicece",
+                         average_from=0.5, average_every=2)
+    snaps: list[dict] = []
+    orig = torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def spy(self, model):
+        snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return orig(self, model)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters", spy)
+        avg, log = finetune(imgs, masks, unet, cfg, device="cpu")
+    assert log["averaged_models"] == len(snaps) == 2
+    for name, p in avg.named_parameters():
+        assert torch.allclose(p, (snaps[0][name] + snaps[1][name]) / 2, atol=1e-6)
+    assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])
+    last, _ = finetune(imgs, masks, unet, replace(cfg, average_from=0.0), device="cpu")
+    bn_avg, bn_last = ([mod for mod in net.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+                       for net in (avg, last))
+    assert bn_avg and all(not torch.equal(a.running_mean, b.running_mean)
+                          for a, b in zip(bn_avg, bn_last))  # recomputed, not the last run's
+
+    def kill_after_5(step: int, total: int) -> None:
+        if step == 5:
+            raise _Killed
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Killed):
+        finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt, checkpoint_every=2,
+                 progress=kill_after_5)
+    resumed, _ = finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt,
+                          checkpoint_every=2)
+    assert _states_equal(avg, resumed)
+    with pytest.raises(ValueError, match="average_from"):
+        finetune(imgs, masks, unet, FinetuneConfig(average_from=1.0), device="cpu")

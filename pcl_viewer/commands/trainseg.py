@@ -25,6 +25,10 @@ from pcl_viewer.device import DEVICES
               help="How much more likely a study of the realistic pool is to have effusion "
                    "(6: about 16 % of the pool).")
 @click.option("--epochs", default=None, type=int, help="Epochs (default: the recipe's, 10).")
+@click.option("--average-from", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
+              show_default=True,
+              help="Average the weights from this share of the steps on (every 100 steps, "
+                   "batch-norm statistics recomputed) and ship the average; 0: the last weights.")
 @click.option("--eval-n", default=200, show_default=True, help="Fresh images per eval group.")
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of the resumable training state, kept in its subfolder last/ "
@@ -33,7 +37,7 @@ from pcl_viewer.device import DEVICES
 @click.option("--threads", default=None, type=int, help="Torch threads (default: all cores).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
-              effusion_oversample: float, epochs: int | None, eval_n: int,
+              effusion_oversample: float, epochs: int | None, average_from: float, eval_n: int,
               checkpoint: Path | None, threads: int | None, device: str) -> None:
     """Random-init U-Net, strong MONAI augmentation, realistic + easy phantom gold labels;
     scored on fresh images of both regimes and the unseen portable style. A killed run
@@ -56,6 +60,7 @@ def train_seg(out: Path, cache: Path, n: int, seed: int, easy_share: float,
     try:
         train_shipped_segmenter(out, cache, n=n, seed=seed, easy_share=easy_share,
                                 epochs=epochs, effusion_oversample=effusion_oversample,
+                                average_from=average_from,
                                 eval_n=eval_n, checkpoint=checkpoint,
                                 command="pcl " + " ".join(sys.argv[1:]), echo=click.echo,
                                 device=device, commit=commit, progress=progress)

@@ -116,7 +116,7 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
                             eval_n: int = 200, command: str = "", echo=print,
                             device: str = "auto", commit: str | None = None,
                             progress=None, effusion_oversample: float = 6.0,
-                            checkpoint: Path | None = None) -> Path:
+                            checkpoint: Path | None = None, average_from: float = 0.0) -> Path:
     """Train and write the shipped "segmentation" bundle on the realistic phantom.
 
     Args:
@@ -135,6 +135,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
             ``data_root`` named after the pool, the easy share and the epochs); a killed
             run started again with the same arguments continues where it stopped. It is
             deleted once the bundle is written, so a rerun trains afresh.
+        average_from: share of the steps after which the weights are averaged
+            (:attr:`FinetuneConfig.average_from`; 0: off, the last weights).
     """
     import numpy as np
 
@@ -142,6 +144,7 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
     from pcl_viewer.models.unet import UNetConfig
 
     cfg = SHIP_V2_FINETUNE if epochs is None else replace(SHIP_V2_FINETUNE, epochs=epochs)
+    cfg = replace(cfg, average_from=average_from)
     eo_tag = "" if effusion_oversample == 6.0 else f"-eo{effusion_oversample:g}"
     real = load_arrays(generate_phantom(Path(data_root) / f"ship-real-s{seed}-n{n}{eo_tag}", n,
                                         seed, size, effusion_oversample=effusion_oversample,
@@ -156,7 +159,8 @@ def train_shipped_segmenter(out: Path, data_root: Path, size: int = 128, n: int 
         masks = np.concatenate([masks, easy["gold"]])
     if checkpoint is None:
         checkpoint = Path(data_root) / (f"train-seg-s{seed}-n{n}{eo_tag}-easy{n_easy}"
-                                        f"-e{cfg.epochs}-seed{cfg.seed}")
+                                        f"-e{cfg.epochs}-seed{cfg.seed}"
+                                        + (f"-avg{average_from:g}" if average_from else ""))
     t0 = time.perf_counter()
     model, log = finetune(images, masks, UNetConfig.for_preset("cpu"), cfg, progress=progress,
                           device=device, checkpoint=checkpoint)

@@ -79,6 +79,13 @@ class FinetuneConfig:
     # intensity and elastic transforms (:func:`monai_augment`), for models that must
     # generalise to acquisition styles they never saw
     augmentation: str = "basic"
+    # Tail weight averaging (0: off): from this share of the steps on, the weights are
+    # averaged uniformly every ``average_every`` steps (and after the last one), the
+    # batch-norm statistics are recomputed for the average on the training images, and the
+    # average is the model returned (stochastic weight averaging along the schedule's tail,
+    # torch.optim.swa_utils; an ensemble of the tail's models in one network).
+    average_from: float = 0.0
+    average_every: int = 100
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -340,6 +347,9 @@ def finetune(
     """
     if images.ndim != 4 or images.shape[1] != 1 or masks.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"expected images (N,1,S,S) and masks (N,S,S), got {images.shape}, {masks.shape}")
+    if not 0.0 <= cfg.average_from < 1.0 or cfg.average_every < 1:
+        raise ValueError(f"average_from must lie in [0, 1) and average_every be >= 1, got "
+                         f"{cfg.average_from}, {cfg.average_every}")
     dev = resolve_device(device)
     plain = _plain(dev)
     torch.manual_seed(cfg.seed)
@@ -357,6 +367,11 @@ def finetune(
     y_all = torch.from_numpy(np.ascontiguousarray(masks).astype(np.int64)).to(dev)
     bs = min(cfg.batch_size, n)
     order = torch.randperm(n, generator=g)
+    avg, avg_start = None, total
+    if cfg.average_from > 0:
+        from torch.optim.swa_utils import AveragedModel
+
+        avg, avg_start = AveragedModel(model), int(cfg.average_from * total)
     pos, loss_ema, t0, start = 0, float("nan"), time.perf_counter(), 0
     seconds_before = 0.0
     if checkpoint is not None:
@@ -384,6 +399,8 @@ def finetune(
             g.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             order, pos, start = state["order"], int(state["pos"]), int(state["step"])
+            if avg is not None:
+                avg.load_state_dict(state["average"])
             loss_ema, seconds_before = float(state["loss_ema"]), float(state["seconds"])
     for step in range(start, total):
         if pos + bs > n:
@@ -408,6 +425,9 @@ def finetune(
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        if avg is not None and step + 1 > avg_start and (
+                (step + 1 - avg_start) % cfg.average_every == 0 or step + 1 == total):
+            avg.update_parameters(model)
         val = float(loss.detach())
         loss_ema = val if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * val
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == total):
@@ -418,15 +438,36 @@ def finetune(
                 "scheduler": sched.state_dict(), "generator": g.get_state(),
                 "torch_rng": torch.get_rng_state(), "order": order, "pos": pos,
                 "step": step + 1, "loss_ema": loss_ema, "signature": signature,
-                "seconds": seconds_before + time.perf_counter() - t0})
+                "seconds": seconds_before + time.perf_counter() - t0,
+                **({"average": avg.state_dict()} if avg is not None else {})})
         if progress is not None:
             progress(step + 1, total)
+    extra: dict = {}
+    if avg is not None:
+        model = _averaged(avg, x_all, bs)
+        extra["averaged_models"] = int(avg.n_averaged)
     model.eval()
     if not plain:
         model.to("cpu")
-    return model, {"steps": total, "seconds": seconds_before + time.perf_counter() - t0,
+    return model, {**extra, "steps": total, "seconds": seconds_before + time.perf_counter() - t0,
                    "final_loss": loss_ema, "device": str(dev),
                    **({"resumed_at_step": start} if start else {})}
+
+
+@torch.no_grad()
+def _averaged(avg: torch.optim.swa_utils.AveragedModel, x_all: torch.Tensor,
+              batch_size: int, max_images: int = 2048) -> DenseUNet:
+    """The averaged network with batch-norm statistics recomputed on (at most
+    ``max_images``, evenly spaced) training images ``x_all`` (N,1,S,S): the running
+    statistics of the averaged weights are not the average of the models' statistics."""
+    from torch.optim.swa_utils import update_bn
+
+    step = max(1, len(x_all) // max_images)
+    loader = [x_all[i:i + batch_size * step:step]
+              for i in range(0, len(x_all), batch_size * step)]
+    update_bn(loader, avg.module)
+    net: DenseUNet = avg.module
+    return net
 
 
 @torch.no_grad()

@@ -148,6 +148,19 @@ class _Killed(Exception):
     pass
 
 
+def _killed_run(imgs, masks, unet, cfg, ckpt, kill_at: int):
+    """Run ``cfg`` with checkpoints every 2 steps into ``ckpt`` and "kill" it after step
+    ``kill_at``; returns the checkpoint folder."""
+    def kill(step: int, total: int) -> None:
+        if step == kill_at:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt, checkpoint_every=2,
+                 progress=kill)
+    return ckpt
+
+
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
     """Kill after step 3 of 6 (checkpoint every 2 steps: the last one is at step 2), start
     again with the same folder: the weights equal an uninterrupted run's, bit for bit,
@@ -158,14 +171,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(t
                          augmentation="monai")
     ref, ref_log = finetune(imgs, masks, unet, cfg, device="cpu")
 
-    def kill_after_3(step: int, total: int) -> None:
-        if step == 3:
-            raise _Killed
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(_Killed):
-        finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt, checkpoint_every=2,
-                 progress=kill_after_3)
+    ckpt = _killed_run(imgs, masks, unet, cfg, tmp_path / "ckpt", kill_at=3)
     seen: list[int] = []
     resumed, log = finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt,
                             checkpoint_every=2, progress=lambda s, t: seen.append(s))
@@ -226,14 +232,7 @@ def test_tail_averaging_returns_the_mean_of_the_tails_weights_and_resumes_exactl
     assert bn_avg and all(not torch.equal(a.running_mean, b.running_mean)
                           for a, b in zip(bn_avg, bn_last))  # recomputed, not the last run's
 
-    def kill_after_5(step: int, total: int) -> None:
-        if step == 5:
-            raise _Killed
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(_Killed):
-        finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt, checkpoint_every=2,
-                 progress=kill_after_5)
+    ckpt = _killed_run(imgs, masks, unet, cfg, tmp_path / "ckpt", kill_at=5)
     resumed, _ = finetune(imgs, masks, unet, cfg, device="cpu", checkpoint=ckpt,
                           checkpoint_every=2)
     assert _states_equal(avg, resumed)

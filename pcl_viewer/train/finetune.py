@@ -340,7 +340,8 @@ def finetune(
 
     Returns:
         the model in eval mode **on the CPU** and a log
-        ``{"steps", "seconds", "final_loss", "device"}``.
+        ``{"steps", "seconds", "final_loss", "device"}`` (with ``average_from``, also
+        ``"averaged_models"``, the number of snapshots in the average).
 
     Raises:
         ValueError: bad shapes, unknown loss, or an unavailable ``device``.

@@ -562,10 +562,10 @@ class HVAE(nn.Module):
         xw, tw = self.to_work(x), self.to_work(x_true)
         latents, mu = self._abduct_walk(acts, pa, fluid, xw)
         mu_cf = self._decode_walk(latents, pa_true, fluid_cf, self.cfg.cf_latents)
-        power = 2 if error == "squared" else 1
-        err = (xw + mu_cf - mu - tw).abs().pow(power).mean(dim=(1, 2, 3))
-        identity = (xw - tw).abs().pow(power).mean(dim=(1, 2, 3)).detach()
-        floor = 1e-5 if power == 2 else 3e-3  # the same faint change, sqrt(1e-5)
+        measure = torch.square if error == "squared" else torch.abs
+        err = measure(xw + mu_cf - mu - tw).mean(dim=(1, 2, 3))
+        identity = measure(xw - tw).mean(dim=(1, 2, 3)).detach()
+        floor = 1e-5 if error == "squared" else 3e-3  # the same faint change, sqrt(1e-5)
         return (err / (identity + floor)).mean() + self.cfg.fluid_pair_kl * kl + aux_term
 
     def cycle_loss(self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor) -> torch.Tensor:
